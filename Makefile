@@ -1,0 +1,30 @@
+# Set-up and run targets; the README's two commands are `make demo` and `make test`.
+# PYTHON may point at any interpreter/venv: `make test PYTHON=.venv/bin/python`.
+PYTHON ?= python3
+
+.PHONY: install demo test test-all lint bench
+
+# torch first: the CPU build (2.13.0) only when no torch is installed, so that a GPU user's
+# CUDA build is never replaced; then fusion with its dev tools. The stamp skips both once done.
+.install.stamp: pyproject.toml
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: .install.stamp
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-all: install
+	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(PYTHON) -m ruff check fusion scripts tests
+
+bench: install
+	$(PYTHON) scripts/bench.py shapes
+	$(PYTHON) scripts/bench.py transformer

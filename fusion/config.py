@@ -1,0 +1,176 @@
+"""Typed configuration schemas behind the YAML in ``conf/``.
+
+Each entry point's top-level config is a dataclass registered in Hydra's ConfigStore; its
+fields are the config groups (``data``, ``trainer``, ``logger``, ...), each a dataclass too.
+Hydra merges the YAML files into these typed nodes, so an unknown or misspelt key -- in a YAML
+file, an experiment or a command-line override -- fails at compose time with a message that
+names the key (``Key 'max_stpes' not in 'TrainerConfig'``), instead of being silently ignored
+an hour into a run.
+
+Group YAML files hold values only; the schemas here hold names, types and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+# The repository's conf/ folder; scripts and tests compose from it.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class DataConfig:
+    """Where documents come from and how they are batched."""
+
+    source: str = "shapes"  # shapes | folder
+    root: str | None = None  # folder source: images + captions.jsonl
+    val_root: str | None = None  # folder source: held-out folder (default: last val_share)
+    val_share: float = 0.05
+    image_size: int = 64
+    resize: str = "center_crop"  # center_crop | resize | pad (fusion.data.images.fit)
+    max_bad_share: float = 0.1  # refuse a folder when more records than this are bad
+    seed: int = 0
+    num_train: int = 20000  # shapes source: scenes 0 .. num_train-1 train ...
+    num_val: int = 512  # ... and the next num_val are held out
+    caption_tags: list[str] | None = None  # shapes source: which caption kinds to draw
+    image_first_ratio: float = 0.2  # Transfusion's 80/20 caption->image / image->caption
+    batch_size: int = 32
+    num_workers: int = 0
+    text_tokenizer: str = "tokenizers/shapes-bpe/tokenizer.json"
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer``; see its docs for each."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"  # a string, or a node with _target_ (e.g. an FSDPStrategy)
+    precision: Any = "32-true"
+    max_steps: int = -1
+    max_epochs: int | None = None
+    max_time: str | None = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    limit_val_batches: Any = None
+    log_every_n_steps: int = 50
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logger. wandb runs offline unless ``mode=online`` is asked for explicitly."""
+
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "fusion"
+    name: str | None = None
+    mode: str = "offline"  # wandb only: offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint_every_n_steps: int = 500
+    keep_last_checkpoints: int = 1
+    lr_monitor: bool = True
+    progress_bar: str = "tqdm"  # tqdm | rich | none
+
+
+@dataclass
+class TextTokenizerTrainConfig:
+    """Training the byte-level BPE on ShapesWorld text (fusion.data.text)."""
+
+    vocab_size: int = 512
+    min_frequency: int = 2
+    num_scenes: int = 20000
+
+
+@dataclass
+class DemoSettings:
+    grid_images: int = 32
+    grid_columns: int = 8
+    detector_check_scenes: int = 500
+
+
+@dataclass
+class DemoConfig:
+    """``scripts/demo.py``: the README's main command."""
+
+    seed: int = 0
+    output_dir: str = "outputs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    text_tokenizer: TextTokenizerTrainConfig = field(default_factory=TextTokenizerTrainConfig)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent; call before composing)."""
+    global _registered
+    if _registered:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="demo_schema", node=DemoConfig)
+    _registered = True
+
+
+class UnknownConfigKeyError(KeyError):
+    pass
+
+
+def check_keys(cfg: DictConfig, where: str = "") -> DictConfig:
+    """Fail on keys that the typed schema does not declare.
+
+    Hydra already rejects unknown keys from YAML files and plain overrides; this also catches
+    keys forced in with ``+key=value``, which Hydra lets through even into a typed node.
+    """
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in cfg.keys():
+            if key not in known:
+                raise UnknownConfigKeyError(
+                    f"unknown config key '{where}{key}': {schema.__name__} has no field "
+                    f"{key!r} (known: {', '.join(sorted(known))})")
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            check_keys(node, f"{where}{key}.")
+    return cfg
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose (and key-check) a config from ``conf/`` outside ``@hydra.main`` (tests,
+    notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return check_keys(hydra_compose(config_name=config_name, overrides=overrides or []))
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path: absolute, relative to the working directory, or else relative to the
+    repository root (so shipped artifacts like ``tokenizers/shapes-bpe`` resolve from anywhere).
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = CONF_DIR.parent / p
+    return in_repo if in_repo.exists() else p

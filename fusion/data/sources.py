@@ -1,0 +1,254 @@
+"""Record sources: where (image, caption) pairs and edit triplets come from.
+
+Two kinds share one interface (``len``, ``[i]`` -> record):
+
+* :class:`ShapesSource` -- ShapesWorld, generated on the fly;
+* :class:`CaptionFolder` / :class:`EditFolder` -- a user's folder of images plus a JSON-lines
+  index, in the layout ``scripts/make_shapes.py`` also writes::
+
+      folder/captions.jsonl   {"file": "0001.png", "caption": "a red circle"}   one per line
+      folder/edits.jsonl      {"source": "a.png", "instruction": "...", "target": "b.png"}
+
+Bad input never stops a run and is never silent. Every record is checked once when the folder
+is opened (the image is fully decoded, so truncated files are caught): bad ones are skipped and
+counted, with one warning line per kind of problem. If more than ``max_bad_share`` of the
+records are bad the folder is refused with an error naming the first few.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from fusion.data.images import fit, to_rgb
+from fusion.data.shapes import ShapesWorld, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image: np.ndarray  # (S, S, 3) uint8
+    caption: str
+    key: str = ""  # where it came from, for messages
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    source: np.ndarray  # (S, S, 3) uint8
+    instruction: str
+    target: np.ndarray  # (S, S, 3) uint8
+    key: str = ""
+
+
+class BadDataError(ValueError):
+    """Too much of a data folder is unusable."""
+
+
+# --------------------------------------------------------------------------------------------
+# ShapesWorld
+# --------------------------------------------------------------------------------------------
+class ShapesSource:
+    """``num_samples`` ShapesWorld scenes starting at ``offset``, each with one caption.
+
+    The caption is drawn (deterministically per index) from the GenEval-style prompts that the
+    scene satisfies and its full description, restricted to ``caption_tags``.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, size: int = 64, offset: int = 0,
+                 caption_tags: tuple[str, ...] | None = None):
+        self.world = ShapesWorld(seed=seed, size=size)
+        self.num_samples, self.offset = num_samples, offset
+        self.caption_tags = tuple(caption_tags) if caption_tags else None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> CaptionRecord:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
+        sample = self.world.sample(self.offset + i)
+        options = [c for tag, c in sample.captions.items()
+                   if self.caption_tags is None or tag in self.caption_tags]
+        if not options:
+            options = [sample.captions["description"]]
+        rng = random.Random(f"caption-choice/{self.world.seed}/{self.offset + i}")
+        return CaptionRecord(sample.image, rng.choice(options), key=f"shapes:{self.offset + i}")
+
+
+class ShapesEditSource:
+    """ShapesWorld edit triplets (recolour, move, add, remove), rendered."""
+
+    def __init__(self, num_samples: int, seed: int = 0, size: int = 64, offset: int = 0,
+                 kinds: tuple[str, ...] | None = None):
+        self.world = ShapesWorld(seed=seed, size=size)
+        self.num_samples, self.offset = num_samples, offset
+        self.kinds = tuple(kinds) if kinds else None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> EditRecord:
+        idx = self.offset + i
+        kind = self.kinds[i % len(self.kinds)] if self.kinds else None
+        edit = self.world.edit(idx, kind)
+        return EditRecord(render(edit.source), edit.instruction, render(edit.target),
+                          key=f"shapes-edit:{idx}")
+
+
+# --------------------------------------------------------------------------------------------
+# Users' folders
+# --------------------------------------------------------------------------------------------
+class _Problems:
+    """Bad records grouped by kind of problem, for one warning line per kind."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, kind: str, key: str) -> None:
+        self.by_kind[kind].append(key)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_kind.values())
+
+    def report(self, where: Path, total: int, max_bad_share: float) -> None:
+        for kind, keys in self.by_kind.items():
+            log.warning("%s: skipped %d record(s) with %s (first: %s)", where, len(keys), kind,
+                        ", ".join(keys[:3]))
+        if total == 0:
+            raise BadDataError(f"{where}: no records found")
+        if self.count / total > max_bad_share:
+            first = [f"{k} ({kind})" for kind, keys in self.by_kind.items() for k in keys][:5]
+            raise BadDataError(
+                f"{where}: {self.count} of {total} records are bad "
+                f"({self.count / total:.0%} > max_bad_share={max_bad_share:.0%}); first bad: "
+                + "; ".join(first))
+
+
+def _load_image(path: Path, size: int, policy: str) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()  # decodes fully: truncated files fail here, not mid-training
+        return np.asarray(fit(to_rgb(img), size, policy))
+
+
+def _check_image(folder: Path, name: object, problems: _Problems, key: str) -> Path | None:
+    if not isinstance(name, str) or not name.strip():
+        problems.add("missing file name", key)
+        return None
+    path = folder / name
+    if not path.is_file():
+        problems.add("missing image file", f"{key} {name}")
+        return None
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        problems.add("unreadable, truncated or non-image file", f"{key} {name}")
+        return None
+    return path
+
+
+def _read_jsonl(index: Path, problems: _Problems) -> list[tuple[str, dict]]:
+    if not index.is_file():
+        raise FileNotFoundError(f"index file not found: {index}")
+    rows = []
+    with index.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            key = f"{index.name}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                problems.add("malformed JSON line", key)
+                continue
+            if not isinstance(row, dict):
+                problems.add("malformed JSON line", key)
+                continue
+            rows.append((key, row))
+    return rows
+
+
+class _Folder:
+    """Shared machinery: read the index, validate each row once, report, keep the good ones."""
+
+    index_name = ""
+
+    def __init__(self, root: str | Path, size: int = 64, resize: str = "center_crop",
+                 max_bad_share: float = 0.1, index_name: str | None = None,
+                 show_progress: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {self.root}")
+        fit(Image.new("RGB", (2, 2)), 2, resize)  # validates the policy name early
+        self.size, self.resize = size, resize
+        index = self.root / (index_name or self.index_name)
+        problems = _Problems()
+        rows = _read_jsonl(index, problems)
+        self.records = []
+        for key, row in tqdm(rows, desc=f"checking {index.name}", disable=not show_progress,
+                             leave=False):
+            rec = self._validate(row, problems, key)
+            if rec is not None:
+                self.records.append(rec)
+        malformed = len(problems.by_kind.get("malformed JSON line", []))
+        problems.report(index, len(rows) + malformed, max_bad_share)
+        self.num_bad = problems.count
+
+    def _validate(self, row: dict, problems: _Problems, key: str):
+        raise NotImplementedError
+
+    def _image(self, path: Path) -> np.ndarray:
+        return _load_image(path, self.size, self.resize)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class CaptionFolder(_Folder):
+    """A folder of images with ``captions.jsonl`` rows ``{"file": ..., "caption": ...}``."""
+
+    index_name = "captions.jsonl"
+
+    def _validate(self, row: dict, problems: _Problems, key: str):
+        caption = row.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            problems.add("missing or empty caption", key)
+            return None
+        path = _check_image(self.root, row.get("file"), problems, key)
+        return None if path is None else (path, caption.strip())
+
+    def __getitem__(self, i: int) -> CaptionRecord:
+        path, caption = self.records[i]
+        return CaptionRecord(self._image(path), caption, key=str(path))
+
+
+class EditFolder(_Folder):
+    """A folder of images with ``edits.jsonl`` rows ``{"source", "instruction", "target"}``."""
+
+    index_name = "edits.jsonl"
+
+    def _validate(self, row: dict, problems: _Problems, key: str):
+        instruction = row.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip():
+            problems.add("missing or empty instruction", key)
+            return None
+        src = _check_image(self.root, row.get("source"), problems, key)
+        if src is None:
+            return None
+        tgt = _check_image(self.root, row.get("target"), problems, key)
+        return None if tgt is None else (src, instruction.strip(), tgt)
+
+    def __getitem__(self, i: int) -> EditRecord:
+        src, instruction, tgt = self.records[i]
+        return EditRecord(self._image(src), instruction, self._image(tgt), key=str(src))
+

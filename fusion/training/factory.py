@@ -1,0 +1,92 @@
+"""Turn the typed trainer / logger / callback configs into Lightning objects.
+
+Scripts stay straight lines (DESIGN.md, principle 8): they call these builders and never
+configure Lightning by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fusion.config import CallbacksConfig, LoggerConfig, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+LOGGER_KINDS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(
+        vars(cfg))
+
+
+def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path):
+    """A Lightning logger, or ``False`` for none.
+
+    wandb is forced to the configured mode through both the constructor and ``WANDB_MODE``, and
+    its console output is silenced, so an offline run never prompts for an account.
+    """
+    kind = cfg.kind
+    if kind not in LOGGER_KINDS:
+        raise ValueError(f"unknown logger kind {kind!r}; expected one of {LOGGER_KINDS}")
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+    if cfg.mode not in WANDB_MODES:
+        raise ValueError(f"unknown wandb mode {cfg.mode!r}; expected one of {WANDB_MODES}")
+    os.environ["WANDB_MODE"] = cfg.mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=cfg.project, name=cfg.name, save_dir=str(save_dir),
+                       offline=cfg.mode == "offline", mode=cfg.mode, tags=list(cfg.tags))
+
+
+def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Path,
+                    extra: list | None = None) -> list:
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        RichProgressBar,
+        TQDMProgressBar,
+    )
+
+    callbacks = [ModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:07d}",
+                                 auto_insert_metric_name=False, save_last=True,
+                                 every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                 save_top_k=cfg.keep_last_checkpoints, monitor="step",
+                                 mode="max")]
+    if cfg.lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    elif cfg.progress_bar == "rich":
+        callbacks.append(RichProgressBar())
+    elif cfg.progress_bar != "none":
+        raise ValueError(f"unknown progress_bar {cfg.progress_bar!r}; expected tqdm|rich|none")
+    return callbacks + list(extra or [])
+
+
+def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
+                  default_root_dir: str | Path):
+    import lightning as L
+
+    kwargs = _plain(cfg)
+    strategy = kwargs.pop("strategy")
+    if isinstance(strategy, dict):  # e.g. {_target_: lightning.pytorch.strategies.FSDPStrategy}
+        strategy = instantiate(strategy)
+    progress = any(type(c).__name__.endswith("ProgressBar") for c in callbacks)
+    kwargs["enable_progress_bar"] = kwargs["enable_progress_bar"] and progress
+    return L.Trainer(strategy=strategy, logger=logger, callbacks=callbacks,
+                     default_root_dir=str(default_root_dir), **kwargs)

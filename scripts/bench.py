@@ -1,0 +1,22 @@
+"""Benchmarks: `python scripts/bench.py <name> [options]`; `--help` after a name for its options.
+
+    shapes       ShapesWorld render / caption / detect throughput
+    transformer  backbone forward+backward tokens/s, FLOP/s, MFU (CPU; bf16/compile/flex on CUDA)
+"""
+
+import importlib
+import sys
+
+BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
+              "transformer": "fusion.benchmarks.transformer"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

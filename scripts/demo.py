@@ -1,0 +1,25 @@
+"""The main job: `python scripts/demo.py` (add `debug=default` for a seconds-long run).
+
+Runs the fusion pipeline on ShapesWorld, reusing finished stages, and prints the results table
+that it also writes to <output_dir>/results.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from fusion.config import check_keys, register_configs
+from fusion.pipeline import run_demo, write_results
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="demo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    results = run_demo(check_keys(cfg))
+    print(write_results(Path(cfg.output_dir), results))
+
+
+if __name__ == "__main__":
+    main()
