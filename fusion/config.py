@@ -13,12 +13,13 @@ Group YAML files hold values only; the schemas here hold names, types and defaul
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 # The repository's conf/ folder; scripts and tests compose from it.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -116,6 +117,25 @@ class DemoConfig:
     demo: DemoSettings = field(default_factory=DemoSettings)
 
 
+@dataclass
+class TrainTokenizerConfig:
+    """``scripts/train_tokenizer.py``: stage 1, an image tokenizer (VAE or VQ-GAN)."""
+
+    seed: int = 0
+    output_dir: str = "outputs/tokenizers/${tokenizer.name}"
+    data: DataConfig = field(default_factory=DataConfig)
+    # Typed by the group's own schema (e.g. tokenizer/vae_tiny.yaml -> vae_schema), see below.
+    tokenizer: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+
+
+# Schemas of groups whose options differ in shape (a VAE and a VQ-GAN take different keys).
+# A group file opts in with `defaults: [<name>, _self_]`. They live in light modules next to
+# their package (no torch import) and are registered here: (group, name) -> "module:Class".
+GROUP_SCHEMAS: dict[tuple[str, str], str] = {}
+
 _registered = False
 
 
@@ -126,6 +146,10 @@ def register_configs() -> None:
         return
     cs = ConfigStore.instance()
     cs.store(name="demo_schema", node=DemoConfig)
+    cs.store(name="train_tokenizer_schema", node=TrainTokenizerConfig)
+    for (group, name), target in GROUP_SCHEMAS.items():
+        module, cls = target.split(":")
+        cs.store(group=group, name=name, node=getattr(importlib.import_module(module), cls))
     _registered = True
 
 
