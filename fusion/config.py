@@ -118,6 +118,52 @@ class DemoConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW + linear warm-up + cosine decay (fusion.training.fusion_module)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    ema_decay: float | None = None  # e.g. 0.999; None = no EMA
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings shared by the sample grids during training and scripts/sample.py."""
+
+    prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle",
+        "a photo of a yellow star", "a photo of a purple diamond", "a photo of two circles",
+        "a photo of a circle left of a square", "a photo of an orange star and a white circle"])
+    guidance_scale: float | None = 3.0  # classifier-free guidance; null = unguided
+    diffusion_steps: int = 25  # Transfusion: DDIM/Euler steps (the paper uses 250 on GPU)
+    temperature: float = 1.0  # Chameleon image codes; captions are decoded greedily
+    top_k: int | None = None
+    top_p: float | None = None
+    grid_every_n_steps: int = 0  # 0 = only at the end of training
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """``scripts/train.py``: stage 2, a family model on documents."""
+
+    seed: int = 0
+    output_dir: str = "outputs/train/${model.family}"
+    image_tokenizer: str = "tokenizers/shapes-vae"  # stage-1 artifact folder
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # typed by the family's schema (model/<family>_*.yaml)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
 class TrainTokenizerConfig:
     """``scripts/train_tokenizer.py``: stage 1, an image tokenizer (VAE or VQ-GAN)."""
 
@@ -134,7 +180,9 @@ class TrainTokenizerConfig:
 # Schemas of groups whose options differ in shape (a VAE and a VQ-GAN take different keys).
 # A group file opts in with `defaults: [<name>, _self_]`. They live in light modules next to
 # their package (no torch import) and are registered here: (group, name) -> "module:Class".
-GROUP_SCHEMAS: dict[tuple[str, str], str] = {}
+GROUP_SCHEMAS: dict[tuple[str, str], str] = {
+    ("model", "transfusion_schema"): "fusion.models.schemas:TransfusionModelConfig",
+}
 
 _registered = False
 
@@ -147,6 +195,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="demo_schema", node=DemoConfig)
     cs.store(name="train_tokenizer_schema", node=TrainTokenizerConfig)
+    cs.store(name="train_schema", node=TrainConfig)
     for (group, name), target in GROUP_SCHEMAS.items():
         module, cls = target.split(":")
         cs.store(group=group, name=name, node=getattr(importlib.import_module(module), cls))

@@ -1,0 +1,92 @@
+"""Diffusion objectives and samplers for image positions (Transfusion family).
+
+Two parameterisations behind one interface, both on diffusers' schedulers:
+
+* ``ddpm`` -- the Transfusion paper's choice (Zhou et al. 2024, arXiv:2408.11039, sec. 3):
+  a 1,000-step DDPM with the cosine schedule (Nichol & Dhariwal 2021), the model predicts the
+  noise ε and the loss is ``||ε - ε_θ(x_t, t)||²``; noising through
+  ``DDPMScheduler.add_noise``; sampling with DDIM.
+* ``flow`` -- rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022):
+  ``x_t = (1 - σ) x_0 + σ ε`` with σ = t / 1000, the model predicts the velocity ``ε - x_0``;
+  sampling with diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+Either way the model is conditioned on an integer-valued timestep t in [0, 1000), so the
+patchifier's timestep embedding is shared by both.
+
+Shape legend: B = images, C = latent channels, h, w = latent grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from fusion.models.schemas import OBJECTIVES, DiffusionConfig
+
+
+class Diffusion:
+    """Noise, targets and sampling steps for one objective. Holds no parameters."""
+
+    def __init__(self, cfg: DiffusionConfig | None = None):
+        self.cfg = cfg = cfg or DiffusionConfig()
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"unknown diffusion objective {cfg.objective!r}; expected one of "
+                             f"{OBJECTIVES}")
+        self.T = cfg.num_train_timesteps
+        # clip_sample=False: latents are scaled to unit variance, not bounded to [-1, 1].
+        self.ddpm = DDPMScheduler(num_train_timesteps=self.T, beta_schedule=cfg.beta_schedule,
+                                  clip_sample=False)
+
+    # -- training -------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, max_t: torch.Tensor | int | None = None,
+                         generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+        """Uniform integer timesteps in [0, max_t) (default max_t = T), one per image: (n,)."""
+        u = torch.rand(n, generator=generator, device=device)
+        limit = torch.as_tensor(self.T if max_t is None else max_t, device=device)
+        return (u * limit).long().clamp(max=self.T - 1)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor,
+                  t: torch.Tensor) -> torch.Tensor:
+        """x0, noise (B, C, h, w); t (B,) -> x_t (B, C, h, w)."""
+        if self.cfg.objective == "ddpm":
+            return self.ddpm.add_noise(x0, noise, t)
+        sigma = self._sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model regresses: ε (ddpm) or the velocity ε - x0 (flow)."""
+        return noise if self.cfg.objective == "ddpm" else noise - x0
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t.to(like.dtype) / self.T).view(-1, *([1] * (like.dim() - 1)))
+
+    def predict_x0(self, x_t: torch.Tensor, model_out: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+        """The clean image implied by a model output (for logging and sanity checks)."""
+        if self.cfg.objective == "flow":
+            return x_t - self._sigma(t, x_t) * model_out
+        abar = self.ddpm.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1)))
+        return (x_t - (1 - abar).sqrt() * model_out) / abar.sqrt()
+
+    # -- sampling -------------------------------------------------------------------------
+    def sampler(self, steps: int | None = None):
+        """A fresh diffusers scheduler with ``steps`` inference steps set.
+
+        Iterate ``for t in s.timesteps`` and call ``s.step(model_out, t, x).prev_sample``.
+        DDIM uses "trailing" spacing so the first step starts from pure noise (t = T - 1),
+        which matters with few steps (Lin et al. 2024, arXiv:2305.08891).
+        """
+        steps = steps or self.cfg.sample_steps
+        if self.cfg.objective == "ddpm":
+            s = DDIMScheduler.from_config(self.ddpm.config, timestep_spacing="trailing",
+                                          clip_sample=False, set_alpha_to_one=True)
+        else:
+            s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)
+        s.set_timesteps(steps)
+        return s
+
+    def model_timestep(self, t: torch.Tensor | float, batch: int,
+                       device: torch.device | str) -> torch.Tensor:
+        """The conditioning timestep (B,) for a sampler timestep (both objectives use 0..T)."""
+        return torch.full((batch,), float(t), device=device)

@@ -1,0 +1,140 @@
+"""Pack documents into fixed-length rows and build the modality map (both families).
+
+A document arrives as a list of pieces: ``list[int]`` token ids, or an :class:`ImageSlot` of
+``n`` positions that the family fills with its own image representation (Transfusion: latent
+patches, bidirectional among themselves). Chameleon's image codes are ordinary token ids and
+attend causally, so its documents contain no slots.
+
+Documents are packed greedily, in order, into rows of ``max_len`` (first fit: a document goes
+into the first row with room), never split; packing only adds document ids to the modality
+map, so documents in one row cannot see each other.
+
+Shape legend: B = rows, S = max_len, I = image slots in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fusion.models.attention import AttentionLayout
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    n: int  # positions the image occupies (its patch tokens)
+
+
+Piece = list[int] | ImageSlot
+
+
+@dataclass
+class Packed:
+    ids: torch.Tensor  # (B, S) token ids; image and padding positions hold pad_id
+    doc_ids: torch.Tensor  # (B, S) document id within the batch, -1 = padding
+    image_ids: torch.Tensor  # (B, S) image slot index within the batch, -1 = not an image
+    image_rows: list[int]  # (I,) row of each image slot
+    image_starts: list[int]  # (I,) first position of each image slot
+    image_sizes: list[int]  # (I,) positions per image slot
+    doc_of_image: list[int]  # (I,) which input document each slot came from
+
+    def layout(self) -> AttentionLayout:
+        return AttentionLayout(self.doc_ids, self.image_ids)
+
+    @property
+    def is_text(self) -> torch.Tensor:
+        """(B, S) True at real token positions (not image, not padding)."""
+        return (self.doc_ids >= 0) & (self.image_ids < 0)
+
+    def next_token_targets(self, ignore_index: int = -100) -> torch.Tensor:
+        """(B, S) target of each position: the next token in the same document when both
+        this position and the next are text; ``ignore_index`` elsewhere.
+
+        Positions inside an image predict nothing (the family adds EOI itself after an image),
+        and the last text position before an image predicts BOI, which is how a model learns
+        to start an image."""
+        targets = torch.full_like(self.ids, ignore_index)
+        text = self.is_text
+        ok = text[:, :-1] & text[:, 1:] & (self.doc_ids[:, :-1] == self.doc_ids[:, 1:])
+        targets[:, :-1] = torch.where(ok, self.ids[:, 1:], ignore_index)
+        return targets
+
+
+def document_length(pieces: list[Piece]) -> int:
+    return sum(p.n if isinstance(p, ImageSlot) else len(p) for p in pieces)
+
+
+def pack(documents: list[list[Piece]], max_len: int, pad_id: int,
+         one_per_row: bool = False) -> Packed:
+    """Pack documents into rows of ``max_len`` (see module docstring).
+
+    ``one_per_row`` gives each document its own row (sampling and evaluation, where row i must
+    be document i).
+    """
+    if not documents:
+        raise ValueError("pack() needs at least one document")
+    lengths = [document_length(d) for d in documents]
+    for i, n in enumerate(lengths):
+        if n > max_len:
+            raise ValueError(f"document {i} has {n} positions, more than max_len={max_len}; "
+                             "raise the model's max_seq_len or shorten the document")
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        for r in ([] if one_per_row else range(len(rows))):
+            if used[r] + n <= max_len:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    B = len(rows)
+    ids = torch.full((B, max_len), pad_id, dtype=torch.long)
+    doc_ids = torch.full((B, max_len), -1, dtype=torch.long)
+    image_ids = torch.full((B, max_len), -1, dtype=torch.long)
+    packed = Packed(ids, doc_ids, image_ids, [], [], [], [])
+    for r, members in enumerate(rows):
+        pos = 0
+        for d in members:
+            start = pos
+            for piece in documents[d]:
+                if isinstance(piece, ImageSlot):
+                    image_ids[r, pos:pos + piece.n] = len(packed.image_rows)
+                    packed.image_rows.append(r)
+                    packed.image_starts.append(pos)
+                    packed.image_sizes.append(piece.n)
+                    packed.doc_of_image.append(d)
+                    pos += piece.n
+                else:
+                    ids[r, pos:pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
+                    pos += len(piece)
+            doc_ids[r, start:pos] = d
+    return packed
+
+
+def _slot_index(packed: Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (row, position) indices of every image slot position, image by image: (I·N,)."""
+    if len(set(packed.image_sizes)) > 1:
+        raise ValueError("image slots of different sizes in one batch are not supported")
+    n = packed.image_sizes[0]
+    rows = torch.tensor(packed.image_rows, device=device).repeat_interleave(n)
+    starts = torch.tensor(packed.image_starts, device=device).repeat_interleave(n)
+    offsets = torch.arange(n, device=device).repeat(len(packed.image_sizes))
+    return rows, starts + offsets
+
+
+def scatter_images(hidden: torch.Tensor, packed: Packed, tokens: torch.Tensor) -> torch.Tensor:
+    """Write per-image tokens (I, N, D) into their slots of ``hidden`` (B, S, D), out of place
+    (so gradients reach both the text embeddings and the image tokens)."""
+    if not packed.image_sizes:
+        return hidden
+    rows, cols = _slot_index(packed, hidden.device)
+    return hidden.index_put((rows, cols), tokens.reshape(-1, tokens.shape[-1]))
+
+
+def gather_images(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Read image slots out of ``hidden`` (B, S, D) -> (I, N, D)."""
+    rows, cols = _slot_index(packed, hidden.device)
+    return hidden[rows, cols].view(len(packed.image_sizes), packed.image_sizes[0], -1)

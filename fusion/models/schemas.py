@@ -1,0 +1,51 @@
+"""Typed config schemas of the model families (light: no torch import, so Hydra can
+register them before anything heavy loads). See fusion/config.py for the mechanism."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("ddpm", "flow")
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "ddpm"  # ddpm (ε-prediction, cosine schedule) | flow (velocity)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # diffusers' name for the cosine schedule
+    sample_steps: int = 25  # DDIM / Euler steps at inference (the paper uses 250 on GPU)
+
+
+@dataclass
+class TransfusionConfig:
+    backbone: str = "tiny"  # preset of fusion.models.transformer
+    backbone_overrides: dict = field(default_factory=dict)
+    patchifier: str = "linear"  # linear | unet (Transfusion sec. 3.2)
+    patch_size: int = 2  # linear: p x p latent pixels per token
+    patchifier_args: dict = field(default_factory=dict)  # extra kwargs (e.g. unet channels)
+    # Set from the image tokenizer at build time (fusion.training.build); give them only to
+    # build a model without one.
+    latent_channels: int | None = None
+    latent_size: int | None = None
+    tie_embeddings: bool = False
+
+
+@dataclass
+class TransfusionLossConfig:
+    diffusion_weight: float = 5.0  # λ in L = L_LM + λ·L_diffusion (paper sec. 4.1)
+    caption_dropout: float = 0.1  # drop the caption of caption->image docs, for CFG
+    # Image->caption documents: on this share, noise is limited to t < 500 so the caption is
+    # learned from a mostly clean image (paper sec. 4.1: 20 %).
+    clean_image_share: float = 0.2
+    clean_image_max_t: int = 500
+    z_loss_weight: float = 0.0  # Chameleon's z-loss on the LM logits; off by default here
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class TransfusionModelConfig:
+    """The ``model`` config group for this family (conf/model/transfusion_*.yaml)."""
+
+    family: str = "transfusion"
+    arch: TransfusionConfig = field(default_factory=TransfusionConfig)
+    loss: TransfusionLossConfig = field(default_factory=TransfusionLossConfig)

@@ -1,0 +1,90 @@
+"""The LightningModule shared by both families.
+
+The family supplies a plain ``nn.Module`` (the model) and a loss callable
+``loss_fn(model, documents, encode, rng) -> {"loss": ..., <parts>...}``; this module adds what
+is the same for both: AdamW with decoupled weight decay on matrices only, linear warm-up and
+cosine decay, an optional EMA of the weights, logging of every loss part, and a frozen image
+tokenizer whose ``encode`` turns pixels into what the family consumes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from fusion.config import OptimConfig
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class FusionModule(L.LightningModule):
+    def __init__(self, model: nn.Module, loss_fn, image_tokenizer: nn.Module | None,
+                 optim: OptimConfig, max_steps: int, seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.image_tokenizer = image_tokenizer
+        if image_tokenizer is not None:  # stage 1 is frozen (DESIGN.md)
+            image_tokenizer.requires_grad_(False).eval()
+        self.optim, self.max_steps, self.seed = optim, max_steps, seed
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay))
+                    if optim.ema_decay else None)
+        self._rng = random.Random(seed)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_tokenizer.encode(pixels)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.eval()  # frozen: keep its norm/dropout layers in eval mode
+        return self
+
+    def training_step(self, batch, batch_idx):
+        # Caption dropout, noise levels etc. draw from a per-step RNG so a resumed run
+        # continues the same stream.
+        rng = random.Random(f"{self.seed}/{self.global_step}")
+        out = self.loss_fn(self.model, batch, self.encode, rng)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
+                      batch_size=len(batch))
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        g = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
+        out = self.loss_fn(self.eval_model, batch, self.encode,
+                           random.Random(f"val/{batch_idx}"), generator=g)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch))
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The EMA weights when EMA is on, else the live model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def configure_optimizers(self):
+        # No weight decay on norms, biases and embeddings' 1-D params (standard LLM practice).
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        o = self.optim
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=o.lr,
+                                betas=(o.beta1, o.beta2))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, o.warmup_steps, self.max_steps, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
