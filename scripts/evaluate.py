@@ -1,0 +1,205 @@
+"""Evaluate images: GenEval scoring, FID/KID, reconstruction metrics.
+
+    # GenEval on a folder in GenEval's layout (<dir>/<NNNNN>/metadata.jsonl + samples/<NNNN>.png)
+    python scripts/evaluate.py geneval --images outputs/samples --detector shapes
+    # ... on ground-truth renders / uniform noise of the ShapesWorld prompt set (sanity checks)
+    python scripts/evaluate.py geneval --ground-truth --images outputs/geneval-gt
+    python scripts/evaluate.py geneval --noise --images outputs/geneval-noise
+    # FID/KID between two sets: a folder, `shapes` (held-out ShapesWorld) or `noise`
+    python scripts/evaluate.py fid --real shapes --fake outputs/samples
+    python scripts/evaluate.py fid --real shapes --fake shapes --fake-start 52000
+    # PSNR / SSIM / attribute accuracy between aligned folders of originals and reconstructions
+    python scripts/evaluate.py reconstruction --originals a/ --reconstructions b/
+    # ... of a VAE on held-out ShapesWorld scenes, plus reconstruction FID/KID
+    python scripts/evaluate.py reconstruction --vae tokenizers/<vae>
+
+A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
+config; it reads folders and writes a results file, and Hydra's run-directory handling would
+only get in the way of relative paths. Training-time evaluation calls fusion.eval directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fusion.data.prompts import read_prompts, shapes_prompt_set
+from fusion.data.shapes import ShapesWorld
+
+
+def _detector(args):
+    from fusion.eval.detectors import build_detector
+
+    if args.detector == "mask2former":
+        return build_detector("mask2former", config_path=args.detector_config,
+                              checkpoint_path=args.detector_checkpoint,
+                              clip_weights_path=args.clip_weights,
+                              object_names_path=args.object_names, device=args.device)
+    return build_detector(args.detector)
+
+
+def cmd_geneval(args) -> dict:
+    from fusion.eval.geneval import (
+        format_summary,
+        score_geneval_folder,
+        shapes_ground_truth,
+        write_geneval_folder,
+    )
+
+    if args.ground_truth or args.noise:
+        world = ShapesWorld(seed=args.seed, size=args.size)
+        prompts = read_prompts(args.prompts) if args.prompts else shapes_prompt_set(world)
+        if args.ground_truth:
+            images = shapes_ground_truth(prompts, world, args.per_prompt)
+        else:
+            rng = np.random.default_rng(args.seed)
+            images = [list(rng.integers(0, 256, (args.per_prompt, args.size, args.size, 3),
+                                        dtype=np.uint8)) for _ in prompts]
+        write_geneval_folder(args.images, prompts, images, grid=args.grid,
+                             overwrite=args.overwrite)
+        print(f"wrote {sum(map(len, images))} images for {len(prompts)} prompts to "
+              f"{args.images}")
+    outfile = args.outfile or Path(args.images) / "results.jsonl"
+    summary = score_geneval_folder(args.images, _detector(args), outfile)
+    summary.pop("results")
+    print(format_summary(summary))
+    print(f"per-image results: {outfile}")
+    return summary
+
+
+def _image_set(spec: str, args, start: int):
+    from fusion.eval.fid import ImageSet
+
+    if spec == "shapes":
+        return ImageSet.shapes(args.n, seed=args.seed, start=start, size=args.size)
+    if spec == "noise":
+        return ImageSet.noise(args.n, size=args.size, seed=args.seed + start)
+    return ImageSet.folder(spec, size=args.size if args.resize else None, resize=args.resize,
+                           limit=args.limit)
+
+
+def cmd_fid(args) -> dict:
+    from fusion.eval.fid import FIDScorer
+
+    feature = json.loads(args.feature) if args.feature.startswith("{") else args.feature
+    real = _image_set(args.real, args, args.real_start)
+    fake = _image_set(args.fake, args, args.fake_start)
+    scorer = FIDScorer(real, feature, weights_path=args.weights, kid=args.kid,
+                       cache_dir=None if args.cache_dir == "none" else args.cache_dir,
+                       device=args.device)
+    result = scorer(fake)
+    line = f"FID {result['fid']:.3f}"
+    if "kid_mean" in result:
+        line += f"   KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}"
+    print(f"{line}   ({result['real']} vs {result['fake']}, {result['feature']}, real "
+          f"statistics: cache {result['real_cache']})")
+    return result
+
+
+def cmd_reconstruction(args) -> dict:
+    from fusion.eval.fid import REAL_SHAPES_START, FIDScorer, ImageSet
+    from fusion.eval.reconstruction import reconstruct, reconstruction_metrics
+
+    if args.vae:
+        from fusion.image.vae import VAETokenizer
+
+        vae = VAETokenizer.from_pretrained(args.vae).to(args.device)
+        real = ImageSet.shapes(args.n, seed=args.seed, start=REAL_SHAPES_START, size=args.size)
+        originals = real.read(0, len(real))
+        recons = reconstruct(vae, originals)
+        result = reconstruction_metrics(originals, recons, attributes=not args.no_attributes)
+        fid = FIDScorer(real, "shapes", device=args.device)(ImageSet.arrays(recons, "recon"))
+        result.update(rfid=fid["fid"], rkid=fid["kid_mean"])
+    else:
+        if not (args.originals and args.reconstructions):
+            raise SystemExit("give --vae, or --originals and --reconstructions")
+        a, b = ImageSet.folder(args.originals), ImageSet.folder(args.reconstructions)
+        if len(a) != len(b):
+            raise SystemExit(f"{len(a)} originals but {len(b)} reconstructions")
+        result = reconstruction_metrics(a.read(0, len(a)), b.read(0, len(b)),
+                                        attributes=not args.no_attributes)
+    print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in result.items()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:14]))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", type=Path, help="also write the summary to this JSON file")
+    common.add_argument("--device", default="cpu")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("geneval", parents=[common], help="score a folder in GenEval's layout")
+    g.add_argument("--images", required=True, help="GenEval-layout folder (read, or written)")
+    g.add_argument("--outfile", help="per-image results.jsonl (default: <images>/results.jsonl)")
+    g.add_argument("--detector", choices=["shapes", "mask2former"], default="shapes")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--ground-truth", action="store_true",
+                      help="first render each prompt's ShapesWorld scenes into --images")
+    mode.add_argument("--noise", action="store_true",
+                      help="first write uniform-noise images for each prompt into --images")
+    g.add_argument("--prompts", help="prompt file for --ground-truth/--noise (default: the "
+                                     "ShapesWorld prompt set of --seed)")
+    g.add_argument("--per-prompt", type=int, default=4, help="images per prompt written")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", type=int, default=64)
+    g.add_argument("--grid", action="store_true", help="also write grid.png per prompt")
+    g.add_argument("--overwrite", action="store_true", help="replace prompt folders there")
+    g.add_argument("--detector-config", help="mask2former: mmdet config file")
+    g.add_argument("--detector-checkpoint", help="mask2former: checkpoint .pth")
+    g.add_argument("--clip-weights", help="mask2former: open_clip ViT-L-14 weights file")
+    g.add_argument("--object-names", help="mask2former: GenEval's object_names.txt")
+    g.set_defaults(fn=cmd_geneval)
+
+    f = sub.add_parser("fid", parents=[common], help="FID (and KID) between two image sets")
+    f.add_argument("--real", required=True, help="folder, 'shapes' or 'noise'")
+    f.add_argument("--fake", required=True, help="folder, 'shapes' or 'noise'")
+    f.add_argument("--n", type=int, default=2000, help="images of a 'shapes'/'noise' set")
+    f.add_argument("--seed", type=int, default=0, help="ShapesWorld seed of 'shapes' sets")
+    f.add_argument("--real-start", type=int, default=50_000, help="first scene of real 'shapes'")
+    f.add_argument("--fake-start", type=int, default=52_000, help="first scene of fake 'shapes'")
+    f.add_argument("--size", type=int, default=64)
+    f.add_argument("--resize", choices=["center_crop", "resize", "pad"],
+                   help="bring folder images to --size by this policy (default: sizes must match)")
+    f.add_argument("--limit", type=int, help="use at most this many images of a folder")
+    f.add_argument("--feature", default="shapes",
+                   help="shapes | inception | a JSON {\"_target_\": ...} network")
+    f.add_argument("--weights", "--inception-weights", dest="weights",
+                   help="shapes network folder, or the local Inception weights file")
+    f.add_argument("--kid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compute KID (default: with the shapes network)")
+    f.add_argument("--cache-dir", default="default",
+                   help="real-statistics cache (default ~/.cache/fusion/fid; 'none': off)")
+    f.set_defaults(fn=cmd_fid)
+
+    r = sub.add_parser("reconstruction", parents=[common], help="PSNR / SSIM / attribute accuracy")
+    r.add_argument("--originals", help="folder of originals")
+    r.add_argument("--reconstructions", help="folder of reconstructions, same order")
+    r.add_argument("--vae", help="a VAE tokenizer folder: reconstruct --n held-out ShapesWorld "
+                                 "scenes and add the reconstruction FID/KID (shapes features)")
+    r.add_argument("--n", type=int, default=2000)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--size", type=int, default=64)
+    r.add_argument("--no-attributes", action="store_true", help="skip the detector check")
+    r.set_defaults(fn=cmd_reconstruction)
+
+    args = parser.parse_args(argv)
+    try:
+        result = args.fn(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
