@@ -164,6 +164,24 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    """``scripts/sample.py``: generate from a trained model folder (either family)."""
+
+    model_dir: str = "outputs/train/transfusion_tiny/model"
+    task: str = "text_to_image"  # text_to_image | image_to_text | text_to_text
+    prompts: list[str] | None = None  # default: sampling.prompts
+    prompt_file: str | None = None  # one prompt per line, or a GenEval metadata .jsonl
+    images: str | None = None  # image_to_text: a folder of images (default: ShapesWorld)
+    num_images: int = 8  # image_to_text with ShapesWorld: held-out scenes to caption
+    images_per_prompt: int = 1
+    batch_size: int = 16
+    max_new_tokens: int = 24
+    output_dir: str = "outputs/samples"
+    device: str = "auto"  # auto | cpu | cuda
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
 class TrainTokenizerConfig:
     """``scripts/train_tokenizer.py``: stage 1, an image tokenizer (VAE or VQ-GAN)."""
 
@@ -182,6 +200,8 @@ class TrainTokenizerConfig:
 # their package (no torch import) and are registered here: (group, name) -> "module:Class".
 GROUP_SCHEMAS: dict[tuple[str, str], str] = {
     ("model", "transfusion_schema"): "fusion.models.schemas:TransfusionModelConfig",
+    ("model", "chameleon_schema"): "fusion.models.schemas:ChameleonModelConfig",
+    ("tokenizer", "vae_schema"): "fusion.image.schemas:VAETokenizerConfig",
 }
 
 _registered = False
@@ -196,6 +216,7 @@ def register_configs() -> None:
     cs.store(name="demo_schema", node=DemoConfig)
     cs.store(name="train_tokenizer_schema", node=TrainTokenizerConfig)
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
     for (group, name), target in GROUP_SCHEMAS.items():
         module, cls = target.split(":")
         cs.store(group=group, name=name, node=getattr(importlib.import_module(module), cls))

@@ -265,7 +265,7 @@ class AttentionLayout:
         if resolve_backend(backend, self.doc_ids.device) == "flex":
             self.block_mask  # noqa: B018
         elif not self.is_plain_causal:
-            self.sdpa_tiles  # noqa: B018
+            self.sdpa_tiles  # noqa: B018  (builds dense_mask too)
 
 
 def attend(
@@ -290,11 +290,18 @@ def attend(
         raise ValueError(f"{q.shape[1]} query heads not divisible by {k.shape[1]} key/value heads")
     gqa = q.shape[1] != k.shape[1]
     if resolve_backend(backend, q.device) == "flex":
-        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        # Eager flex_attention is the unfused reference (CPU tests). Inside a compiled region
+        # the surrounding torch.compile fuses it; outside one, CUDA uses the compiled kernel.
+        fused = q.is_cuda and not torch.compiler.is_compiling()
+        flex = _compiled_flex_attention() if fused else flex_attention
         return flex(q, k, v, block_mask=layout.block_mask, enable_gqa=gqa)
     if layout.is_plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = layout.dense_mask
+    if torch.compiler.is_compiling():
+        # The tiles' bounds are Python ints: compiled code would guard on them and recompile
+        # for every new layout, so it takes the single masked call.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     tiles = [
         F.scaled_dot_product_attention(
             q[:, :, rows],

@@ -30,24 +30,29 @@ class Diffusion:
     def __init__(self, cfg: DiffusionConfig | None = None):
         self.cfg = cfg = cfg or DiffusionConfig()
         if cfg.objective not in OBJECTIVES:
-            raise ValueError(f"unknown diffusion objective {cfg.objective!r}; expected one of "
-                             f"{OBJECTIVES}")
+            raise ValueError(
+                f"unknown diffusion objective {cfg.objective!r}; expected one of {OBJECTIVES}"
+            )
         self.T = cfg.num_train_timesteps
         # clip_sample=False: latents are scaled to unit variance, not bounded to [-1, 1].
-        self.ddpm = DDPMScheduler(num_train_timesteps=self.T, beta_schedule=cfg.beta_schedule,
-                                  clip_sample=False)
+        self.ddpm = DDPMScheduler(
+            num_train_timesteps=self.T, beta_schedule=cfg.beta_schedule, clip_sample=False
+        )
 
     # -- training -------------------------------------------------------------------------
-    def sample_timesteps(self, n: int, max_t: torch.Tensor | int | None = None,
-                         generator: torch.Generator | None = None,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_timesteps(
+        self,
+        n: int,
+        max_t: torch.Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Uniform integer timesteps in [0, max_t) (default max_t = T), one per image: (n,)."""
         u = torch.rand(n, generator=generator, device=device)
         limit = torch.as_tensor(self.T if max_t is None else max_t, device=device)
         return (u * limit).long().clamp(max=self.T - 1)
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0, noise (B, C, h, w); t (B,) -> x_t (B, C, h, w)."""
         if self.cfg.objective == "ddpm":
             return self.ddpm.add_noise(x0, noise, t)
@@ -61,8 +66,9 @@ class Diffusion:
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (t.to(like.dtype) / self.T).view(-1, *([1] * (like.dim() - 1)))
 
-    def predict_x0(self, x_t: torch.Tensor, model_out: torch.Tensor,
-                   t: torch.Tensor) -> torch.Tensor:
+    def predict_x0(
+        self, x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """The clean image implied by a model output (for logging and sanity checks)."""
         if self.cfg.objective == "flow":
             return x_t - self._sigma(t, x_t) * model_out
@@ -79,14 +85,19 @@ class Diffusion:
         """
         steps = steps or self.cfg.sample_steps
         if self.cfg.objective == "ddpm":
-            s = DDIMScheduler.from_config(self.ddpm.config, timestep_spacing="trailing",
-                                          clip_sample=False, set_alpha_to_one=True)
+            s = DDIMScheduler.from_config(
+                self.ddpm.config,
+                timestep_spacing="trailing",
+                clip_sample=False,
+                set_alpha_to_one=True,
+            )
         else:
             s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)
         s.set_timesteps(steps)
         return s
 
-    def model_timestep(self, t: torch.Tensor | float, batch: int,
-                       device: torch.device | str) -> torch.Tensor:
+    def model_timestep(
+        self, t: torch.Tensor | float, batch: int, device: torch.device | str
+    ) -> torch.Tensor:
         """The conditioning timestep (B,) for a sampler timestep (both objectives use 0..T)."""
         return torch.full((batch,), float(t), device=device)

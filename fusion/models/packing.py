@@ -65,8 +65,9 @@ def document_length(pieces: list[Piece]) -> int:
     return sum(p.n if isinstance(p, ImageSlot) else len(p) for p in pieces)
 
 
-def pack(documents: list[list[Piece]], max_len: int, pad_id: int,
-         one_per_row: bool = False) -> Packed:
+def pack(
+    documents: list[list[Piece]], max_len: int, pad_id: int, one_per_row: bool = False
+) -> Packed:
     """Pack documents into rows of ``max_len`` (see module docstring).
 
     ``one_per_row`` gives each document its own row (sampling and evaluation, where row i must
@@ -77,12 +78,14 @@ def pack(documents: list[list[Piece]], max_len: int, pad_id: int,
     lengths = [document_length(d) for d in documents]
     for i, n in enumerate(lengths):
         if n > max_len:
-            raise ValueError(f"document {i} has {n} positions, more than max_len={max_len}; "
-                             "raise the model's max_seq_len or shorten the document")
+            raise ValueError(
+                f"document {i} has {n} positions, more than max_len={max_len}; "
+                "raise the model's max_seq_len or shorten the document"
+            )
     rows: list[list[int]] = []
     used: list[int] = []
     for i, n in enumerate(lengths):
-        for r in ([] if one_per_row else range(len(rows))):
+        for r in [] if one_per_row else range(len(rows)):
             if used[r] + n <= max_len:
                 rows[r].append(i)
                 used[r] += n
@@ -101,14 +104,14 @@ def pack(documents: list[list[Piece]], max_len: int, pad_id: int,
             start = pos
             for piece in documents[d]:
                 if isinstance(piece, ImageSlot):
-                    image_ids[r, pos:pos + piece.n] = len(packed.image_rows)
+                    image_ids[r, pos : pos + piece.n] = len(packed.image_rows)
                     packed.image_rows.append(r)
                     packed.image_starts.append(pos)
                     packed.image_sizes.append(piece.n)
                     packed.doc_of_image.append(d)
                     pos += piece.n
                 else:
-                    ids[r, pos:pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
+                    ids[r, pos : pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
                     pos += len(piece)
             doc_ids[r, start:pos] = d
     return packed

@@ -49,3 +49,27 @@ class TransfusionModelConfig:
     family: str = "transfusion"
     arch: TransfusionConfig = field(default_factory=TransfusionConfig)
     loss: TransfusionLossConfig = field(default_factory=TransfusionLossConfig)
+
+
+@dataclass
+class ChameleonConfig:
+    backbone: str = "tiny"  # preset of fusion.models.transformer; QK-norm is on (sec. 2.3)
+    backbone_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ChameleonLossConfig:
+    cm3: bool = True  # false: plain next-token training
+    cm3_rate: float = 0.5  # share of documents that get CM3 span masking
+    cm3_lambda: float = 1.0  # spans per document ~ Poisson(λ) (metaseq's default)
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    z_loss_weight: float = 1.0e-5  # Chameleon sec. 2.3
+
+
+@dataclass
+class ChameleonModelConfig:
+    """The ``model`` config group for this family (conf/model/chameleon_*.yaml)."""
+
+    family: str = "chameleon"
+    arch: ChameleonConfig = field(default_factory=ChameleonConfig)
+    loss: ChameleonLossConfig = field(default_factory=ChameleonLossConfig)

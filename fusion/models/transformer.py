@@ -162,7 +162,8 @@ class HeadLayerNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+        # type_as: autocast runs layer_norm in fp32; q, k and v must share one dtype.
+        return (F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias).type_as(x)
 
 
 class KVCache:

@@ -53,6 +53,11 @@ class FusionModule(L.LightningModule):
             self.image_tokenizer.eval()  # frozen: keep its norm/dropout layers in eval mode
         return self
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # Batches are lists of Documents (frozen dataclasses); the family's loss moves the
+        # tensors it builds from them, so Lightning's recursive transfer is skipped.
+        return batch
+
     def training_step(self, batch, batch_idx):
         # Caption dropout, noise levels etc. draw from a per-step RNG so a resumed run
         # continues the same stream.

@@ -1,0 +1,86 @@
+"""Typed config schemas of the ``tokenizer`` group (no torch import: composed before training).
+
+A tokenizer YAML opts into its schema with ``defaults: [vae_schema, _self_]``; the schema is
+registered in :data:`fusion.config.GROUP_SCHEMAS`, so a misspelt key fails at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AutoencoderKLConfig:
+    """Arguments of diffusers ``AutoencoderKL`` (a fresh one, trained by us).
+
+    ``len(block_out_channels)`` levels give a downsampling factor of ``2 ** (levels - 1)``:
+    four levels -> f8, as in Stable Diffusion's VAE (Rombach et al. 2022, arXiv:2112.10752).
+    """
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    init_posterior_logvar: float | None = None  # e.g. -8: start with a near-deterministic q(z|x)
+
+
+@dataclass
+class AutoencoderLossConfig:
+    """Stage-1 loss (fusion.image.losses.AutoencoderLoss); shared by the VAE and the VQ-GAN.
+
+    Defaults are the reconstruction-only setting: L1 + L2 with a tiny KL (Rombach et al.
+    2022 use 1e-6) and no GAN, which is what PSNR rewards. Set ``disc_weight > 0`` for the
+    PatchGAN hinge loss (Esser et al. 2021, arXiv:2012.09841) from ``disc_start`` on.
+    """
+
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    kl_weight: float = 1.0e-6
+    perceptual_weight: float = 0.0
+    perceptual_weights_path: str | None = None  # local LPIPS/VGG weights; never downloaded
+    disc_weight: float = 0.0  # 0: no discriminator is built
+    disc_start: int = 0  # the adversarial term is off before this step (taming: 'disc_start')
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr_scale: float = 1.0
+    adaptive_weight_max: float = 1.0e4  # taming clamps the adaptive weight to [0, 1e4]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    grad_clip: float | None = 1.0  # manual optimisation: the module clips, not the Trainer
+    # Wall-clock budget (s) for training on a shared machine: the cosine reaches its end at
+    # whichever comes first, trainer.max_steps or this, and training stops there. null: steps
+    # only (reproducible step count; with a budget the count depends on the machine's load).
+    time_budget_s: float | None = None
+
+
+@dataclass
+class VAETokenizerConfig:
+    """``tokenizer=vae_*``: a continuous image tokenizer for the Transfusion family.
+
+    Either trains a fresh ``AutoencoderKL`` (``pretrained: null``) or wraps a pretrained one
+    from a local folder / single file (``pretrained: /path``; ``pretrained_config`` for a
+    single ``.safetensors`` file). The latent scale and shift are measured on
+    ``scaling_images`` training images, never assumed.
+    """
+
+    name: str = "vae"
+    kind: str = "vae"
+    pretrained: str | None = None
+    pretrained_config: str | None = None  # config.json (or its folder) for a single-file VAE
+    sample_posterior: bool = True  # training: z ~ q(z|x) (the VAE); encode() uses the mean
+    scaling_images: int = 512  # images used to measure the latent shift / scale
+    eval_images: int = 512  # held-out images for the artifact's card (PSNR, attributes)
+    image_log_every: int = 500  # reconstruction grid every N steps (0: never)
+    artifact_dir: str = "tokenizers/${tokenizer.name}"
+    overwrite: bool = False  # refuse to replace an existing artifact unless asked
+    autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,0 +1,129 @@
+"""Chameleon family: image codes in the text vocabulary, one autoregressive model.
+
+Chameleon Team 2024, "Chameleon: Mixed-Modal Early-Fusion Foundation Models"
+(arXiv:2405.09818). A VQ-GAN turns an image into h·w discrete codes; the codes are offset into
+the same vocabulary as the text BPE, so a document is one id stream
+
+    <bos> text ... <boi> code × (h·w) <eoi> text ... <eos>
+
+trained with next-token prediction (plus the CM3 objective, ``fusion.models.cm3``) with causal
+attention everywhere. Stability switches from the paper (sec. 2.3): QK-norm, z-loss 1e-5.
+
+Vocabulary layout: ids [0, text_vocab) are the text tokenizer's (its special tokens first),
+ids [text_vocab, text_vocab + codebook) are image codes.
+
+Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
+h/w = code grid.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.data.documents import Document, Image, Text
+from fusion.models.attention import AttentionLayout
+from fusion.models.cm3 import CM3Tokens, cm3_transform
+from fusion.models.packing import pack
+from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
+from fusion.models.transformer import KVCache, Transformer, transformer_config, z_loss
+from fusion.models.transfusion import SpecialIds
+
+
+class Chameleon(nn.Module):
+    """Token embedding over the unified vocabulary + shared transformer + LM head."""
+
+    def __init__(self, cfg: ChameleonConfig, text_vocab: int, codebook_size: int,
+                 codes_per_image: int):
+        super().__init__()
+        self.cfg = cfg
+        self.text_vocab, self.codebook_size = text_vocab, codebook_size
+        self.codes_per_image = codes_per_image
+        self.vocab_size = text_vocab + codebook_size
+        bb = transformer_config(cfg.backbone, **{"qk_norm": True, **cfg.backbone_overrides})
+        self.embed = nn.Embedding(self.vocab_size, bb.d_model)
+        self.transformer = Transformer(bb)
+        self.lm_head = nn.Linear(bb.d_model, self.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.transformer.cfg.max_seq_len
+
+    def image_token_mask(self, device=None) -> torch.Tensor:
+        """(V,) True for image-code ids."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+        mask[self.text_vocab:] = True
+        return mask
+
+    def forward(self, ids: torch.Tensor, layout: AttentionLayout, cache: KVCache | None = None,
+                commit: bool = True) -> torch.Tensor:
+        """ids (B, S) -> logits (B, S, V)."""
+        return self.lm_head(self.transformer(self.embed(ids), layout, cache=cache,
+                                             commit=commit))
+
+
+class ChameleonLoss:
+    """Documents -> id streams (+ CM3) -> packed -> next-token CE (+ z-loss)."""
+
+    def __init__(self, cfg: ChameleonLossConfig, special: SpecialIds, cm3_tokens: CM3Tokens):
+        self.cfg, self.special, self.cm3_tokens = cfg, special, cm3_tokens
+
+    def document_ids(self, doc: Document, codes: list[list[int]], text_vocab: int,
+                     drop_caption: bool) -> list[int]:
+        """A document as ids: <bos> ... <boi> codes+offset <eoi> ... <eos> (no CM3)."""
+        s, out, images = self.special, [], iter(codes)
+        for seg in doc.segments:
+            if isinstance(seg, Text):
+                if not drop_caption:
+                    out += list(seg.ids)
+            else:
+                out += [s.boi] + [text_vocab + c for c in next(images)] + [s.eoi]
+        return out
+
+    def sequences(self, model: Chameleon, docs: list[Document], encode,
+                  rng: random.Random) -> list[list[int]]:
+        """One id sequence per document: <bos> body (CM3-transformed or not) <eos>.
+
+        CM3 runs on each document's body alone, so no span can cross a document boundary
+        even after packing."""
+        cfg, device = self.cfg, model.embed.weight.device
+        pixels = [seg.pixels for d in docs for seg in d.segments if isinstance(seg, Image)]
+        codes = []
+        if pixels:
+            with torch.no_grad():
+                codes = encode(torch.stack(pixels).to(device)).flatten(1).tolist()
+        out, k = [], 0
+        for doc in docs:
+            n_img = len(doc.images)
+            drop = doc.order == "caption_first" and rng.random() < cfg.caption_dropout
+            body = self.document_ids(doc, codes[k:k + n_img], model.text_vocab, drop)
+            k += n_img
+            if cfg.cm3:
+                body = cm3_transform(body, self.cm3_tokens, rng, cfg.cm3_lambda, cfg.cm3_rate)
+            out.append([self.special.bos] + body + [self.special.eos])
+        return out
+
+    def __call__(self, model: Chameleon, docs: list[Document], encode, rng: random.Random,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``encode``: pixels (I, 3, H, W) -> codes (I, h, w) int64, frozen (the VQ-GAN)."""
+        cfg, device = self.cfg, model.embed.weight.device
+        streams = [[seq] for seq in self.sequences(model, docs, encode, rng)]
+        packed = pack(streams, model.max_seq_len, self.special.pad)
+        ids = packed.ids.to(device)
+        logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
+                                            packed.image_ids.to(device)))
+        targets = packed.next_token_targets().to(device)
+        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        out = {"lm_loss": lm}
+        total = lm
+        if cfg.z_loss_weight:
+            zl = z_loss(logits, cfg.z_loss_weight, mask=targets != -100)
+            out["z_loss"] = zl
+            total = total + zl
+        out["loss"] = total
+        return out

@@ -1,0 +1,93 @@
+"""The CM3 causal-masked objective (Aghajanyan et al. 2022, arXiv:2201.07520), as metaseq
+implements it for CM3 and Chameleon.
+
+A few spans of a document are cut out and moved to the end, so that a left-to-right model
+also learns to infill with bidirectional context:
+
+    <bos> a b c d e f g <eos>
+ -> <bos> a <sentinel:0> e f g <sentinel:0> b c d <eoss> <eos>
+
+* the number of spans per document ~ Poisson(λ) (λ = 1), clamped to the number of sentinel
+  tokens (and to what fits in the document);
+* span boundaries are drawn uniformly, spans never overlap and never touch <bos>/<eos>, and
+  because the transform runs per document, no span crosses a document boundary;
+* each span is replaced in place by ``<sentinel:i>`` and appended as
+  ``<sentinel:i> span <eoss>`` in order;
+* the loss is plain next-token cross-entropy on every non-pad target of the result.
+
+``rate`` is the share of documents that get the transform (the rest stay as they are);
+``rate = 0`` or ``λ = 0`` is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CM3Tokens:
+    sentinels: tuple[int, ...]  # <sentinel:0> ... <sentinel:k-1>
+    eoss: int  # end of a moved span
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """Knuth's method; λ is small here."""
+    if lam <= 0:
+        return 0
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def cm3_transform(body: Sequence[int], tokens: CM3Tokens, rng: random.Random,
+                  poisson_lambda: float = 1.0, rate: float = 1.0) -> list[int]:
+    """Mask spans of a document body (the tokens between <bos> and <eos>).
+
+    Returns the new body: the body with sentinels in place of the spans, followed by the
+    ``<sentinel:i> span <eoss>`` blocks. Same length + 2 tokens per span.
+    """
+    body = list(body)
+    if rate <= 0 or rng.random() >= rate or len(body) < 2:
+        return body
+    n = min(_poisson(rng, poisson_lambda), len(tokens.sentinels), len(body) // 2)
+    if n == 0:
+        return body
+    # 2n distinct cut points in 0..len(body) give n non-overlapping, non-empty spans
+    # [c0, c1), [c2, c3), ...; uniform over all such choices.
+    cuts = sorted(rng.sample(range(len(body) + 1), 2 * n))
+    spans = [(cuts[2 * i], cuts[2 * i + 1]) for i in range(n)]
+    out, tail, prev = [], [], 0
+    for i, (start, end) in enumerate(spans):
+        out += body[prev:start] + [tokens.sentinels[i]]
+        tail += [tokens.sentinels[i]] + body[start:end] + [tokens.eoss]
+        prev = end
+    return out + body[prev:] + tail
+
+
+def cm3_invert(transformed: Sequence[int], tokens: CM3Tokens) -> list[int]:
+    """Rebuild the original body from :func:`cm3_transform`'s output."""
+    seq = list(transformed)
+    sentinel_ids = set(tokens.sentinels)
+    # The tail starts at the second occurrence of the first sentinel used.
+    first = next((i for i, t in enumerate(seq) if t in sentinel_ids), None)
+    if first is None:
+        return seq
+    tail_start = seq.index(seq[first], first + 1)
+    head, tail = seq[:tail_start], seq[tail_start:]
+    spans: dict[int, list[int]] = {}
+    i = 0
+    while i < len(tail):
+        sentinel = tail[i]
+        end = tail.index(tokens.eoss, i + 1)
+        spans[sentinel] = tail[i + 1:end]
+        i = end + 1
+    out: list[int] = []
+    for t in head:
+        out += spans[t] if t in sentinel_ids else [t]
+    return out

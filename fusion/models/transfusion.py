@@ -1,0 +1,195 @@
+"""Transfusion family: next-token prediction on text + diffusion on image patches, one model.
+
+Zhou et al. 2024, "Transfusion: Predict the Next Token and Diffuse Images with One
+Multi-Modal Model" (arXiv:2408.11039). A document becomes
+
+    <bos> text ... <boi> [N latent-patch positions] <eoi> text ... <eos>
+
+Text ids are embedded; each image is VAE latents -> patchifier tokens (with its own diffusion
+timestep embedded, sec. 3.2). The modality map makes attention causal over the sequence and
+bidirectional inside each image (sec. 3.3). The loss (eq. 4) is
+
+    L = L_LM + λ · L_diffusion,   λ = 5 (sec. 4.1)
+
+with L_LM the next-token cross-entropy on text targets only and L_diffusion the MSE of the
+noise (or velocity) prediction on image patches only.
+
+Shape legend: B = packed rows, S = positions per row, D = d_model, V = vocabulary,
+I = images in the batch, C/h/w = latent channels/grid, N = patch tokens per image.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.data.documents import Document, Image, Text
+from fusion.models.attention import AttentionLayout
+from fusion.models.diffusion import Diffusion
+from fusion.models.packing import ImageSlot, Packed, gather_images, pack, scatter_images
+from fusion.models.patchify import build_patchifier
+from fusion.models.schemas import TransfusionConfig, TransfusionLossConfig
+from fusion.models.transformer import KVCache, Transformer, transformer_config, z_loss
+
+
+@dataclass
+class SpecialIds:
+    """The text tokenizer's special ids that a family needs (fusion.data.text)."""
+
+    pad: int
+    bos: int
+    eos: int
+    boi: int
+    eoi: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialIds:
+        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id)
+
+
+class Transfusion(nn.Module):
+    """Embeddings + shared transformer + LM head + patchifier. No losses, no optimiser."""
+
+    def __init__(self, cfg: TransfusionConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        bb = transformer_config(cfg.backbone, **cfg.backbone_overrides)
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, bb.d_model)
+        self.transformer = Transformer(bb)
+        self.patchifier = build_patchifier(
+            cfg.patchifier,
+            latent_channels=cfg.latent_channels,
+            latent_size=cfg.latent_size,
+            d_model=bb.d_model,
+            patch_size=cfg.patch_size,
+            **cfg.patchifier_args,
+        )
+        self.lm_head = nn.Linear(bb.d_model, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.patchifier.tokens_per_image()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.transformer.cfg.max_seq_len
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        layout: AttentionLayout,
+        packed: Packed | None = None,
+        latents: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        commit: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One pass over a packed batch (or over new positions against a cache).
+
+        ids (B, S); latents (I, C, h, w) noisy image latents for the batch's image slots with
+        their timesteps t (I,). Returns (hidden (B, S, D), logits (B, S, V), image model output
+        (I, C, h, w) or None).
+        """
+        x = self.embed(ids)
+        skips = None
+        if latents is not None:
+            tokens, skips = self.patchifier.patchify(latents, t)  # (I, N, D)
+            x = scatter_images(x, packed, tokens)
+        h = self.transformer(x, layout, cache=cache, commit=commit)
+        logits = self.lm_head(h)
+        image_out = None
+        if latents is not None:
+            image_out = self.patchifier.unpatchify(gather_images(h, packed), t, skips)
+        return h, logits, image_out
+
+
+class TransfusionLoss:
+    """Documents -> packed batch -> L_LM + λ·L_diffusion (plus parts, for logging)."""
+
+    def __init__(self, cfg: TransfusionLossConfig, special: SpecialIds):
+        self.cfg = cfg
+        self.special = special
+        self.diffusion = Diffusion(cfg.diffusion)
+
+    def pieces(self, doc: Document, tokens_per_image: int, drop_caption: bool) -> list:
+        """A Document as packing pieces: <bos> ... <boi> [slot] <eoi> ... <eos>."""
+        s = self.special
+        out: list = [[s.bos]]
+        for seg in doc.segments:
+            if isinstance(seg, Text):
+                if not drop_caption:
+                    out.append(list(seg.ids))
+            else:
+                out += [[s.boi], ImageSlot(tokens_per_image), [s.eoi]]
+        out.append([s.eos])
+        return out
+
+    def __call__(
+        self,
+        model: Transfusion,
+        docs: list[Document],
+        encode,
+        rng: random.Random,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``encode``: pixels (I, 3, H, W) -> scaled latents (I, C, h, w), frozen (the VAE)."""
+        cfg, device = self.cfg, model.embed.weight.device
+        pieces, images, clean_share_mask, is_condition = [], [], [], []
+        for doc in docs:
+            drop = doc.order == "caption_first" and rng.random() < cfg.caption_dropout
+            pieces.append(self.pieces(doc, model.tokens_per_image, drop))
+            for seg in doc.segments:
+                if isinstance(seg, Image):
+                    images.append(seg.pixels)
+                    is_condition.append(seg.is_condition)
+                    clean_share_mask.append(
+                        doc.order == "image_first" and rng.random() < cfg.clean_image_share
+                    )
+        packed = pack(pieces, model.max_seq_len, self.special.pad)
+        ids, layout = (
+            packed.ids.to(device),
+            AttentionLayout(packed.doc_ids.to(device), packed.image_ids.to(device)),
+        )
+        latents = t = target = None
+        if images:
+            with torch.no_grad():
+                x0 = encode(torch.stack(images).to(device))
+            n = x0.shape[0]
+            max_t = torch.tensor(
+                [cfg.clean_image_max_t if c else self.diffusion.T for c in clean_share_mask],
+                device=device,
+            )
+            t = self.diffusion.sample_timesteps(n, max_t, generator=generator, device=device)
+            cond = torch.tensor(is_condition, device=device)
+            t = torch.where(cond, torch.zeros_like(t), t)  # condition images are never noised
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            latents = torch.where(
+                cond.view(-1, 1, 1, 1), x0, self.diffusion.add_noise(x0, noise, t)
+            )
+            target = self.diffusion.target(x0, noise)
+        _, logits, image_out = model(ids, layout, packed, latents, t)
+        targets = packed.next_token_targets().to(device)
+        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        out = {"lm_loss": lm}
+        total = lm
+        if image_out is not None:
+            per_image = (image_out - target).pow(2).flatten(1).mean(1)
+            keep = ~torch.tensor(is_condition, device=device)
+            diff = per_image[keep].mean() if keep.any() else per_image.sum() * 0
+            out["diffusion_loss"] = diff
+            total = total + cfg.diffusion_weight * diff
+        if cfg.z_loss_weight:
+            zl = z_loss(logits, cfg.z_loss_weight, mask=targets != -100)
+            out["z_loss"] = zl
+            total = total + zl
+        out["loss"] = total
+        return out

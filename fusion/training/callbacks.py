@@ -1,0 +1,48 @@
+"""Callbacks: sample grids during and after training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from fusion.data.images import save_grid, to_uint8
+
+
+class SampleGrid(L.Callback):
+    """Generates images for fixed prompts every ``every_n_steps`` (0 = at the end only), saves
+    ``<out_dir>/samples/step<N>.png`` and logs it to wandb when wandb is the logger.
+
+    ``make_sampler(model) -> callable(prompt_texts) -> pixels (B, 3, H, W)`` is supplied by the
+    family, so this callback knows nothing about how images are made.
+    """
+
+    def __init__(self, make_sampler, prompts: list[str], out_dir: str | Path,
+                 every_n_steps: int = 0):
+        self.make_sampler, self.prompts = make_sampler, list(prompts)
+        self.out_dir, self.every = Path(out_dir), every_n_steps
+        self.last_path: Path | None = None
+
+    def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.prompts or trainer.global_rank != 0:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            pixels = self.make_sampler(pl_module.eval_model)(self.prompts)
+        pl_module.train(was_training)
+        path = self.out_dir / "samples" / f"step{trainer.global_step:07d}.png"
+        save_grid(list(to_uint8(pixels)), path, self.prompts, columns=min(8, len(self.prompts)))
+        self.last_path = path
+        logger = trainer.logger
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            logger.log_image("samples", [str(path)], step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step < (trainer.max_steps or 0):
+            self._grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._grid(trainer, pl_module)

@@ -1,0 +1,44 @@
+"""Family-agnostic entry to the samplers: what the grid callback and scripts/sample.py call."""
+
+from __future__ import annotations
+
+from fusion.data.text import TextTokenizer
+
+
+def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
+                   use_cache: bool = True):
+    """The sampler object of ``model``'s family."""
+    from fusion.models.transfusion import SpecialIds, Transfusion
+
+    if isinstance(model, Transfusion):
+        from fusion.sampling.transfusion import TransfusionSampler
+
+        return TransfusionSampler(model, SpecialIds.from_tokenizer(tokenizer), loss.diffusion,
+                                  decode_latents=image_tokenizer.decode,
+                                  encode_images=image_tokenizer.encode, use_cache=use_cache)
+    from fusion.models.chameleon import Chameleon
+
+    if isinstance(model, Chameleon):
+        from fusion.sampling.chameleon import ChameleonSampler
+
+        side = int(round(model.codes_per_image ** 0.5))
+        return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), (side, side),
+                                decode_codes=image_tokenizer.decode,
+                                encode_images=image_tokenizer.encode, use_cache=use_cache)
+    raise TypeError(f"no sampler for {type(model).__name__}")
+
+
+def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss):
+    """model -> (prompt texts -> pixels), with the run's sampling settings."""
+    s = cfg.sampling
+
+    def for_model(model):
+        sampler = family_sampler(model, loss, tokenizer, image_tokenizer)
+
+        def generate(prompts: list[str]):
+            ids = [tokenizer.encode(p) for p in prompts]
+            return sampler.generate_images(ids, guidance_scale=s.guidance_scale,
+                                           steps=s.diffusion_steps, seed=s.seed)
+        return generate
+
+    return for_model

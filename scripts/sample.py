@@ -1,0 +1,27 @@
+"""Generate from a trained model folder (either family):
+
+    python scripts/sample.py model_dir=outputs/train/transfusion_tiny/model task=text_to_image
+    python scripts/sample.py ... task=text_to_image prompt_file=prompts.txt
+    python scripts/sample.py ... task=image_to_text images=/path/to/pngs
+    python scripts/sample.py ... task=text_to_text prompts='[a photo of]'
+
+Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from fusion.config import check_keys, register_configs
+from fusion.sampling.run import run_sampling
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = run_sampling(check_keys(cfg))
+    print(f"{result['task']}: {result['count']} results in {result['output_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Stage 2: train a family model on documents.
+
+    python scripts/train.py experiment=transfusion_tiny
+    python scripts/train.py experiment=transfusion_tiny debug=default   # seconds
+
+Writes <output_dir>/{checkpoints/, model/ (config.json + model.safetensors), samples/}.
+An interrupted run resumes from <output_dir>/checkpoints/last.ckpt.
+"""
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from fusion.config import check_keys, register_configs, resolve_path
+from fusion.data.datamodule import DocumentDataModule
+from fusion.data.text import TextTokenizer
+from fusion.training.build import build_family, load_image_tokenizer, save_model
+from fusion.training.callbacks import SampleGrid
+from fusion.training.factory import build_callbacks, build_logger, build_trainer
+from fusion.training.fusion_module import FusionModule
+from fusion.training.samplers import make_image_sampler
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    check_keys(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
+    data = DocumentDataModule(cfg.data, tokenizer)
+    image_tokenizer = load_image_tokenizer(cfg.image_tokenizer)
+    model, loss = build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)
+    module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
+                          cfg.seed)
+    grid = SampleGrid(make_image_sampler(cfg, tokenizer, image_tokenizer, loss),
+                      cfg.sampling.prompts, out, cfg.sampling.grid_every_n_steps)
+    callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
+    trainer = build_trainer(cfg.trainer, build_logger(cfg.logger, out), callbacks, out)
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
+               cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
+                                           "steps": trainer.global_step})
+    print(f"saved {out / 'model'}; samples: {grid.last_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Stage 1: train (or import) an image tokenizer and save it as an artifact.
+
+    python scripts/train_tokenizer.py tokenizer=vae_tiny data=shapes         # train the VAE
+    python scripts/train_tokenizer.py tokenizer=vae_pretrained \\
+        tokenizer.pretrained=/path/to/vae                                     # bring your own
+    python scripts/train_tokenizer.py debug=default                           # seconds
+
+seed -> data -> model -> callbacks/loggers -> trainer -> fit -> measure the latent scaling ->
+held-out metrics -> tokenizers/<name>/{config.json, model.safetensors, card.md}.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from fusion.config import check_keys, register_configs, resolve_path
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="train_tokenizer", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import lightning as L
+
+    from fusion.image.vae import build_vae_tokenizer, evaluate_reconstruction
+    from fusion.image.vae import measure_latent_scaling as measure
+    from fusion.training.factory import build_callbacks, build_logger, build_trainer
+    from fusion.training.tokenizer_module import (
+        AutoencoderModule,
+        ImageDataModule,
+        check_artifact_dir,
+        write_card,
+    )
+
+    check_keys(cfg)
+    tok_cfg, out = cfg.tokenizer, Path(cfg.output_dir)
+    artifact = check_artifact_dir(resolve_path(tok_cfg.artifact_dir), tok_cfg.overwrite)
+    L.seed_everything(cfg.seed, workers=True)
+
+    data = ImageDataModule(cfg.data)
+    data.setup()
+    tokenizer = build_vae_tokenizer(tok_cfg)
+    module = AutoencoderModule(tokenizer, tok_cfg.loss, tok_cfg.optim,
+                               image_log_every=tok_cfg.image_log_every,
+                               image_dir=out / "images")
+    logger = build_logger(cfg.logger, out)
+    callbacks = build_callbacks(cfg.callbacks, out / "checkpoints")
+    trainer = build_trainer(cfg.trainer, logger, callbacks, out)
+
+    start = time.perf_counter()
+    if tok_cfg.pretrained is None:
+        trainer.fit(module, datamodule=data)
+    train_seconds = time.perf_counter() - start
+
+    tokenizer.cpu()
+    shift, scale, n_scaling = measure(tokenizer, data.image_batches("train",
+                                                                    tok_cfg.scaling_images))
+    metrics = evaluate_reconstruction(tokenizer, data.val_source, tok_cfg.eval_images,
+                                      progress=True)
+    tokenizer.info.update(train_steps=module.batches_done, train_seconds=round(train_seconds, 1),
+                          heldout=metrics)
+    tokenizer.save_pretrained(artifact)
+    card = write_card(artifact, tokenizer, cfg, command=" ".join(
+        ["python", "scripts/train_tokenizer.py", *sys.argv[1:]]))
+    print(card)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Chameleon family: image-code restriction, CFG, cache equivalence, overfitting."""
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from fusion.data.documents import Document, Image, Text
+from fusion.models.chameleon import Chameleon, ChameleonLoss
+from fusion.models.cm3 import CM3Tokens
+from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
+from fusion.models.transfusion import SpecialIds
+from fusion.sampling.chameleon import ChameleonSampler
+from fusion.sampling.text import TokenSampling
+
+SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+TOKENS = CM3Tokens(sentinels=tuple(range(6, 14)), eoss=5)
+TEXT_VOCAB, CODEBOOK = 40, 16
+
+
+def encode(pixels):
+    """A stand-in for the VQ-GAN: (I, 3, 8, 8) -> codes (I, 2, 2) in [0, 16)."""
+    x = F.avg_pool2d(pixels.mean(1, keepdim=True), 4)[:, 0]
+    return ((x + 1) / 2 * CODEBOOK).long().clamp(0, CODEBOOK - 1)
+
+
+def make(seed=0, **loss_kw):
+    torch.manual_seed(seed)
+    model = Chameleon(ChameleonConfig(backbone_overrides=dict(
+        d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96, multiple_of=32)),
+        TEXT_VOCAB, CODEBOOK, codes_per_image=4)
+    return model, ChameleonLoss(ChameleonLossConfig(**loss_kw), SPECIAL, TOKENS)
+
+
+def docs(n=4, seed=0, image_first=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        img = Image(torch.rand(3, 8, 8, generator=g) * 2 - 1)
+        text = Text(tuple(int(x) for x in torch.randint(14, TEXT_VOCAB, (4,), generator=g)))
+        out.append(Document((img, text) if image_first else (text, img)))
+    return out
+
+
+def test_image_positions_only_sample_image_codes_and_eoi_is_forced():
+    model, _ = make()
+    # bias the head hard towards a text token: the restriction must still hold
+    with torch.no_grad():
+        model.lm_head.weight[20] += 5.0
+    s = ChameleonSampler(model, SPECIAL, (2, 2))
+    codes = s.generate_images([[20, 21], [22]], guidance_scale=None, seed=0,
+                              sampling=TokenSampling(temperature=2.0))
+    assert codes.shape == (2, 2, 2)
+    assert codes.min() >= 0 and codes.max() < CODEBOOK
+
+
+def test_cached_and_uncached_sampling_give_the_same_tokens():
+    model, _ = make()
+    out = []
+    for use_cache in (True, False):
+        s = ChameleonSampler(model, SPECIAL, (2, 2), use_cache=use_cache)
+        out.append(s.generate_images([[20, 21, 22], [23]], guidance_scale=2.0, seed=5))
+        out.append(s.generate_text([[20, 21], [22]], max_new_tokens=6,
+                                   sampling=TokenSampling(1.0, top_k=10), seed=1))
+    assert torch.equal(out[0], out[2])
+    assert out[1] == out[3]
+
+
+def test_guidance_scale_one_equals_unguided():
+    model, _ = make()
+    s = ChameleonSampler(model, SPECIAL, (2, 2))
+    a = s.generate_images([[20, 21, 22], [23]], guidance_scale=1.0, seed=4)
+    b = s.generate_images([[20, 21, 22], [23]], guidance_scale=None, seed=4)
+    assert torch.equal(a, b)
+
+
+def test_captions_contain_no_image_codes():
+    model, _ = make()
+    with torch.no_grad():
+        model.lm_head.weight[TEXT_VOCAB + 3] += 5.0  # tempt it with an image code
+    s = ChameleonSampler(model, SPECIAL, (2, 2), encode_images=encode)
+    caps = s.caption(torch.rand(3, 3, 8, 8) * 2 - 1, max_new_tokens=5,
+                     sampling=TokenSampling(1.0))
+    assert all(0 <= t < TEXT_VOCAB and t not in (SPECIAL.boi, SPECIAL.eoi) for c in caps
+               for t in c)
+
+
+def test_tiny_model_overfits_one_batch():
+    model, loss = make(cm3=False, caption_dropout=0.0, z_loss_weight=1e-5)
+    batch = docs(4, image_first=True)  # every target determined by its context
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(100):
+        out = loss(model, batch, encode, random.Random(0))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    # <bos> -> <boi> and the first code of each image are the only uncertain targets:
+    # 4 docs share <bos> <boi>, so the floor is the entropy of their first codes / targets.
+    assert out["lm_loss"].item() < 0.2, out["lm_loss"]
+    assert "z_loss" in out and out["z_loss"].item() > 0
