@@ -101,6 +101,18 @@ class DemoSettings:
     grid_images: int = 32
     grid_columns: int = 8
     detector_check_scenes: int = 500
+    # Stage 1: the family's image tokenizer artifact. It is reused when present (the shipped
+    # ones are); otherwise it is trained with scripts/train_tokenizer.py and these overrides.
+    image_tokenizer: str | None = None  # default: tokenizers/shapes-vae | shapes-vqgan
+    tokenizer_overrides: list[str] = field(default_factory=list)
+    # Stage 2: scripts/train.py experiment=<family>_tiny with these overrides.
+    train_steps: int = 1500
+    train_overrides: list[str] = field(default_factory=list)
+    # Stage 3: evaluation size (fusion.eval.model.ModelEvalConfig).
+    eval_images_per_tag: int = 50
+    eval_caption_images: int = 100
+    guidance_scale: float | None = 3.0
+    diffusion_steps: int = 25
 
 
 @dataclass
@@ -109,6 +121,7 @@ class DemoConfig:
 
     seed: int = 0
     output_dir: str = "outputs/demo"
+    family: str = "transfusion"  # transfusion | chameleon
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -202,6 +215,7 @@ GROUP_SCHEMAS: dict[tuple[str, str], str] = {
     ("model", "transfusion_schema"): "fusion.models.schemas:TransfusionModelConfig",
     ("model", "chameleon_schema"): "fusion.models.schemas:ChameleonModelConfig",
     ("tokenizer", "vae_schema"): "fusion.image.schemas:VAETokenizerConfig",
+    ("tokenizer", "vqgan_schema"): "fusion.image.schemas:VQGANTokenizerConfig",
 }
 
 _registered = False

@@ -5,8 +5,9 @@ config that produced them in ``stages.json``; a re-run skips a stage whose finge
 outputs are unchanged, so a second run of the demo is fast and an edited config redoes only
 what it touches.
 
-Stages so far: text tokenizer -> ShapesWorld preview grid -> detector check -> results.
-Later stages (image tokenizer, family training, sampling, evaluation) plug in the same way.
+Stages: text tokenizer -> ShapesWorld preview + detector check -> image tokenizer (reused
+when its artifact exists) -> family model (scripts/train.py; resumes an interrupted run) ->
+sampling + evaluation (GenEval-shapes, FID-shapes, captioning) -> results.md / results.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +24,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from fusion.config import CONF_DIR, resolve_path
 from fusion.data.images import save_grid
 from fusion.data.shapes import ShapesWorld, detect, scene_matches
 from fusion.data.sources import ShapesSource
 from fusion.data.text import train_shapes_tokenizer
 
 log = logging.getLogger(__name__)
+REPO = CONF_DIR.parent
 
 
 class StageRunner:
@@ -47,7 +52,7 @@ class StageRunner:
                                                 default=str).encode()).hexdigest()[:16]
         prev = self.records.get(name)
         if prev and prev["fingerprint"] == fingerprint and all(p.exists() for p in outputs):
-            print(f"[{name}] reused ({prev['summary']})")
+            print(f"[{name}] reused ({prev['summary']})", flush=True)
             return prev["result"]
         start = time.perf_counter()
         result = fn()
@@ -56,14 +61,30 @@ class StageRunner:
         self.records[name] = {"fingerprint": fingerprint, "result": result, "summary": summary,
                               "seconds": round(seconds, 2)}
         self.record_path.write_text(json.dumps(self.records, indent=2) + "\n")
-        print(f"[{name}] {summary} ({seconds:.1f} s)")
+        print(f"[{name}] {summary} ({seconds:.1f} s)", flush=True)
         return result
 
 
-def run_demo(cfg: DictConfig) -> dict:
+FAMILY_TOKENIZERS = {"transfusion": "tokenizers/shapes-vae", "chameleon": "tokenizers/shapes-vqgan"}
+FAMILY_TOKENIZER_CONFIGS = {"transfusion": "vae_tiny", "chameleon": "vqgan_tiny"}
+
+
+def _script(name: str, overrides: list[str]) -> None:
+    """Run one of the stage entry points (scripts/<name>.py) as its own process, so that each
+    stage is exactly what a user would run by hand; its progress bars stream through."""
+    cmd = [sys.executable, str(REPO / "scripts" / f"{name}.py"), *overrides]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
+    """The main job; ``debug`` is the demo's own ``debug`` choice, passed on to each stage."""
     out = Path(cfg.output_dir)
     stages = StageRunner(out)
-    data = cfg.data
+    data, demo, family = cfg.data, cfg.demo, cfg.family
+    if family not in FAMILY_TOKENIZERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_TOKENIZERS)}")
+    debug_args = [f"debug={debug}"] if debug else []
 
     tok_dir = out / "text_tokenizer"
 
@@ -84,31 +105,94 @@ def run_demo(cfg: DictConfig) -> dict:
 
     def preview() -> dict:
         # Held-out scenes, shown with the caption a model would be trained on.
-        source = ShapesSource(cfg.demo.grid_images, seed=data.seed, size=data.image_size,
+        source = ShapesSource(demo.grid_images, seed=data.seed, size=data.image_size,
                               offset=data.num_train)
         records = [source[i] for i in range(len(source))]
         save_grid([r.image for r in records], grid_path, [r.caption for r in records],
-                  columns=cfg.demo.grid_columns)
+                  columns=demo.grid_columns)
         return {"images": len(records), "path": str(grid_path),
                 "summary": f"{len(records)} held-out scenes with captions -> {grid_path}"}
 
-    stages.run("shapes_preview", {"demo": cfg.demo, "data": data}, [grid_path], preview)
+    stages.run("shapes_preview", {"demo": demo.grid_images, "data": data}, [grid_path], preview)
 
     def detector_check() -> dict:
         world = ShapesWorld(seed=data.seed, size=data.image_size)
-        n = cfg.demo.detector_check_scenes
+        n = demo.detector_check_scenes
         ok = sum(scene_matches(world.scene(i), detect(world.image(i)))
                  for i in tqdm(range(data.num_train, data.num_train + n), desc="detector check",
                                leave=False))
         return {"scenes": n, "exact_recovery": ok / n,
                 "summary": f"detector recovered {ok}/{n} held-out scenes exactly"}
 
-    det = stages.run("detector_check", {"n": cfg.demo.detector_check_scenes, "data": data}, [],
+    det = stages.run("detector_check", {"n": demo.detector_check_scenes, "data": data}, [],
                      detector_check)
 
-    results = {"text_tokenizer_vocab": tok_result["vocab_size"],
+    # Stage 1: the image tokenizer (reused when its artifact exists, e.g. the shipped one).
+    image_tok = resolve_path(demo.image_tokenizer or FAMILY_TOKENIZERS[family])
+
+    def image_tokenizer() -> dict:
+        if (image_tok / "config.json").exists():
+            return {"path": str(image_tok), "trained": False,
+                    "summary": f"using the artifact in {image_tok}"}
+        _script("train_tokenizer", [f"tokenizer={FAMILY_TOKENIZER_CONFIGS[family]}",
+                                    f"tokenizer.artifact_dir={image_tok}",
+                                    f"output_dir={out / 'image_tokenizer'}", *debug_args,
+                                    *demo.tokenizer_overrides])
+        return {"path": str(image_tok), "trained": True,
+                "summary": f"trained and saved to {image_tok}"}
+
+    stages.run("image_tokenizer", {"path": str(image_tok), "over": demo.tokenizer_overrides,
+                                   "debug": debug}, [image_tok / "config.json"], image_tokenizer)
+
+    # Stage 2: the family model (resumes from its last checkpoint if interrupted).
+    run_dir = out / family
+    model_dir = run_dir / "model"
+
+    def train() -> dict:
+        # In debug mode the debug config's step count applies, not demo.train_steps.
+        steps = [] if debug else [f"trainer.max_steps={demo.train_steps}"]
+        _script("train", [f"experiment={family}_tiny", f"output_dir={run_dir}",
+                          f"image_tokenizer={image_tok}", *steps,
+                          f"data.text_tokenizer={tok_dir / 'tokenizer.json'}",
+                          f"logger={cfg.logger.kind}", *debug_args, *demo.train_overrides])
+        meta = json.loads((model_dir / "config.json").read_text())
+        return {"steps": meta["steps"], "path": str(model_dir),
+                "summary": f"{family} trained for {meta['steps']} steps -> {model_dir}"}
+
+    trained = stages.run("train", {"family": family, "steps": demo.train_steps,
+                                   "over": demo.train_overrides, "debug": debug,
+                                   "tokenizer": str(image_tok), "bpe": tok_result["vocab_size"]},
+                         [model_dir / "model.safetensors"], train)
+
+    # Stage 3: sample and evaluate (GenEval-shapes, FID-shapes, captioning).
+    eval_path = out / "eval.json"
+
+    def evaluate() -> dict:
+        from fusion.eval.model import ModelEvalConfig, evaluate_model
+        from fusion.training.build import load_model
+        from fusion.training.samplers import family_sampler
+
+        model, loss, tok, itok, meta = load_model(model_dir)
+        sampler = family_sampler(model, loss, tok, itok)
+        ecfg = ModelEvalConfig(images_per_tag=demo.eval_images_per_tag,
+                               caption_images=demo.eval_caption_images,
+                               guidance_scale=demo.guidance_scale,
+                               diffusion_steps=demo.diffusion_steps, seed=cfg.seed)
+        res = evaluate_model(sampler, tok, meta["image_size"], ecfg, world_seed=data.seed,
+                             grid_path=out / "samples.png")
+        eval_path.write_text(json.dumps(res, indent=2) + "\n")
+        return {**res, "summary": f"GenEval-shapes {res['geneval_overall']:.3f}, "
+                                  f"FID-shapes {res.get('fid_shapes', float('nan')):.2f}, "
+                                  f"captions {res['caption_single_object_accuracy']:.2f}"}
+
+    ev = stages.run("evaluate", {"eval": [demo.eval_images_per_tag, demo.eval_caption_images,
+                                          demo.guidance_scale, demo.diffusion_steps],
+                                 "model": trained}, [eval_path], evaluate)
+
+    results = {"family": family, "train_steps": trained["steps"],
+               "text_tokenizer_vocab": tok_result["vocab_size"],
                "detector_exact_recovery": det["exact_recovery"],
-               "detector_scenes": det["scenes"]}
+               **{k: v for k, v in ev.items() if isinstance(v, int | float)}}
     write_results(out, results)
     return results
 

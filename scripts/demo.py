@@ -17,7 +17,10 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    results = run_demo(check_keys(cfg))
+    from hydra.core.hydra_config import HydraConfig
+
+    debug = HydraConfig.get().runtime.choices.get("debug")
+    results = run_demo(check_keys(cfg), debug=None if debug in (None, "null") else debug)
     print(write_results(Path(cfg.output_dir), results))
 
 

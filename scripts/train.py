@@ -18,7 +18,12 @@ from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
 from fusion.training.build import build_family, load_image_tokenizer, save_model
 from fusion.training.callbacks import SampleGrid
-from fusion.training.factory import build_callbacks, build_logger, build_trainer
+from fusion.training.factory import (
+    build_callbacks,
+    build_logger,
+    build_trainer,
+    quiet_known_warnings,
+)
 from fusion.training.fusion_module import FusionModule
 from fusion.training.samplers import make_image_sampler
 
@@ -28,6 +33,7 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check_keys(cfg)
+    quiet_known_warnings()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))

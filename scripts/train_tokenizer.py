@@ -1,12 +1,14 @@
 """Stage 1: train (or import) an image tokenizer and save it as an artifact.
 
     python scripts/train_tokenizer.py tokenizer=vae_tiny data=shapes         # train the VAE
+    python scripts/train_tokenizer.py tokenizer=vqgan_tiny data=shapes       # the VQ-GAN
     python scripts/train_tokenizer.py tokenizer=vae_pretrained \\
         tokenizer.pretrained=/path/to/vae                                     # bring your own
     python scripts/train_tokenizer.py debug=default                           # seconds
 
-seed -> data -> model -> callbacks/loggers -> trainer -> fit -> measure the latent scaling ->
-held-out metrics -> tokenizers/<name>/{config.json, model.safetensors, card.md}.
+seed -> data -> model -> callbacks/loggers -> trainer -> fit -> measure the latent scaling
+(VAE) -> held-out metrics (+ codebook usage, VQ-GAN) ->
+tokenizers/<name>/{config.json, model.safetensors, card.md}.
 """
 
 import sys
@@ -25,12 +27,13 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     import lightning as L
 
-    from fusion.image.vae import build_vae_tokenizer, evaluate_reconstruction
+    from fusion.image.vae import evaluate_reconstruction
     from fusion.image.vae import measure_latent_scaling as measure
     from fusion.training.factory import build_callbacks, build_logger, build_trainer
     from fusion.training.tokenizer_module import (
         AutoencoderModule,
         ImageDataModule,
+        build_image_tokenizer,
         check_artifact_dir,
         write_card,
     )
@@ -40,9 +43,10 @@ def main(cfg: DictConfig) -> None:
     artifact = check_artifact_dir(resolve_path(tok_cfg.artifact_dir), tok_cfg.overwrite)
     L.seed_everything(cfg.seed, workers=True)
 
-    data = ImageDataModule(cfg.data)
+    data = ImageDataModule(cfg.data, train_crop=tok_cfg.get("train_crop"))
     data.setup()
-    tokenizer = build_vae_tokenizer(tok_cfg)
+    tokenizer = build_image_tokenizer(tok_cfg)  # by tokenizer.kind: vae | vqgan
+    data.crop_align = tokenizer.downsample_factor  # crops keep the latent grid's phase
     module = AutoencoderModule(tokenizer, tok_cfg.loss, tok_cfg.optim,
                                image_log_every=tok_cfg.image_log_every,
                                image_dir=out / "images")
@@ -50,18 +54,23 @@ def main(cfg: DictConfig) -> None:
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints")
     trainer = build_trainer(cfg.trainer, logger, callbacks, out)
 
-    start = time.perf_counter()
-    if tok_cfg.pretrained is None:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if tok_cfg.get("pretrained") is None:
         trainer.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # all threads; < 2x wall when CPU is shared
 
     tokenizer.cpu()
-    shift, scale, n_scaling = measure(tokenizer, data.image_batches("train",
-                                                                    tok_cfg.scaling_images))
+    if tok_cfg.kind == "vae":  # the diffusion latents' shift and scale
+        measure(tokenizer, data.image_batches("train", tok_cfg.scaling_images))
     metrics = evaluate_reconstruction(tokenizer, data.val_source, tok_cfg.eval_images,
                                       progress=True)
+    if tok_cfg.kind == "vqgan":
+        from fusion.image.vqgan import evaluate_codes
+
+        metrics.update(evaluate_codes(tokenizer, data.val_source, tok_cfg.eval_images))
     tokenizer.info.update(train_steps=module.batches_done, train_seconds=round(train_seconds, 1),
-                          heldout=metrics)
+                          train_cpu_seconds=round(cpu_seconds, 1), heldout=metrics)
     tokenizer.save_pretrained(artifact)
     card = write_card(artifact, tokenizer, cfg, command=" ".join(
         ["python", "scripts/train_tokenizer.py", *sys.argv[1:]]))

@@ -8,10 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out: Path) -> str:
-    proc = subprocess.run([sys.executable, "scripts/demo.py", "debug=default",
-                           f"output_dir={out}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+FAST = ["debug=default", "demo.eval_images_per_tag=2", "demo.eval_caption_images=4",
+        "demo.diffusion_steps=2"]
+
+
+def _run(out: Path, *extra: str) -> str:
+    # A tiny untrained VAE artifact stands in for the shipped one (training it is
+    # scripts/train_tokenizer.py's own test); the demo reuses an artifact that exists.
+    vae = out.parent / "vae"
+    if not (vae / "config.json").exists():
+        from fusion.image.vae import VAETokenizer, build_autoencoder
+
+        VAETokenizer(build_autoencoder((16, 16, 16, 16), 1, 4, 8, False)).save_pretrained(vae)
+    proc = subprocess.run([sys.executable, "scripts/demo.py", *FAST, f"output_dir={out}",
+                           f"demo.image_tokenizer={out.parent / 'vae'}", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -20,19 +31,20 @@ def test_demo_runs_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"
     first = _run(out)
     for name in ("results.md", "results.json", "shapes_grid.png", "stages.json",
-                 "text_tokenizer/tokenizer.json"):
+                 "text_tokenizer/tokenizer.json", "samples.png", "samples_captions.png",
+                 "eval.json", "transfusion/model/model.safetensors"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
     assert results["detector_exact_recovery"] >= 0.99
+    assert results["family"] == "transfusion" and results["train_steps"] == 4
+    for key in ("geneval_overall", "fid_shapes", "caption_single_object_accuracy"):
+        assert key in results
     table = (out / "results.md").read_text()
     assert table.strip() in first  # the printed table is the written one
     assert "reused" not in first
     second = _run(out)
-    assert second.count("reused") == 3
+    assert second.count("reused") == 6  # every stage
     # a changed setting redoes the stages it touches, and only those
-    proc = subprocess.run([sys.executable, "scripts/demo.py", "debug=default",
-                           f"output_dir={out}", "demo.grid_images=4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[text_tokenizer] reused" in proc.stdout
-    assert "[shapes_preview] reused" not in proc.stdout
+    third = _run(out, "demo.grid_images=4")
+    assert "[text_tokenizer] reused" in third and "[train] reused" in third
+    assert "[shapes_preview] reused" not in third

@@ -73,6 +73,21 @@ def test_bad_configs_name_the_problem():
         transformer_config("huge")
 
 
+@torch.no_grad()
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
+    gqa = micro_model()  # 4 query heads, 2 kv heads
+    mha = micro_model(n_kv_heads=4)
+    state = gqa.state_dict()
+    for name, weight in state.items():
+        if name.endswith(
+            ("wk.weight", "wv.weight")
+        ):  # (Hkv·Dh, D): query head h uses kv head h // 2
+            state[name] = weight.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    x, layout = torch.randn(2, 19, 32), layout_from_segments(MIXED_ROWS)
+    check_close(gqa(x, layout), mha(x, layout))
+
+
 def test_mismatched_inputs_raise():
     model = micro_model()
     layout = layout_from_segments([[(0, "text", 5)]])

@@ -5,7 +5,8 @@
 
 Each case times forward + backward of `Transformer` on random input embeddings:
     causal       one text document per row: SDPA `is_causal=True`, no mask tensor
-    mixed/sdpa   half the positions in two images per row: SDPA with the dense boolean mask
+    mixed/sdpa   half the positions in two images per row: SDPA with the dense boolean mask,
+                 query-tiled in eager mode (`AttentionLayout.sdpa_tiles`)
     mixed/flex   the same layout through compiled FlexAttention (CUDA only)
 Cases are timed round-robin and the median step is reported, so slow drift of a shared
 machine hits every case alike. FLOPs per token follow `flops_per_token` (6·N + causal
@@ -19,7 +20,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,7 +47,7 @@ class Case:
     backend: str
 
 
-def mixed_layout(batch: int, seq: int, device: torch.device) -> AttentionLayout:
+def mixed_layout(batch: int, seq: int, device: torch.device, query_tile: int) -> AttentionLayout:
     """Text, image, text, image, text with the two images covering half of every row."""
     image, text = seq // 4, seq // 8
     row = [
@@ -56,13 +57,13 @@ def mixed_layout(batch: int, seq: int, device: torch.device) -> AttentionLayout:
         (0, "image", image),
         (0, "text", seq - 2 * image - 2 * text),
     ]
-    return layout_from_segments([row] * batch, device=device)
+    return replace(layout_from_segments([row] * batch, device=device), query_tile=query_tile)
 
 
-def cases_for(batch: int, seq: int, device: torch.device) -> list[Case]:
+def cases_for(batch: int, seq: int, device: torch.device, query_tile: int) -> list[Case]:
     causal = layout_from_segments([[(0, "text", seq)]] * batch, device=device)
     assert causal.is_plain_causal
-    mixed = mixed_layout(batch, seq, device)
+    mixed = mixed_layout(batch, seq, device, query_tile)
     cases = [Case("causal", causal, "sdpa"), Case("mixed/sdpa", mixed, "sdpa")]
     if device.type == "cuda":
         cases.append(Case("mixed/flex", mixed, "flex"))
@@ -148,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help=f"peak for MFU (default on CUDA: {H100_BF16_DENSE_TFLOPS}, H100 SXM bf16)",
     )
+    parser.add_argument(
+        "--query-tile",
+        type=int,
+        default=AttentionLayout.query_tile,
+        help="SDPA query tile of the mixed layout (>= seq: one untiled masked call)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
         f"torch {torch.__version__}, dtype={dtype}, compile={use_compile}, "
-        f"warmup={warmup}, rounds={rounds}\n"
+        f"warmup={warmup}, rounds={rounds}, query_tile={args.query_tile}\n"
     )
     header = "| config | params | B×S | attention | ms/step | tokens/s | TFLOP/s | vs causal |"
     print(header + (" MFU |" if peak else ""))
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(
                 f"{name} has no default shape on {device.type}: pass --batch and --seq"
             )
-        cases = cases_for(batch, seq, device)
+        cases = cases_for(batch, seq, device, args.query_tile)
         models = {
             backend: build_model(name, seq, backend, args.seed, device, use_compile)
             for backend in {c.backend for c in cases}

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusion.data.images import to_tensor, to_uint8
+from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.data.prompts import shapes_prompt_set
 from fusion.data.shapes import TAGS, ShapesWorld
 
@@ -44,7 +45,11 @@ def _chunks(items: list, size: int):
 
 @torch.no_grad()
 def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | None = None,
-                   world_seed: int = 0, progress: bool = True) -> dict:
+                   world_seed: int = 0, progress: bool = True,
+                   grid_path: str | Path | None = None) -> dict:
+    """Returns the figures; with ``grid_path``, also saves a PNG of generated images (one per
+    prompt, captioned with the prompt) and ``<grid_path stem>_captions.png`` of captioned
+    held-out scenes."""
     from fusion.eval.captioning import score_captions
     from fusion.eval.detectors import ShapesDetector
     from fusion.eval.geneval import score_geneval
@@ -57,6 +62,8 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
     for recs in by_tag.values():
         if not recs:
             continue
+        # fewer images than prompts: an evenly spread subset of the tag's prompts
+        recs = recs[::math.ceil(len(recs) / cfg.images_per_tag)]
         per_prompt = math.ceil(cfg.images_per_tag / len(recs))
         for rec in recs:
             jobs += [(prompts.index(rec), rec.prompt)] * per_prompt
@@ -73,6 +80,9 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
         bar.update(len(chunk))
     bar.close()
     keep = [i for i, imgs in enumerate(images) if imgs]
+    if grid_path is not None:
+        shown = [i for i in keep][::max(1, len(keep) // 32)][:32]
+        save_grid([images[i][0] for i in shown], grid_path, [prompts[i].prompt for i in shown])
     geneval = score_geneval([images[i] for i in keep], [prompts[i] for i in keep],
                             ShapesDetector(), progress=progress)
     results = {"geneval_overall": geneval["overall"],
@@ -99,6 +109,10 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
         ids = sampler.caption(torch.stack([to_tensor(a) for a in chunk]))
         captions += [tokenizer.decode(x) for x in ids]
     cap = score_captions(captions, scenes)
+    if grid_path is not None:
+        grid_path = Path(grid_path)
+        save_grid(arrays[:16], grid_path.with_name(grid_path.stem + "_captions.png"),
+                  captions[:16])
     results.update({"caption_single_object_accuracy": cap["single_object_accuracy"],
                     "caption_single_object_class_accuracy": cap["single_object_class_accuracy"],
                     "caption_images": cap["images"]})

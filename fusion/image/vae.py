@@ -33,22 +33,27 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+# File helpers shared with the VQ-GAN (every failure names the file and what is wrong with it).
+from fusion.image.artifacts import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    TokenizerLoadError,
+)
+from fusion.image.artifacts import jsonable as _jsonable
+from fusion.image.artifacts import load_state as _load_state
+from fusion.image.artifacts import load_weights as _load_weights
+from fusion.image.artifacts import read_json as _read_json
+from fusion.image.artifacts import read_safetensors as _read_safetensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fusion.vae"
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # What diffusers' save_pretrained writes (safetensors by default; .bin is never read here).
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-class TokenizerLoadError(ValueError):
-    """An artifact folder or file is missing, incomplete or corrupt; the message names it."""
 
 
 def build_autoencoder(block_out_channels: Iterable[int] = (32, 64, 128, 128),
@@ -393,51 +398,3 @@ def evaluate_reconstruction(tokenizer: nn.Module, source: Sequence, n: int | Non
     tokenizer.train(was_training)
     return reconstruction_metrics(np.concatenate(originals), np.concatenate(recons),
                                   progress=progress)
-
-
-# --------------------------------------------------------------------------------------------
-# File helpers: every failure names the file and says what is wrong with it
-# --------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        raise TokenizerLoadError(f"{path}: missing (a tokenizer folder needs {CONFIG_NAME})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerLoadError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise TokenizerLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise TokenizerLoadError(f"{path}: missing (the weights file)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TokenizerLoadError(f"{path}: corrupt or not a safetensors file ({err})") from err
-
-
-def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise TokenizerLoadError(f"{path}: weights do not fit the config: {err}") from err
-    missing, unexpected = result.missing_keys, result.unexpected_keys
-    if missing or unexpected:
-        raise TokenizerLoadError(
-            f"{path}: weights do not fit the config: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-
-
-def _load_weights(module: nn.Module, path: Path) -> None:
-    _load_state(module, _read_safetensors(path), path)
-
-
-def _jsonable(obj):
-    if isinstance(obj, tuple | set):
-        return list(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return str(obj)

@@ -24,9 +24,18 @@ def to_dataclass(node, cls):
 
 
 def load_image_tokenizer(path: str):
+    """A stage-1 artifact folder -> ``VQTokenizer`` (``"kind": "vqgan"`` in its config.json,
+    Chameleon) or ``VAETokenizer`` (anything else the VAE reads, Transfusion)."""
+    from fusion.image.artifacts import artifact_kind
+
+    path = resolve_path(path)
+    if artifact_kind(path) == "vqgan":
+        from fusion.image.vqgan import VQTokenizer
+
+        return VQTokenizer.from_pretrained(path)
     from fusion.image.vae import VAETokenizer
 
-    return VAETokenizer.from_pretrained(resolve_path(path))
+    return VAETokenizer.from_pretrained(path)
 
 
 def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_size: int):

@@ -90,3 +90,22 @@ def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
     kwargs["enable_progress_bar"] = kwargs["enable_progress_bar"] and progress
     return L.Trainer(strategy=strategy, logger=logger, callbacks=callbacks,
                      default_root_dir=str(default_root_dir), **kwargs)
+
+
+# Known, harmless messages from the libraries (checked against lightning 2.6 / torch 2.13);
+# silenced so that a run's output shows only what matters.
+KNOWN_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # lightning's pytree vs torch 2.13
+    r".*overridden `transfer_batch_to_device` in `LightningModule` but have passed in a"
+    r" `LightningDataModule`.*",  # intended: batches are lists of Documents
+    r".*does not have many workers which may be a bottleneck.*",  # ShapesWorld renders fast
+    r".*attention_head_dim.*",  # diffusers' get_down_block default notice
+)
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("diffusers.models.unets.unet_2d_blocks").setLevel(logging.ERROR)

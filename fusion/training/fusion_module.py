@@ -36,22 +36,26 @@ class FusionModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        self.image_tokenizer = image_tokenizer
-        if image_tokenizer is not None:  # stage 1 is frozen (DESIGN.md)
-            image_tokenizer.requires_grad_(False).eval()
+        # Stage 1 is frozen (DESIGN.md). Kept out of the module tree on purpose: it is not
+        # trained, so it stays out of checkpoints (it has its own artifact) and out of
+        # Lightning's train/eval-mode bookkeeping; on_fit_start moves it to the device.
+        self._frozen = (image_tokenizer.requires_grad_(False).eval()
+                        if image_tokenizer is not None else None,)
         self.optim, self.max_steps, self.seed = optim, max_steps, seed
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay))
                     if optim.ema_decay else None)
         self._rng = random.Random(seed)
 
+    @property
+    def image_tokenizer(self) -> nn.Module | None:
+        return self._frozen[0]
+
+    def on_fit_start(self) -> None:
+        if self.image_tokenizer is not None:
+            self.image_tokenizer.to(self.device)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_tokenizer.encode(pixels)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.image_tokenizer is not None:
-            self.image_tokenizer.eval()  # frozen: keep its norm/dropout layers in eval mode
-        return self
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # Batches are lists of Documents (frozen dataclasses); the family's loss moves the

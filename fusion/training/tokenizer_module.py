@@ -1,4 +1,4 @@
-"""Stage 1: train an image autoencoder (the VAE now, the VQ-GAN later) with Lightning.
+"""Stage 1: train an image autoencoder (VAE or VQ-GAN, by ``tokenizer.kind``) with Lightning.
 
 :class:`AutoencoderModule` takes any network with the stage-1 interface
 
@@ -38,24 +38,38 @@ log = logging.getLogger(__name__)
 # Data: images only
 # --------------------------------------------------------------------------------------------
 class ImageDataset(Dataset):
-    """A record source (``source[i].image``: uint8 (H, W, 3)) -> float (3, H, W) in [-1, 1]."""
+    """A record source (``source[i].image``: uint8 (H, W, 3)) -> float (3, H, W) in [-1, 1].
 
-    def __init__(self, source):
-        self.source = source
+    ``crop``: a random ``crop``×``crop`` window at offsets that are multiples of ``align``
+    (the autoencoder's factor, so a crop's latent grid lines up with the full image's).
+    """
+
+    def __init__(self, source, crop: int | None = None, align: int = 1):
+        self.source, self.crop, self.align = source, crop, align
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(self.source[i].image)
+        image = to_tensor(self.source[i].image)
+        if not self.crop:
+            return image
+        h, w = image.shape[-2:]
+        if self.crop > min(h, w) or self.crop % self.align:
+            raise ValueError(f"train_crop={self.crop} must be <= the image size {h}x{w} and a "
+                             f"multiple of the downsampling factor {self.align}")
+        y = int(torch.randint(0, (h - self.crop) // self.align + 1, ())) * self.align
+        x = int(torch.randint(0, (w - self.crop) // self.align + 1, ())) * self.align
+        return image[:, y:y + self.crop, x:x + self.crop]
 
 
 class ImageDataModule(L.LightningDataModule):
     """The images of ``build_caption_sources(cfg)`` (captions unused): batches (B, 3, H, W)."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, train_crop: int | None = None, crop_align: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.train_crop, self.crop_align = train_crop, crop_align  # training batches only
         self.train_source = self.val_source = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -64,17 +78,18 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_source is None:
             self.train_source, self.val_source = build_caption_sources(self.cfg)
 
-    def _loader(self, source, shuffle: bool) -> DataLoader:
-        return DataLoader(ImageDataset(source), batch_size=self.cfg.batch_size,
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.cfg.batch_size,
                           shuffle=shuffle, drop_last=shuffle,
                           num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_source, shuffle=True)
+        return self._loader(ImageDataset(self.train_source, self.train_crop, self.crop_align),
+                            shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_source, shuffle=False)
+        return self._loader(ImageDataset(self.val_source), shuffle=False)  # full images
 
     def image_batches(self, split: str, n: int, batch_size: int = 64):
         """The first ``n`` images of a split, in order, as (B, 3, H, W) batches."""
@@ -196,6 +211,8 @@ class AutoencoderModule(L.LightningModule):
 
         if step % self.metrics_every == 0:  # SSIM is not free; every few batches is plenty
             logs.update(image_metrics(recon, images))
+            if hasattr(self.autoencoder, "pop_code_stats"):  # a VQ-GAN: codebook usage and
+                logs.update(self.autoencoder.pop_code_stats())  # perplexity since last time
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True,
                       prog_bar=False, batch_size=images.shape[0])
         self.log("loss", logs["loss"], prog_bar=True, logger=False)
@@ -247,6 +264,22 @@ def check_artifact_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
+TOKENIZER_KINDS = ("vae", "vqgan")
+
+
+def build_image_tokenizer(cfg) -> nn.Module:
+    """A tokenizer config -> a fresh (or pretrained) stage-1 network, by ``cfg.kind``."""
+    if cfg.kind == "vae":
+        from fusion.image.vae import build_vae_tokenizer
+
+        return build_vae_tokenizer(cfg)
+    if cfg.kind == "vqgan":
+        from fusion.image.vqgan import build_vqgan_tokenizer
+
+        return build_vqgan_tokenizer(cfg)
+    raise ValueError(f"unknown tokenizer.kind {cfg.kind!r}; expected one of {TOKENIZER_KINDS}")
+
+
 def describe_data(cfg: DataConfig) -> str:
     if cfg.source == "shapes":
         return (f"ShapesWorld seed {cfg.seed}, {cfg.image_size}×{cfg.image_size}: train scenes "
@@ -261,42 +294,74 @@ def write_card(path: Path, tokenizer, cfg, command: str) -> str:
     import os
     import platform
 
-    info, ae = tokenizer.info, tokenizer.autoencoder.config
+    info = tokenizer.info
     m = info.get("heldout", {})
-    params = sum(p.numel() for p in tokenizer.autoencoder.parameters())
     size = (path / "model.safetensors").stat().st_size / 2 ** 20
-    f, c = tokenizer.downsample_factor, tokenizer.latent_channels
-    s = cfg.data.image_size
-    trained = cfg.tokenizer.pretrained is None
+    pretrained = cfg.tokenizer.get("pretrained")
+    about, model_rows, aux_loss, extra_rows, usage = _card_parts(tokenizer, cfg, size)
+    gan = (f" + GAN {cfg.tokenizer.loss.disc_weight} from batch {cfg.tokenizer.loss.disc_start}"
+           if cfg.tokenizer.loss.disc_weight else "")
     rows = [
-        ("model", f"diffusers AutoencoderKL, block_out_channels {list(ae.block_out_channels)}, "
-                  f"layers_per_block {ae.layers_per_block}, {params / 1e6:.2f} M parameters "
-                  f"({size:.1f} MiB safetensors)"),
-        ("latent", f"f{f}, {c} channels: {s}×{s} image -> {s // f}×{s // f}×{c}"),
+        *model_rows,
         ("data", describe_data(cfg.data)),
         ("training", (f"{info.get('train_steps')} steps of batch {cfg.data.batch_size}, "
-                      f"{info.get('train_seconds')} s wall" if trained else
-                      f"none (pretrained: {cfg.tokenizer.pretrained})")),
-        ("loss", (f"L1 {cfg.tokenizer.loss.l1_weight} + L2 {cfg.tokenizer.loss.l2_weight} + "
-                  f"KL {cfg.tokenizer.loss.kl_weight}" +
-                  (f" + GAN {cfg.tokenizer.loss.disc_weight}"
-                   if cfg.tokenizer.loss.disc_weight else ""))),
-        ("latent scaling", f"shift {float(tokenizer.shift):.5f}, scale "
-                           f"{float(tokenizer.scale):.5f} ({info.get('scaling')})"),
+                      f"{info.get('train_seconds')} s wall, {info.get('train_cpu_seconds')} s "
+                      f"CPU (all threads), precision {cfg.trainer.precision}"
+                      if pretrained is None else
+                      f"none (pretrained: {pretrained})")),
+        ("loss", f"L1 {cfg.tokenizer.loss.l1_weight} + L2 {cfg.tokenizer.loss.l2_weight}"
+                 f"{aux_loss}{gan}"),
         ("held-out PSNR", f"{m.get('psnr', float('nan')):.2f} dB over {m.get('images')} images"),
         ("held-out SSIM", f"{m.get('ssim', float('nan')):.4f}"),
         ("attribute accuracy", f"{m.get('attribute_accuracy', float('nan')):.2%} (ShapesWorld "
                                f"detector finds the same objects in the reconstruction)"),
+        *extra_rows,
         ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
                     f"{os.getloadavg()[0]:.1f} (other jobs share the CPU)"),
         ("command", f"`{command}`"),
     ]
-    text = (f"# {cfg.tokenizer.name}\n\nContinuous image tokenizer (VAE) for fusion's "
-            f"Transfusion family.\n\n| | |\n|---|---|\n" +
-            "".join(f"| {k} | {v} |\n" for k, v in rows) +
-            "\n```python\nfrom fusion.image.vae import VAETokenizer\n\n"
-            f"tok = VAETokenizer.from_pretrained(\"{cfg.tokenizer.artifact_dir}\")\n"
-            f"latents = tok.encode(images)   # (B, 3, {s}, {s}) in [-1, 1] -> "
-            f"(B, {c}, {s // f}, {s // f})\nimages = tok.decode(latents)\n```\n")
+    text = (f"# {cfg.tokenizer.name}\n\n{about}\n\n| | |\n|---|---|\n" +
+            "".join(f"| {k} | {v} |\n" for k, v in rows) + f"\n```python\n{usage}```\n")
     (path / "card.md").write_text(text)
     return text
+
+
+def _card_parts(tokenizer, cfg, size_mib: float):
+    """What differs between a VAE's and a VQ-GAN's card: (one-line description, model rows,
+    the aux loss terms, rows after the shared metrics, usage snippet)."""
+    params = sum(p.numel() for p in tokenizer.parameters())
+    f, s, art = tokenizer.downsample_factor, cfg.data.image_size, cfg.tokenizer.artifact_dir
+    if cfg.tokenizer.kind == "vqgan":
+        ae, q, m = tokenizer.autoencoder_config, tokenizer.quantizer_config, \
+            tokenizer.info.get("heldout", {})
+        k, h = tokenizer.codebook_size, s // f
+        args = ", ".join(f"{a} {v}" for a, v in q.items() if a != "kind")
+        model = [("model", f"VQ-GAN: diffusers Encoder/Decoder, block_out_channels "
+                           f"{list(ae['block_out_channels'])}, layers_per_block "
+                           f"{ae['layers_per_block']}, {params / 1e6:.2f} M parameters "
+                           f"({size_mib:.1f} MiB safetensors)"),
+                 ("quantizer", f"{q['kind']} (vector-quantize-pytorch; {args}): {k} codes"),
+                 ("codes", f"f{f}: {s}×{s} image -> {h}×{h} = {h * h} codes in [0, {k})")]
+        aux = " + quantizer loss (weights above)" if q["kind"] != "fsq" else ""
+        extra = [("codebook usage", f"{m.get('codebook_usage', float('nan')):.2%} of {k} "
+                                    f"codes used on the held-out images"),
+                 ("codebook perplexity", f"{m.get('codebook_perplexity', float('nan')):.1f}")]
+        usage = ("from fusion.image.vqgan import VQTokenizer\n\n"
+                 f"tok = VQTokenizer.from_pretrained(\"{art}\")\n"
+                 f"codes = tok.encode(images)   # (B, 3, {s}, {s}) in [-1, 1] -> "
+                 f"(B, {h}, {h}) int64\nimages = tok.decode(codes)\n")
+        return ("Discrete image tokenizer (VQ-GAN) for fusion's Chameleon family.", model,
+                aux, extra, usage)
+    ae, c = tokenizer.autoencoder.config, tokenizer.latent_channels
+    model = [("model", f"diffusers AutoencoderKL, block_out_channels "
+                       f"{list(ae.block_out_channels)}, layers_per_block {ae.layers_per_block}, "
+                       f"{params / 1e6:.2f} M parameters ({size_mib:.1f} MiB safetensors)"),
+             ("latent", f"f{f}, {c} channels: {s}×{s} image -> {s // f}×{s // f}×{c}")]
+    extra = [("latent scaling", f"shift {float(tokenizer.shift):.5f}, scale "
+                                f"{float(tokenizer.scale):.5f} ({tokenizer.info.get('scaling')})")]
+    usage = ("from fusion.image.vae import VAETokenizer\n\n"
+             f"tok = VAETokenizer.from_pretrained(\"{art}\")\n"
+             f"latents = tok.encode(images)   # (B, 3, {s}, {s}) in [-1, 1] -> "
+             f"(B, {c}, {s // f}, {s // f})\nimages = tok.decode(latents)\n")
+    return ("Continuous image tokenizer (VAE) for fusion's Transfusion family.", model,
+            f" + KL {cfg.tokenizer.loss.kl_weight}", extra, usage)

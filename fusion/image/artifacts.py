@@ -1,0 +1,85 @@
+"""Stage-1 artifact files, shared by every image tokenizer (VAE, VQ-GAN).
+
+An artifact is a folder ``tokenizers/<name>/`` holding ``config.json`` (what to build) and
+``model.safetensors`` (weights only: nothing is unpickled, DESIGN.md principle 9), plus a
+``card.md``. Every failure to read one raises :class:`TokenizerLoadError` with a message that
+names the file and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class TokenizerLoadError(ValueError):
+    """An artifact folder or file is missing, incomplete or corrupt; the message names it."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise TokenizerLoadError(f"{path}: missing (a tokenizer folder needs {CONFIG_NAME})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerLoadError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise TokenizerLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise TokenizerLoadError(f"{path}: missing (the weights file)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TokenizerLoadError(f"{path}: corrupt or not a safetensors file ({err})") from err
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(state)``, strict, failing with a message that names ``path``."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise TokenizerLoadError(f"{path}: weights do not fit the config: {err}") from err
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        raise TokenizerLoadError(
+            f"{path}: weights do not fit the config: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    load_state(module, read_safetensors(path), path)
+
+
+def jsonable(obj):
+    """``json.dumps(default=...)``: tuples/sets as lists, tensors as numbers, else ``str``."""
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``"vqgan"`` or ``"vae"``: which tokenizer class reads ``path``.
+
+    A fusion VQ-GAN artifact says ``"kind": "vqgan"`` in its ``config.json``; everything else
+    (a fusion VAE artifact, a diffusers ``AutoencoderKL`` folder, a single ``.safetensors``
+    file) is the VAE's to read -- and to reject with a message naming the file.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / CONFIG_NAME).exists():
+        if read_json(path / CONFIG_NAME).get("kind") == "vqgan":
+            return "vqgan"
+    return "vae"

@@ -1,0 +1,365 @@
+"""VQTokenizer: the discrete image tokenizer (VQ-GAN) of the Chameleon family.
+
+A VQ-GAN (Esser et al. 2021, arXiv:2012.09841) is a convolutional autoencoder with a
+quantiser in the bottleneck: every position of the encoder's (h, w) feature map becomes one
+integer code, and an image becomes h·w tokens that Chameleon appends to its text vocabulary.
+Here it is assembled from library parts (DESIGN.md principle 7):
+
+* encoder / decoder: diffusers' ``Encoder`` / ``Decoder`` (the taming/LDM ResNet stacks that
+  ``AutoencoderKL`` and ``VQModel`` are made of), attention in the mid block at the lowest
+  resolution, f = 2 ** (levels - 1);
+* quantiser, chosen by config, from vector-quantize-pytorch (:class:`Quantizer`):
+  ``vq``  -- ``VectorQuantize`` with low-dimensional l2-normalised codes, EMA codebook and
+             dead-code expiry (LlamaGen, Sun et al. 2024, arXiv:2406.06525);
+  ``fsq`` -- ``FSQ``, finite scalar quantisation (Mentzer et al. 2023, arXiv:2309.15505);
+  ``lfq`` -- ``LFQ``, lookup-free quantisation (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737).
+
+Shapes::
+
+    B  batch              H, W  image height/width (pixels)
+    C  latent channels    h, w  code grid = (H, W) / f, f = downsample_factor
+    N  h·w codes per image K     codebook size
+
+    images (B, 3, H, W) float in [-1, 1]
+    codes  (B, h, w) int64 in [0, K)
+    z, zq  (B, C, h, w) float: encoder output, its quantised version (the decoder's input)
+
+No training logic lives here (DESIGN.md principle 1): ``fusion.training.tokenizer_module``
+trains the tokenizer through :meth:`VQTokenizer.forward` (the stage-1 interface shared with
+the VAE) against ``fusion.image.losses.AutoencoderLoss``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from safetensors.torch import save_file
+from torch import nn
+from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+from fusion.image.artifacts import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    TokenizerLoadError,
+    jsonable,
+    load_weights,
+    read_json,
+)
+
+FORMAT = "fusion.vqgan"
+FORMAT_VERSION = 1
+KIND = "vqgan"
+QUANTIZERS = ("vq", "fsq", "lfq")
+AUTOENCODER_DEFAULTS = {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1,
+                        "latent_channels": 32, "norm_num_groups": 32,
+                        "mid_block_add_attention": True}
+
+
+# --------------------------------------------------------------------------------------------
+# The quantiser: three library quantisers behind one interface
+# --------------------------------------------------------------------------------------------
+class Quantizer(nn.Module):
+    """A vector-quantize-pytorch quantiser on (B, N, C) features.
+
+    ``forward(z) -> (zq, codes, aux)``: zq (B, N, C) carries straight-through (or
+    rotation-trick) gradients to the encoder, codes (B, N) int64, aux the quantiser's own
+    loss as ``{"codebook": scalar}`` (already weighted by the library: VQ's β·commitment,
+    LFQ's entropy + commitment; FSQ has none). ``lookup(codes) -> zq`` inverts the codes.
+
+    Feature maps are flattened to (B, N, C) by the caller: with ``accept_image_fmap=True`` and
+    a projection (``codebook_dim != C``) ``VectorQuantize.get_output_from_indices`` moves the
+    channel axis before projecting and fails, so no quantiser here sees a map.
+    """
+
+    def __init__(self, dim: int, kind: str = "fsq", **args):
+        super().__init__()
+        if kind not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {QUANTIZERS}")
+        self.kind, self.dim, self.args = kind, dim, dict(args)
+        if kind == "vq":
+            # LlamaGen §3.1: codes of dimension 8, l2-normalised, so that the nearest code is
+            # the most cosine-similar one -- with a 1-2k codebook this keeps usage near 100 %.
+            # The codebook moves by EMA (decay) instead of a codebook loss, and a code whose
+            # EMA count drops below threshold_ema_dead_code is re-seeded from the batch.
+            self.q = VectorQuantize(dim=dim, **args)
+        elif kind == "fsq":
+            self.q = FSQ(dim=dim, **args)  # levels: implicit codebook of prod(levels) codes
+        else:
+            self.q = LFQ(dim=dim, **args)  # codebook_size = 2 ** bits; entropy penalty
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.q.codebook_size)
+
+    def forward(self, z: torch.Tensor, update_codebook: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z (B, N, C) -> (zq (B, N, C), codes (B, N) int64, aux).
+
+        ``update_codebook=False`` keeps the VQ codebook (EMA, dead codes) untouched even in
+        train mode: encoding must not move the codebook.
+        """
+        if self.kind == "vq":
+            zq, codes, loss = self.q(z, freeze_codebook=not update_codebook)
+            return zq, codes.long(), {"codebook": loss}
+        if self.kind == "fsq":
+            zq, codes = self.q(z)
+            return zq, codes.long(), {}
+        zq, codes, loss = self.q(z)
+        return zq, codes.long(), {"codebook": loss}
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, N) int64 -> zq (B, N, C), what :meth:`forward` gives for those codes."""
+        if self.kind == "vq":
+            return self.q.get_output_from_indices(codes)
+        return self.q.indices_to_codes(codes)  # FSQ, LFQ: (B, N) in -> (B, N, C) out
+
+
+def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Usage and perplexity of a code histogram ``counts`` (K,).
+
+    usage: share of the K codes used at least once; perplexity: exp(entropy) of the code
+    distribution, the number of equally likely codes with the same entropy (K at best).
+    """
+    counts = counts.double()
+    total = counts.sum()
+    if total <= 0:
+        return {}
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).double().mean()),
+            "codebook_perplexity": float(entropy.exp())}
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer
+# --------------------------------------------------------------------------------------------
+class VQTokenizer(nn.Module):
+    """Images <-> (h, w) integer codes: encoder -> quantiser -> decoder.
+
+    Args:
+        autoencoder: ``VQAutoencoderConfig`` fields (``block_out_channels``,
+            ``layers_per_block``, ``latent_channels``, ``norm_num_groups``,
+            ``mid_block_add_attention``); missing ones take :data:`AUTOENCODER_DEFAULTS`.
+        quantizer: ``{"kind": "vq" | "fsq" | "lfq", **that quantiser's arguments}`` (the
+            fields of ``VQConfig`` / ``FSQConfig`` / ``LFQConfig``).
+        info: provenance and held-out figures, saved in ``config.json``.
+    """
+
+    def __init__(self, autoencoder: dict | None = None, quantizer: dict | None = None,
+                 info: dict | None = None):
+        super().__init__()
+        ae = {**AUTOENCODER_DEFAULTS, **(autoencoder or {})}
+        unknown = set(ae) - set(AUTOENCODER_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown autoencoder arguments {sorted(unknown)}; expected "
+                             f"{sorted(AUTOENCODER_DEFAULTS)}")
+        ae["block_out_channels"] = [int(c) for c in ae["block_out_channels"]]
+        bad = [c for c in ae["block_out_channels"] if c % ae["norm_num_groups"]]
+        if bad:
+            raise ValueError(f"block_out_channels {ae['block_out_channels']}: {bad} not "
+                             f"divisible by norm_num_groups={ae['norm_num_groups']} (GroupNorm)")
+        quantizer = dict(quantizer or {"kind": "fsq", "levels": [8, 5, 5, 5]})
+        self.autoencoder_config, self.quantizer_config = ae, quantizer
+        levels, c = len(ae["block_out_channels"]), int(ae["latent_channels"])
+        common = dict(block_out_channels=tuple(ae["block_out_channels"]),
+                      layers_per_block=ae["layers_per_block"],
+                      norm_num_groups=ae["norm_num_groups"],
+                      mid_block_add_attention=ae["mid_block_add_attention"])
+        # double_z=False: one feature map to quantise, not AutoencoderKL's (mean, logvar).
+        self.encoder = Encoder(in_channels=3, out_channels=c, double_z=False,
+                               down_block_types=("DownEncoderBlock2D",) * levels, **common)
+        self.quantizer = Quantizer(c, **quantizer)
+        self.decoder = Decoder(in_channels=c, out_channels=3,
+                               up_block_types=("UpDecoderBlock2D",) * levels, **common)
+        # Codes chosen in training forward passes since the last pop_code_stats(): a running
+        # histogram for the usage/perplexity logs (not saved; no effect on the model).
+        self.register_buffer("code_counts", torch.zeros(self.codebook_size, dtype=torch.long),
+                             persistent=False)
+        self.info: dict = dict(info or {})
+
+    # ---- geometry ----------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder_config["latent_channels"])
+
+    @property
+    def downsample_factor(self) -> int:
+        # Every encoder level but the last halves the resolution (diffusers Encoder).
+        return 2 ** (len(self.autoencoder_config["block_out_channels"]) - 1)
+
+    def latent_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the code grid for an image of ``image_size`` (an int means square)."""
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        f = self.downsample_factor
+        if any(s % f for s in hw):
+            raise ValueError(f"image size {hw} is not divisible by the VQ-GAN's factor f={f}")
+        return hw[0] // f, hw[1] // f
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight: where taming's adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
+
+    # ---- the tokenizer interface -------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        self.latent_grid(tuple(images.shape[-2:]))
+
+    def _quantize(self, images: torch.Tensor, update_codebook: bool = True):
+        """images -> (zq (B, C, h, w), codes (B, h, w), aux)."""
+        self._check_images(images)
+        z = self.encoder(images)  # (B, C, h, w)
+        b, c, h, w = z.shape
+        zq, codes, aux = self.quantizer(z.flatten(2).transpose(1, 2), update_codebook)
+        return zq.transpose(1, 2).reshape(b, c, h, w), codes.view(b, h, w), aux
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64 in [0, codebook_size).
+
+        Deterministic (nearest code / rounding) and never moves the codebook, in either mode.
+        """
+        return self._quantize(images, update_codebook=False)[1]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) integers -> images (B, 3, H, W), ~[-1, 1] (not clamped)."""
+        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"expected integer codes (B, h, w), got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        b, h, w = codes.shape
+        zq = self.quantizer.lookup(codes.reshape(b, h * w).long())  # (B, N, C)
+        return self.decoder(zq.transpose(1, 2).reshape(b, self.latent_channels, h, w))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training pass, the stage-1 autoencoder interface shared with the VAE:
+        images (B, 3, H, W) -> (reconstruction (B, 3, H, W), aux).
+
+        aux = ``{"codebook": the quantiser's loss}`` (none for FSQ), added to the
+        reconstruction loss with weight 1 by ``AutoencoderLoss`` (the library weights it).
+        In train mode the VQ codebook follows the batch by EMA inside this call.
+        """
+        zq, codes, aux = self._quantize(images)
+        if self.training:
+            self.code_counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
+        return self.decoder(zq), aux
+
+    def pop_code_stats(self) -> dict[str, float]:
+        """Usage and perplexity of the codes chosen by training passes since the last call
+        (:func:`codebook_stats`), then start a new window. ``{}`` when none were chosen."""
+        stats = codebook_stats(self.code_counts)
+        self.code_counts.zero_()
+        return stats
+
+    # ---- files -------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "autoencoder": self.autoencoder_config,
+            "quantizer": self.quantizer_config,
+            "codebook_size": self.codebook_size,
+            "downsample_factor": self.downsample_factor,
+            "info": self.info,
+        }
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (weights and codebook buffers only;
+        nothing is pickled)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2,
+                                                   default=jsonable) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VQTokenizer:
+        """Load a folder written by :meth:`save_pretrained`, in eval mode; offline."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise TokenizerLoadError(f"{path}: no such tokenizer folder")
+        cfg_path = path / CONFIG_NAME
+        raw = read_json(cfg_path)
+        if raw.get("kind") != KIND:
+            raise TokenizerLoadError(f"{cfg_path}: not a fusion VQ-GAN artifact (expected "
+                                     f"\"kind\": \"{KIND}\", found {raw.get('kind')!r})")
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise TokenizerLoadError(f"{cfg_path}: format_version {raw['format_version']} is "
+                                     f"newer than this fusion reads ({FORMAT_VERSION})")
+        for key in ("autoencoder", "quantizer"):
+            if not isinstance(raw.get(key), dict):
+                raise TokenizerLoadError(f"{cfg_path}: missing or malformed required key "
+                                         f"{key!r}")
+        try:
+            tok = cls(raw["autoencoder"], raw["quantizer"], raw.get("info"))
+        except (TypeError, ValueError, AssertionError, KeyError) as err:
+            # the quantiser libraries check their arguments with asserts
+            raise TokenizerLoadError(f"{cfg_path}: bad model config: {err}") from err
+        load_weights(tok, path / WEIGHTS_NAME)
+        return tok.eval()
+
+
+def _plain(node) -> dict:
+    """A config node (typed DictConfig, dataclass or dict) as a plain dict."""
+    if dataclasses.is_dataclass(node):
+        return dataclasses.asdict(node)
+    if isinstance(node, dict):
+        return dict(node)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_vqgan_tokenizer(cfg) -> VQTokenizer:
+    """A ``VQGANTokenizerConfig`` -> a fresh :class:`VQTokenizer`."""
+    q = _plain(cfg.quantizer)
+    kind = q["kind"]
+    if kind not in QUANTIZERS:
+        raise ValueError(f"tokenizer.quantizer.kind={kind!r}; expected one of {QUANTIZERS}")
+    return VQTokenizer(_plain(cfg.autoencoder), {"kind": kind, **q[kind]})
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out figures
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_codes(tokenizer: VQTokenizer, source: Sequence, n: int | None = None,
+                   batch_size: int = 64) -> dict:
+    """Codebook usage and perplexity of the codes of ``source[:n]`` (``source[i].image``:
+    uint8 (H, W, 3)), in eval mode: ``{"codebook_usage", "codebook_perplexity",
+    "codes_per_image", "codebook_size"}``."""
+    import numpy as np
+
+    from fusion.data.images import to_tensor
+
+    n = len(source) if n is None else min(n, len(source))
+    if n == 0:
+        raise ValueError("evaluate_codes needs at least one image")
+    was_training = tokenizer.training
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long, device=device)
+    per_image = 0
+    for start in range(0, n, batch_size):
+        batch = np.stack([source[i].image for i in range(start, min(start + batch_size, n))])
+        codes = tokenizer.encode(torch.stack([to_tensor(img) for img in batch]).to(device))
+        counts += torch.bincount(codes.flatten(), minlength=tokenizer.codebook_size)
+        per_image = math.prod(codes.shape[1:])
+    tokenizer.train(was_training)
+    return {**codebook_stats(counts.cpu()), "codes_per_image": per_image,
+            "codebook_size": tokenizer.codebook_size}
