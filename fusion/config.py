@@ -109,8 +109,8 @@ class DemoSettings:
     train_steps: int = 1500
     train_overrides: list[str] = field(default_factory=list)
     # Stage 3: evaluation size (fusion.eval.model.ModelEvalConfig).
-    eval_images_per_tag: int = 50
-    eval_caption_images: int = 100
+    eval_images_per_tag: int = 100  # single_object + colors: 200 single-object prompts
+    eval_caption_images: int = 200
     guidance_scale: float | None = 3.0
     diffusion_steps: int = 25
 

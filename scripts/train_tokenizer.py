@@ -11,6 +11,7 @@ seed -> data -> model -> callbacks/loggers -> trainer -> fit -> measure the late
 tokenizers/<name>/{config.json, model.safetensors, card.md}.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,8 +73,10 @@ def main(cfg: DictConfig) -> None:
     tokenizer.info.update(train_steps=module.batches_done, train_seconds=round(train_seconds, 1),
                           train_cpu_seconds=round(cpu_seconds, 1), heldout=metrics)
     tokenizer.save_pretrained(artifact)
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] \
+        if "OMP_NUM_THREADS" in os.environ else []  # part of how fast it ran
     card = write_card(artifact, tokenizer, cfg, command=" ".join(
-        ["python", "scripts/train_tokenizer.py", *sys.argv[1:]]))
+        [*threads, "python", "scripts/train_tokenizer.py", *sys.argv[1:]]))
     print(card)
 
 

@@ -70,6 +70,11 @@ def test_documents_follow_the_order_ratio(tokenizer):
     assert doc.images[0].pixels.shape == (3, 64, 64)
     assert tokenizer.decode(doc.texts[0].ids) == doc.texts[0].text
     assert [docs[i].order for i in range(20)] == orders[:20]  # deterministic
+    # image -> caption documents carry the full description (colours and classes)
+    source = ShapesSource(400)
+    for i in range(400):
+        if orders[i] == "image_first":
+            assert docs[i].texts[0].text == source[i].description
     assert all(d.order == "caption_first" for d in
                (CaptionDocuments(ShapesSource(20), tokenizer, 0.0)[i] for i in range(20)))
     with pytest.raises(ValueError, match="image_first_ratio"):

@@ -203,7 +203,7 @@ def test_module_trains_with_the_gan_on(tmp_path):
     import lightning as L
     from torch.utils.data import DataLoader
 
-    tok = tiny()
+    tok = tiny().train()
     loss = AutoencoderLossConfig(disc_weight=0.5, disc_start=1, disc_channels=8, disc_layers=2)
     module = AutoencoderModule(tok, loss, OptimConfig(warmup_steps=1), image_log_every=2,
                                image_dir=tmp_path / "images", metrics_every=1)

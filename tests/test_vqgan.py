@@ -279,7 +279,7 @@ def test_train_tokenizer_script_debug_end_to_end(tmp_path):
          "data.num_val=8", "tokenizer.autoencoder.block_out_channels=[16,32,32]",
          "tokenizer.autoencoder.norm_num_groups=8", "tokenizer.autoencoder.latent_channels=16",
          "tokenizer.quantizer.kind=vq", "tokenizer.image_log_every=2", "trainer.max_steps=2",
-         "trainer.limit_val_batches=1", "logger=none", "callbacks.progress_bar=none"],
+         "trainer.limit_val_batches=1", "callbacks.progress_bar=none"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -103,7 +103,10 @@ class CaptionDocuments(Dataset):
     def __getitem__(self, i: int) -> Document:
         rec: CaptionRecord = self.source[i]
         image_first = random.Random(f"order/{self.seed}/{i}").random() < self.image_first_ratio
-        return caption_document(self.tokenizer, to_tensor(rec.image), rec.caption, image_first)
+        # image -> caption documents learn the full description when the source has one, so a
+        # caption names every object's colour and class rather than one prompt template.
+        text = (rec.description or rec.caption) if image_first else rec.caption
+        return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first)
 
 
 class EditDocuments(Dataset):

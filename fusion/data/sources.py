@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CaptionRecord:
     image: np.ndarray  # (S, S, 3) uint8
-    caption: str
+    caption: str  # the prompt for text -> image
     key: str = ""  # where it came from, for messages
+    # The caption to learn for image -> text. ShapesWorld gives its full description (every
+    # object's colour and class); folders have one caption for both directions.
+    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class ShapesSource:
         if not options:
             options = [sample.captions["description"]]
         rng = random.Random(f"caption-choice/{self.world.seed}/{self.offset + i}")
-        return CaptionRecord(sample.image, rng.choice(options), key=f"shapes:{self.offset + i}")
+        return CaptionRecord(sample.image, rng.choice(options), key=f"shapes:{self.offset + i}",
+                             description=sample.captions["description"])
 
 
 class ShapesEditSource:

@@ -36,6 +36,7 @@ class AutoencoderLossConfig:
 
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    edge_weight: float = 0.0  # L1 between finite differences (sharper outlines)
     kl_weight: float = 1.0e-6
     perceptual_weight: float = 0.0
     perceptual_weights_path: str | None = None  # local LPIPS/VGG weights; never downloaded
@@ -170,6 +171,10 @@ class VQGANTokenizerConfig:
 
     name: str = "vqgan"
     kind: str = "vqgan"
+    # Train on random crops of this size (a multiple of f, on the code grid; null: whole
+    # images), as the VAE does: the network is convolutional, so a crop teaches the same local
+    # coding for a fraction of the compute; held-out figures are always on whole images.
+    train_crop: int | None = None
     eval_images: int = 512  # held-out images for the artifact's card (PSNR, usage, attributes)
     image_log_every: int = 500  # reconstruction grid every N steps (0: never)
     artifact_dir: str = "tokenizers/${tokenizer.name}"

@@ -288,11 +288,10 @@ class VAETokenizer(nn.Module):
             raise TokenizerLoadError(f"{cfg_path}: bad AutoencoderKL config: {err}") from err
         state = _read_safetensors(path)
         if not any(k.startswith("encoder.down_blocks.") for k in state):
-            # Original LDM/SD key names (encoder.down.0.block.0...): diffusers converts them.
-            from diffusers.loaders.single_file_utils import (
-                convert_ldm_vae_checkpoint,
-            )
-            state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
+            # Original LDM/SD key names (encoder.down.0.block.0..., optionally under
+            # first_stage_model. / vae.): diffusers converts them.
+            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
             state = convert_ldm_vae_checkpoint(state, dict(autoencoder.config))
         _load_state(autoencoder, state, path)
         return cls._published(autoencoder, f"single file {path}")

@@ -218,6 +218,8 @@ class AutoencoderModule(L.LightningModule):
         self.log("loss", logs["loss"], prog_bar=True, logger=False)
         if "psnr" in logs:
             self.log("psnr", logs["psnr"], prog_bar=True, logger=False)
+        if "codebook_usage" in logs:
+            self.log("usage", logs["codebook_usage"], prog_bar=True, logger=False)
         if self.image_log_every and step % self.image_log_every == 0:
             self.log_images(images, recon, f"step{step:07d}")
 
@@ -316,8 +318,9 @@ def write_card(path: Path, tokenizer, cfg, command: str) -> str:
         ("attribute accuracy", f"{m.get('attribute_accuracy', float('nan')):.2%} (ShapesWorld "
                                f"detector finds the same objects in the reconstruction)"),
         *extra_rows,
-        ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
-                    f"{os.getloadavg()[0]:.1f} (other jobs share the CPU)"),
+        ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+                    f"torch thread(s), load average at the end {os.getloadavg()[0]:.1f} "
+                    f"(other jobs share the CPU)"),
         ("command", f"`{command}`"),
     ]
     text = (f"# {cfg.tokenizer.name}\n\n{about}\n\n| | |\n|---|---|\n" +
