@@ -73,7 +73,7 @@ def test_prefix_mask_is_the_bottom_rows_of_the_full_mask(ids, data):
 
 
 @ignore_eager_flex_warning
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(segment_rows(), st.sampled_from([3, 8, 256]))
 def test_sdpa_and_flex_agree(rows_and_len, query_tile):
     rows, seq_len = rows_and_len
