@@ -21,15 +21,14 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fusion.data.documents import Document, Image, Text
 from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3Tokens, cm3_transform
-from fusion.models.packing import pack
+from fusion.models.packing import next_token_loss, pack
 from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
-from fusion.models.transformer import KVCache, Transformer, transformer_config, z_loss
+from fusion.models.transformer import KVCache, Transformer, transformer_config
 from fusion.models.transfusion import SpecialIds
 
 
@@ -117,13 +116,4 @@ class ChameleonLoss:
         ids = packed.ids.to(device)
         logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
                                             packed.image_ids.to(device)))
-        targets = packed.next_token_targets().to(device)
-        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        out = {"lm_loss": lm}
-        total = lm
-        if cfg.z_loss_weight:
-            zl = z_loss(logits, cfg.z_loss_weight, mask=targets != -100)
-            out["z_loss"] = zl
-            total = total + zl
-        out["loss"] = total
-        return out
+        return next_token_loss(logits, packed, cfg.z_loss_weight)

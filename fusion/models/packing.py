@@ -141,3 +141,21 @@ def gather_images(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Read image slots out of ``hidden`` (B, S, D) -> (I, N, D)."""
     rows, cols = _slot_index(packed, hidden.device)
     return hidden[rows, cols].view(len(packed.image_sizes), packed.image_sizes[0], -1)
+
+
+def next_token_loss(logits: torch.Tensor, packed: Packed,
+                    z_loss_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Both families' text loss: next-token cross-entropy on ``packed``'s text targets
+    (logits (B, S, V)), plus Chameleon's z-loss (arXiv:2405.09818, sec. 2.3) when weighted.
+    Returns ``{"lm_loss", ["z_loss"], "loss"}``; a family adds its own terms to ``loss``."""
+    import torch.nn.functional as F
+
+    from fusion.models.transformer import z_loss
+
+    targets = packed.next_token_targets().to(logits.device)
+    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    out = {"lm_loss": lm, "loss": lm}
+    if z_loss_weight:
+        out["z_loss"] = z_loss(logits, z_loss_weight, mask=targets != -100)
+        out["loss"] = lm + out["z_loss"]
+    return out

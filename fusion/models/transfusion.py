@@ -24,16 +24,22 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fusion.data.documents import Document, Image, Text
 from fusion.models.attention import AttentionLayout
 from fusion.models.diffusion import Diffusion
-from fusion.models.packing import ImageSlot, Packed, gather_images, pack, scatter_images
+from fusion.models.packing import (
+    ImageSlot,
+    Packed,
+    gather_images,
+    next_token_loss,
+    pack,
+    scatter_images,
+)
 from fusion.models.patchify import build_patchifier
 from fusion.models.schemas import TransfusionConfig, TransfusionLossConfig
-from fusion.models.transformer import KVCache, Transformer, transformer_config, z_loss
+from fusion.models.transformer import KVCache, Transformer, transformer_config
 
 
 @dataclass
@@ -177,19 +183,11 @@ class TransfusionLoss:
             )
             target = self.diffusion.target(x0, noise)
         _, logits, image_out = model(ids, layout, packed, latents, t)
-        targets = packed.next_token_targets().to(device)
-        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        out = {"lm_loss": lm}
-        total = lm
+        out = next_token_loss(logits, packed, cfg.z_loss_weight)
         if image_out is not None:
             per_image = (image_out - target).pow(2).flatten(1).mean(1)
             keep = ~torch.tensor(is_condition, device=device)
             diff = per_image[keep].mean() if keep.any() else per_image.sum() * 0
             out["diffusion_loss"] = diff
-            total = total + cfg.diffusion_weight * diff
-        if cfg.z_loss_weight:
-            zl = z_loss(logits, cfg.z_loss_weight, mask=targets != -100)
-            out["z_loss"] = zl
-            total = total + zl
-        out["loss"] = total
+            out["loss"] = out["loss"] + cfg.diffusion_weight * diff
         return out
