@@ -80,14 +80,21 @@ class Diffusion:
         """A fresh diffusers scheduler with ``steps`` inference steps set.
 
         Iterate ``for t in s.timesteps`` and call ``s.step(model_out, t, x).prev_sample``.
-        DDIM uses "trailing" spacing so the first step starts from pure noise (t = T - 1),
-        which matters with few steps (Lin et al. 2024, arXiv:2305.08891).
+
+        DDIM uses "leading" spacing with ``steps_offset=1`` (Stable Diffusion's setting), so the
+        first step is t = T - T/steps + 1, not T - 1. With the cosine schedule ᾱ(999) ≈ 2e-9:
+        an ε-prediction there implies x0 = (x_t - √(1-ᾱ) ε̂) / √ᾱ, which multiplies any error
+        in ε̂ by ~2·10⁴, and the first DDIM step carries that into every later one ("trailing"
+        spacing, Lin et al. 2024, arXiv:2305.08891, is only safe with v-prediction). Our tiny
+        models sampled pure texture with "trailing" and clean scenes with "leading"
+        (docs/results.md); ``test_diffusion`` checks that a slightly wrong ε stays harmless.
         """
         steps = steps or self.cfg.sample_steps
         if self.cfg.objective == "ddpm":
             s = DDIMScheduler.from_config(
                 self.ddpm.config,
-                timestep_spacing="trailing",
+                timestep_spacing="leading",
+                steps_offset=1,
                 clip_sample=False,
                 set_alpha_to_one=True,
             )
