@@ -26,7 +26,12 @@ from fusion.image.vae import (
     evaluate_reconstruction,
     measure_latent_scaling,
 )
-from fusion.training.tokenizer_module import AutoencoderModule, check_artifact_dir
+from fusion.training.tokenizer_module import (
+    AutoencoderModule,
+    ImageDataset,
+    check_artifact_dir,
+    warmup_cosine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,6 +238,30 @@ def test_configs_compose_and_typos_fail():
         compose("train_tokenizer", ["tokenizer.autoencoder.block_out_chanels=[8]"])
     cfg = compose("train_tokenizer", ["tokenizer=vae_pretrained", "tokenizer.pretrained=/x"])
     assert cfg.tokenizer.pretrained == "/x"
+
+
+def test_training_crops_stay_on_the_latent_grid():
+    src = ShapesSource(3, size=64)
+    full = to_tensor(src[0].image)
+    torch.manual_seed(0)
+    for _ in range(10):
+        crop = ImageDataset(src, crop=32, align=8)[0]
+        assert crop.shape == (3, 32, 32)
+        hits = [(y, x) for y in range(0, 33, 8) for x in range(0, 33, 8)
+                if torch.equal(full[:, y:y + 32, x:x + 32], crop)]
+        assert hits, "a crop must start on a multiple of 8"
+    assert ImageDataset(src)[0].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="multiple of the downsampling factor 8"):
+        ImageDataset(src, crop=20, align=8)[0]
+
+
+def test_schedule_warms_up_then_follows_the_larger_of_steps_and_time():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    # a wall-clock budget that is 100 % spent ends the cosine whatever the step
+    assert warmup_cosine(20, 10, 100, 0.1, progress=1.0) == pytest.approx(0.1)
 
 
 def test_artifact_guard(tmp_path):

@@ -35,28 +35,15 @@ from fusion.image.schemas import AutoencoderLossConfig
 # Pieces
 # --------------------------------------------------------------------------------------------
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, l1_weight: float = 1.0,
-                        l2_weight: float = 1.0, edge_weight: float = 0.0
-                        ) -> dict[str, torch.Tensor]:
-    """Per-pixel means: ``{"l1", "l2", ["edge"], "rec"}``,
-    ``rec = l1_weight·l1 + l2_weight·l2 + edge_weight·edge``.
+                        l2_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-pixel means: ``{"l1", "l2", "rec"}`` with ``rec = l1_weight·l1 + l2_weight·l2``.
 
     L2 is what PSNR measures; L1 keeps gradients alive on small errors (sharper edges) --
-    LDM's autoencoders train on L1 (+LPIPS), we add L2 for the PSNR target. ``edge`` is the
-    L1 distance between the images' finite differences (a gradient-difference loss, after
-    Mathieu et al. 2016, arXiv:1511.05440): pixel losses barely notice a rounded corner or a
-    star's blunted points, which cover a few pixels; their gradients differ along the whole
-    outline.
+    LDM's autoencoders train on L1 (+LPIPS), we add L2 for the PSNR target.
     """
-    diff = recon - target
-    l1, l2 = diff.abs().mean(), diff.square().mean()
-    out = {"l1": l1, "l2": l2}
-    rec = l1_weight * l1 + l2_weight * l2
-    if edge_weight:
-        out["edge"] = ((diff[..., 1:, :] - diff[..., :-1, :]).abs().mean() +
-                       (diff[..., :, 1:] - diff[..., :, :-1]).abs().mean())
-        rec = rec + edge_weight * out["edge"]
-    out["rec"] = rec
-    return out
+    l1 = (recon - target).abs().mean()
+    l2 = (recon - target).square().mean()
+    return {"l1": l1, "l2": l2, "rec": l1_weight * l1 + l2_weight * l2}
 
 
 class NLayerDiscriminator(nn.Module):
@@ -180,7 +167,7 @@ class AutoencoderLoss(nn.Module):
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total autoencoder loss and its parts (detached, for logging)."""
         c = self.cfg
-        logs = reconstruction_loss(recon, images, c.l1_weight, c.l2_weight, c.edge_weight)
+        logs = reconstruction_loss(recon, images, c.l1_weight, c.l2_weight)
         rec = logs["rec"]
         if self.perceptual is not None:
             logs["perceptual"] = self.perceptual(recon, images).mean()

@@ -36,7 +36,6 @@ class AutoencoderLossConfig:
 
     l1_weight: float = 1.0
     l2_weight: float = 1.0
-    edge_weight: float = 0.0  # L1 between finite differences (sharper outlines)
     kl_weight: float = 1.0e-6
     perceptual_weight: float = 0.0
     perceptual_weights_path: str | None = None  # local LPIPS/VGG weights; never downloaded

@@ -64,9 +64,10 @@ def build_autoencoder(block_out_channels: Iterable[int] = (32, 64, 128, 128),
 
     ``init_posterior_logvar``: start log σ² of q(z|x) at this value (the logvar half of
     ``quant_conv``: zero weights, this bias) instead of ≈0. At σ ≈ 1 the sampled latent is
-    mostly noise until the encoder learns to shrink σ, which costs a CPU-sized budget most of
-    its steps (PSNR stalled near 20 dB after 200 steps in our runs); a KL weight of 1e-6
-    barely pushes σ back up, so this only decides where σ starts.
+    about as much noise as signal (the means start O(1)) until the encoder learns to shrink
+    σ, steps a CPU-sized budget cannot spare; a KL weight of 1e-6 barely pushes σ back up, so
+    this only decides where σ starts. (Not measured in isolation: our runs changed it
+    together with other settings, see docs/tokenizers.md.)
     """
     channels = tuple(int(c) for c in block_out_channels)
     bad = [c for c in channels if c % norm_num_groups]
