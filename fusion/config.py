@@ -30,6 +30,9 @@ class DataConfig:
     """Where documents come from and how they are batched."""
 
     source: str = "shapes"  # shapes | folder
+    # caption: (image, caption) documents, both orders; edit: (source image, instruction,
+    # target image) documents -- ShapesWorld edits, or a folder's edits.jsonl (docs/editing.md)
+    documents: str = "caption"
     root: str | None = None  # folder source: images + captions.jsonl
     val_root: str | None = None  # folder source: held-out folder (default: last val_share)
     val_share: float = 0.05
@@ -40,6 +43,7 @@ class DataConfig:
     num_train: int = 20000  # shapes source: scenes 0 .. num_train-1 train ...
     num_val: int = 512  # ... and the next num_val are held out
     caption_tags: list[str] | None = None  # shapes source: which caption kinds to draw
+    edit_kinds: list[str] | None = None  # shapes edits: recolor/move/add/remove; null = all
     image_first_ratio: float = 0.2  # Transfusion's 80/20 caption->image / image->caption
     batch_size: int = 32
     num_workers: int = 0
@@ -167,6 +171,10 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "outputs/train/${model.family}"
     image_tokenizer: str = "tokenizers/shapes-vae"  # stage-1 artifact folder
+    # Fine-tuning: start from these weights -- a model folder (config.json +
+    # model.safetensors) or a Lightning .ckpt -- instead of a random init. It must match this
+    # run's family, tokenizers and shapes (fusion.training.build.load_init_weights).
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # typed by the family's schema (model/<family>_*.yaml)
     optim: OptimConfig = field(default_factory=OptimConfig)

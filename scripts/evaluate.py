@@ -12,6 +12,10 @@
     python scripts/evaluate.py reconstruction --originals a/ --reconstructions b/
     # ... of a VAE on held-out ShapesWorld scenes, plus reconstruction FID/KID
     python scripts/evaluate.py reconstruction --vae tokenizers/<vae>
+    # edit accuracy per kind + PSNR of a fine-tuned editing model on held-out ShapesWorld edits
+    python scripts/evaluate.py editing --model outputs/train/edit_transfusion_tiny/model
+    python scripts/evaluate.py editing --ground-truth   # the scorer on true targets: 1.0
+    python scripts/evaluate.py editing --tokenizer-ceiling tokenizers/shapes-vae
 
 A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
 config; it reads folders and writes a results file, and Hydra's run-directory handling would
@@ -127,10 +131,51 @@ def cmd_reconstruction(args) -> dict:
     return result
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null") else float(text)
+
+
+def cmd_editing(args) -> dict:
+    from fusion.eval.editing import (
+        EditEvalConfig,
+        evaluate_editing,
+        format_edit_summary,
+        score_reference,
+    )
+
+    if args.ground_truth or args.unedited or args.tokenizer_ceiling:
+        which = ("target" if args.ground_truth else "source" if args.unedited
+                 else "tokenizer")
+        summary = score_reference(which, args.size, args.per_kind, args.start, args.world_seed,
+                                  args.center_tol, image_tokenizer=args.tokenizer_ceiling)
+    else:
+        if not args.model:
+            raise SystemExit("give --model <model folder>, or --ground-truth / --unedited / "
+                             "--tokenizer-ceiling")
+        from fusion.training.build import load_model
+        from fusion.training.samplers import family_sampler
+
+        model, loss, tok, image_tok, meta = load_model(args.model)
+        model.to(args.device), image_tok.to(args.device)
+        cfg = EditEvalConfig(per_kind=args.per_kind, guidance_scale=args.guidance_scale,
+                             image_guidance_scale=args.image_guidance_scale,
+                             diffusion_steps=args.steps, temperature=args.temperature,
+                             top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+                             heldout_start=args.start, center_tol=args.center_tol)
+        summary = evaluate_editing(family_sampler(model, loss, tok, image_tok), tok,
+                                   meta["image_size"], cfg, world_seed=args.world_seed,
+                                   grid_path=args.grid)
+        summary["model"] = str(args.model)
+    print(format_edit_summary(summary))
+    if not args.keep_results:
+        summary.pop("results")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:14]))
+                                     epilog="\n".join(__doc__.splitlines()[1:18]))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", type=Path, help="also write the summary to this JSON file")
     common.add_argument("--device", default="cpu")
@@ -189,6 +234,36 @@ def main(argv: list[str] | None = None) -> dict:
     r.add_argument("--size", type=int, default=64)
     r.add_argument("--no-attributes", action="store_true", help="skip the detector check")
     r.set_defaults(fn=cmd_reconstruction)
+
+    e = sub.add_parser("editing", parents=[common],
+                       help="edit accuracy per kind + PSNR on held-out ShapesWorld edits")
+    e.add_argument("--model", help="a fine-tuned model folder (<output_dir>/model)")
+    ref = e.add_mutually_exclusive_group()
+    ref.add_argument("--ground-truth", action="store_true",
+                     help="score the true targets instead of a model (sanity check)")
+    ref.add_argument("--unedited", action="store_true",
+                     help="score the unedited sources instead of a model (sanity check)")
+    ref.add_argument("--tokenizer-ceiling", metavar="ARTIFACT",
+                     help="score the true targets through this image tokenizer "
+                          "(decode(encode(target))): the best a model using it can reach")
+    e.add_argument("--per-kind", type=int, default=100, help="edits of each kind")
+    e.add_argument("--guidance-scale", type=_optional_float, default=3.0,
+                   help="guidance over the instruction ('none': off)")
+    e.add_argument("--image-guidance-scale", type=_optional_float, default=1.5,
+                   help="guidance over the source image ('none': off)")
+    e.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
+    e.add_argument("--temperature", type=float, default=1.0, help="Chameleon: image codes")
+    e.add_argument("--top-k", type=int, help="Chameleon: image codes")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
+    e.add_argument("--start", type=int, default=1_000_000, help="first held-out scene")
+    e.add_argument("--size", type=int, default=64, help="image size of the sanity checks")
+    e.add_argument("--center-tol", type=float, help="pixels (default: image size / 16)")
+    e.add_argument("--grid", type=Path, help="save source | output | target cells here")
+    e.add_argument("--keep-results", action="store_true",
+                   help="keep the per-edit results in the --json summary")
+    e.set_defaults(fn=cmd_editing)
 
     args = parser.parse_args(argv)
     try:

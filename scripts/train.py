@@ -2,11 +2,15 @@
 
     python scripts/train.py experiment=transfusion_tiny
     python scripts/train.py experiment=transfusion_tiny debug=default   # seconds
+    # image-editing fine-tune from a trained model folder (docs/editing.md)
+    python scripts/train.py experiment=edit_transfusion_tiny \
+        init_from=outputs/train/transfusion_tiny/model
 
 Writes <output_dir>/{checkpoints/, model/ (config.json + model.safetensors), samples/}.
 An interrupted run resumes from <output_dir>/checkpoints/last.ckpt.
 """
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -16,7 +20,14 @@ from omegaconf import DictConfig
 from fusion.config import check_keys, register_configs, resolve_path
 from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
-from fusion.training.build import build_family, load_image_tokenizer, save_model
+from fusion.sampling.edit import make_edit_sampler
+from fusion.training.build import (
+    InitFromError,
+    build_family,
+    init_from_checkpoint,
+    load_image_tokenizer,
+    save_model,
+)
 from fusion.training.callbacks import SampleGrid
 from fusion.training.factory import (
     build_callbacks,
@@ -28,6 +39,7 @@ from fusion.training.fusion_module import FusionModule
 from fusion.training.samplers import make_image_sampler
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -40,17 +52,32 @@ def main(cfg: DictConfig) -> None:
     data = DocumentDataModule(cfg.data, tokenizer)
     image_tokenizer = load_image_tokenizer(cfg.image_tokenizer)
     model, loss = build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)
+    if cfg.init_from:  # fine-tuning: before the module, whose EMA copies the weights
+        try:
+            init_from_checkpoint(model, cfg, tokenizer)
+        except InitFromError as err:  # a configuration mistake: the message, no traceback
+            raise SystemExit(f"error: {err}") from None
+    elif cfg.data.documents == "edit":
+        log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
                           cfg.seed)
-    grid = SampleGrid(make_image_sampler(cfg, tokenizer, image_tokenizer, loss),
-                      cfg.sampling.prompts, out, cfg.sampling.grid_every_n_steps)
+    if cfg.data.documents == "edit":  # grids of held-out edits: source | edited | target
+        held_out = data.held_out(8)
+        grid_sampler = make_edit_sampler(cfg, tokenizer, image_tokenizer, loss, held_out)
+        grid_captions = [r.instruction for r in held_out]
+    else:
+        grid_sampler = make_image_sampler(cfg, tokenizer, image_tokenizer, loss)
+        grid_captions = cfg.sampling.prompts
+    grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
     trainer = build_trainer(cfg.trainer, build_logger(cfg.logger, out), callbacks, out)
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
     save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
-                                           "steps": trainer.global_step})
+                                           "steps": trainer.global_step,
+                                           "documents": cfg.data.documents,
+                                           "init_from": cfg.init_from})
     print(f"saved {out / 'model'}; samples: {grid.last_path}")
 
 

@@ -58,6 +58,11 @@ class Document:
         return [s for s in self.segments if isinstance(s, Text)]
 
     @property
+    def is_edit(self) -> bool:
+        """True when an image is a condition (an editing document's source)."""
+        return any(isinstance(s, Image) and s.is_condition for s in self.segments)
+
+    @property
     def order(self) -> str:
         """``caption_first`` / ``image_first`` / ``interleaved``, for logging and sampling."""
         kinds = ["image" if isinstance(s, Image) else "text" for s in self.segments]
@@ -81,6 +86,30 @@ def edit_document(tokenizer: TextTokenizer, source: torch.Tensor, instruction: s
     return Document((Image(source, is_condition=True),
                      Text(tuple(tokenizer.encode(instruction)), instruction),
                      Image(target)))
+
+
+def drop_edit_conditions(doc: Document, rng: random.Random, rate: float) -> Document:
+    """Condition dropout for an editing document, as InstructPix2Pix trains for its two-scale
+    classifier-free guidance (Brooks et al. 2023, arXiv:2211.09800, sec. 3.4): with
+    probability ``rate`` each, drop the instruction, the source image, or both.
+
+    What is left is exactly what the sampler's guidance streams feed: ``source, target``
+    (image-only stream) and ``target`` alone (the unconditional ``<bos> <boi>`` stream, which
+    text->image pre-training already taught). Documents without a condition image are returned
+    unchanged. One draw from ``rng`` per editing document.
+    """
+    if not doc.is_edit or rate <= 0:
+        return doc
+    if not 0 <= 3 * rate <= 1:
+        raise ValueError(f"edit condition dropout must be in [0, 1/3], got {rate}")
+    u = rng.random()
+    if u >= 3 * rate:
+        return doc
+    drop_text, drop_source = u < 2 * rate, u >= rate
+    keep = [s for s in doc.segments
+            if not (isinstance(s, Text) and drop_text)
+            and not (isinstance(s, Image) and s.is_condition and drop_source)]
+    return Document(tuple(keep))
 
 
 class CaptionDocuments(Dataset):

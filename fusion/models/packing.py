@@ -26,6 +26,13 @@ class ImageSlot:
     n: int  # positions the image occupies (its patch tokens)
 
 
+class Context(list):
+    """Token ids that are model input but never a next-token target: an editing document's
+    instruction when its loss is off, a Chameleon source image's codes (docs/editing.md).
+    A ``list`` subclass, so :func:`pack` places it like any ids; :func:`target_mask` reads it.
+    """
+
+
 Piece = list[int] | ImageSlot
 
 
@@ -117,6 +124,22 @@ def pack(
     return packed
 
 
+def target_mask(documents: list[list[Piece]], packed: Packed) -> torch.Tensor | None:
+    """(B, S) bool, False at positions holding :class:`Context` tokens, which must not be
+    predicted; None when no document has any (every text token is then a target).
+
+    ``packed`` must be ``pack(documents, ...)``: a document's positions are those with its
+    document id, in order."""
+    if not any(isinstance(p, Context) for doc in documents for p in doc):
+        return None
+    mask = torch.ones_like(packed.ids, dtype=torch.bool)
+    for d, doc in enumerate(documents):
+        flags = [not isinstance(p, Context) for p in doc
+                 for _ in range(p.n if isinstance(p, ImageSlot) else len(p))]
+        mask[packed.doc_ids == d] = torch.tensor(flags)
+    return mask
+
+
 def _slot_index(packed: Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat (row, position) indices of every image slot position, image by image: (I·N,)."""
     if len(set(packed.image_sizes)) > 1:
@@ -143,16 +166,20 @@ def gather_images(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     return hidden[rows, cols].view(len(packed.image_sizes), packed.image_sizes[0], -1)
 
 
-def next_token_loss(logits: torch.Tensor, packed: Packed,
-                    z_loss_weight: float = 0.0) -> dict[str, torch.Tensor]:
+def next_token_loss(logits: torch.Tensor, packed: Packed, z_loss_weight: float = 0.0,
+                    predict: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Both families' text loss: next-token cross-entropy on ``packed``'s text targets
     (logits (B, S, V)), plus Chameleon's z-loss (arXiv:2405.09818, sec. 2.3) when weighted.
+    ``predict`` (B, S) bool (:func:`target_mask`) drops the targets whose token is False there.
     Returns ``{"lm_loss", ["z_loss"], "loss"}``; a family adds its own terms to ``loss``."""
     import torch.nn.functional as F
 
     from fusion.models.transformer import z_loss
 
-    targets = packed.next_token_targets().to(logits.device)
+    targets = packed.next_token_targets()
+    if predict is not None:  # position p's target is the token at p + 1
+        targets[:, :-1] = targets[:, :-1].masked_fill(~predict[:, 1:], -100)
+    targets = targets.to(logits.device)
     lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     out = {"lm_loss": lm, "loss": lm}
     if z_loss_weight:

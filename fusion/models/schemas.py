@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 OBJECTIVES = ("ddpm", "flow")
+EDIT_LOSSES = ("target", "all")  # Chameleon editing documents: which tokens are targets
 
 
 @dataclass
@@ -40,6 +41,12 @@ class TransfusionLossConfig:
     clean_image_max_t: int = 500
     z_loss_weight: float = 0.0  # Chameleon's z-loss on the LM logits; off by default here
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Editing documents (source image, instruction, target image; docs/editing.md). The source
+    # always enters clean (t = 0) and is never scored; the target is diffused.
+    instruction_loss: bool = False  # also train next-token prediction of the instruction
+    # InstructPix2Pix condition dropout (arXiv:2211.09800, sec. 3.4): this share each of
+    # no-instruction, no-source and neither, for two-scale guidance at sampling time.
+    edit_condition_dropout: float = 0.05
 
 
 @dataclass
@@ -64,6 +71,12 @@ class ChameleonLossConfig:
     cm3_lambda: float = 1.0  # spans per document ~ Poisson(λ) (metaseq's default)
     caption_dropout: float = 0.1  # for classifier-free guidance
     z_loss_weight: float = 1.0e-5  # Chameleon sec. 2.3
+    # Editing documents (docs/editing.md): "target" = only the target image span
+    # (<boi> codes <eoi>) is predicted, the source codes and instruction are context; "all" =
+    # every token of the document. Editing documents never get CM3 (it would move the source
+    # or target span out of place).
+    edit_loss: str = "target"
+    edit_condition_dropout: float = 0.05  # as TransfusionLossConfig.edit_condition_dropout
 
 
 @dataclass

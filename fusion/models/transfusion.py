@@ -14,6 +14,12 @@ bidirectional inside each image (sec. 3.3). The loss (eq. 4) is
 with L_LM the next-token cross-entropy on text targets only and L_diffusion the MSE of the
 noise (or velocity) prediction on image patches only.
 
+Editing documents ``<bos> <boi> [source] <eoi> instruction <boi> [target] <eoi> <eos>``
+(the paper's image-editing fine-tune; docs/editing.md): the source image enters clean
+(t = 0) and is left out of L_diffusion, the instruction is context unless
+``instruction_loss`` is on, and conditions are dropped InstructPix2Pix-style for two-scale
+guidance.
+
 Shape legend: B = packed rows, S = positions per row, D = d_model, V = vocabulary,
 I = images in the batch, C/h/w = latent channels/grid, N = patch tokens per image.
 """
@@ -26,16 +32,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion.data.documents import Document, Image, Text
+from fusion.data.documents import Document, Image, Text, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
 from fusion.models.diffusion import Diffusion
 from fusion.models.packing import (
+    Context,
     ImageSlot,
     Packed,
     gather_images,
     next_token_loss,
     pack,
     scatter_images,
+    target_mask,
 )
 from fusion.models.patchify import build_patchifier
 from fusion.models.schemas import TransfusionConfig, TransfusionLossConfig
@@ -126,14 +134,18 @@ class TransfusionLoss:
         self.special = special
         self.diffusion = Diffusion(cfg.diffusion)
 
-    def pieces(self, doc: Document, tokens_per_image: int, drop_caption: bool) -> list:
-        """A Document as packing pieces: <bos> ... <boi> [slot] <eoi> ... <eos>."""
+    def pieces(self, doc: Document, tokens_per_image: int, drop_caption: bool,
+               text_targets: bool = True) -> list:
+        """A Document as packing pieces: <bos> ... <boi> [slot] <eoi> ... <eos>.
+
+        ``text_targets=False`` makes the text segments context only (never predicted): an
+        editing document's instruction when ``instruction_loss`` is off."""
         s = self.special
         out: list = [[s.bos]]
         for seg in doc.segments:
             if isinstance(seg, Text):
                 if not drop_caption:
-                    out.append(list(seg.ids))
+                    out.append(list(seg.ids) if text_targets else Context(seg.ids))
             else:
                 out += [[s.boi], ImageSlot(tokens_per_image), [s.eoi]]
         out.append([s.eos])
@@ -151,8 +163,13 @@ class TransfusionLoss:
         cfg, device = self.cfg, model.embed.weight.device
         pieces, images, clean_share_mask, is_condition = [], [], [], []
         for doc in docs:
-            drop = doc.order == "caption_first" and rng.random() < cfg.caption_dropout
-            pieces.append(self.pieces(doc, model.tokens_per_image, drop))
+            edit = doc.is_edit
+            if edit:  # editing documents get InstructPix2Pix dropout instead of caption dropout
+                doc = drop_edit_conditions(doc, rng, cfg.edit_condition_dropout)
+            drop = (not edit and doc.order == "caption_first"
+                    and rng.random() < cfg.caption_dropout)
+            pieces.append(self.pieces(doc, model.tokens_per_image, drop,
+                                      text_targets=not edit or cfg.instruction_loss))
             for seg in doc.segments:
                 if isinstance(seg, Image):
                     images.append(seg.pixels)
@@ -183,7 +200,7 @@ class TransfusionLoss:
             )
             target = self.diffusion.target(x0, noise)
         _, logits, image_out = model(ids, layout, packed, latents, t)
-        out = next_token_loss(logits, packed, cfg.z_loss_weight)
+        out = next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(pieces, packed))
         if image_out is not None:
             per_image = (image_out - target).pow(2).flatten(1).mean(1)
             keep = ~torch.tensor(is_condition, device=device)

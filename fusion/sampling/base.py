@@ -8,11 +8,17 @@ sequence at every step: the reference for tests and the cached-vs-uncached bench
 
 A family's model needs ``embed`` (ids (B, n) -> (B, n, D)), ``transformer`` and ``lm_head``.
 
-Shape legend: B = streams, n = new positions, D = d_model, V = vocabulary.
+Classifier-free guidance stacks G groups of B streams, from the most conditioned to the
+unconditional, and mixes their outputs with :func:`combine_guidance`: one scale for
+text -> image (Ho & Salimans 2022), two for editing (InstructPix2Pix, Brooks et al. 2023).
+
+Shape legend: B = streams (prompts), G = guidance groups, n = new positions, D = d_model,
+V = vocabulary, L = longest prompt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +38,38 @@ class Streams:
     history: list = field(default_factory=list)  # uncached mode: (embeddings, layout) chunks
 
 
+def combine_guidance(out: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """Classifier-free guidance over nested conditions.
+
+    ``out`` (G·B, ...) stacks G = len(scales) + 1 groups of B stream outputs, from the most
+    conditioned (all conditions) to the unconditional; returns (B, ...)
+
+        o_{G-1} + Σ_j s_j · (o_j - o_{j+1}).
+
+    One scale is ordinary CFG, ``o_u + s (o_c - o_u)``. Two are InstructPix2Pix's eq. 3
+    (arXiv:2211.09800) with groups [image + instruction; image; neither] and scales
+    (s_T, s_I): ``o_∅ + s_I (o_I - o_∅) + s_T (o_IT - o_I)``.
+    """
+    groups = len(scales) + 1
+    if out.shape[0] % groups:
+        raise ValueError(f"{out.shape[0]} streams do not split into {groups} guidance groups")
+    o = out.view(groups, out.shape[0] // groups, *out.shape[1:])
+    result = o[-1]
+    for j, s in enumerate(scales):
+        result = result + s * (o[j] - o[j + 1])
+    return result
+
+
+def guidance_scales(guidance_scale: float | None,
+                    image_guidance_scale: float | None = None) -> tuple[float, ...]:
+    """The scales of :func:`combine_guidance` for an instruction scale and an optional
+    source-image scale: () unguided, (s_T,) instruction only, (s_T, s_I) both (s_T = 1 when
+    only the image scale is given)."""
+    if image_guidance_scale is not None:
+        return (1.0 if guidance_scale is None else guidance_scale, image_guidance_scale)
+    return () if guidance_scale is None else (guidance_scale,)
+
+
 class StreamSampler:
     """Start streams from prompts, append positions, decode text. Subclassed per family."""
 
@@ -43,31 +81,59 @@ class StreamSampler:
 
     def _start(self, prompts: list[list[int]]) -> tuple[Streams, torch.Tensor]:
         """Left-pad prompts, run them, return the state and last-position logits (B, V)."""
-        longest = max(len(p) for p in prompts)
-        pad = torch.tensor([longest - len(p) for p in prompts], device=self.device)
-        ids = torch.full((len(prompts), longest), self.special.pad, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p, device=self.device)
+        return self._start_blocks([[p] for p in prompts])
+
+    def _start_blocks(self, prompts: list[list]) -> tuple[Streams, torch.Tensor]:
+        """:meth:`_start` for prompts that mix text and image blocks (editing: a clean source
+        image inside the prompt). Each prompt is a list of pieces: token ids (list[int]) or
+        one image's position embeddings (N, D), bidirectional inside. Image blocks are numbered
+        from 0 in each stream; ``images_so_far`` becomes the most any stream has."""
+        rows, image_rows = [], []
+        for prompt in prompts:
+            xs, img, k = [], [], 0
+            for piece in prompt:
+                if isinstance(piece, torch.Tensor):
+                    xs.append(piece)
+                    img += [k] * piece.shape[0]
+                    k += 1
+                else:
+                    xs.append(self.model.embed(torch.tensor(piece, device=self.device)))
+                    img += [-1] * len(piece)
+            rows.append(torch.cat(xs))
+            image_rows.append(img)
+        longest = max(r.shape[0] for r in rows)
+        pad = torch.tensor([longest - r.shape[0] for r in rows], device=self.device)
+        # Left padding holds <pad>'s embedding (document id -1: never seen by real positions).
+        x = self.model.embed(torch.full((len(rows), longest), self.special.pad,
+                                        device=self.device))
+        image_ids = torch.full((len(rows), longest), -1, device=self.device)
+        for i, (r, img) in enumerate(zip(rows, image_rows, strict=True)):
+            x[i, longest - r.shape[0]:] = r
+            image_ids[i, longest - r.shape[0]:] = torch.tensor(img, device=self.device)
         cache = self.model.transformer.new_cache() if self.use_cache else None
         state = Streams(cache, pad, 0)
-        h = self._run(state, self.model.embed(ids), image=False, commit=True)
+        h = self._run(state, x, image=False, commit=True, image_ids=image_ids)
+        state.images_so_far = int(image_ids.max()) + 1
         return state, self.model.lm_head(h[:, -1])
 
-    def _layout(self, state: Streams, n: int, image: bool) -> AttentionLayout:
+    def _layout(self, state: Streams, n: int, image: bool,
+                image_ids: torch.Tensor | None = None) -> AttentionLayout:
         """Layout of n new positions appended to every stream (``image``: one image block,
-        bidirectional inside)."""
+        bidirectional inside; ``image_ids`` (B, n): per-position image ids instead)."""
         B = len(state.pad)
         idx = torch.arange(state.length, state.length + n, device=self.device)
         real = idx.unsqueeze(0) >= state.pad.unsqueeze(1)  # (B, n): False on left padding
         doc = torch.where(real, 0, -1)
-        img = torch.full((B, n), state.images_so_far if image else -1, device=self.device)
+        img = image_ids if image_ids is not None else torch.full(
+            (B, n), state.images_so_far if image else -1, device=self.device)
         img = torch.where(real, img, -1)
         pos = (idx.unsqueeze(0) - state.pad.unsqueeze(1)).clamp(min=0)
         return AttentionLayout(doc, img, positions=pos)
 
-    def _run(self, state: Streams, x: torch.Tensor, image: bool, commit: bool) -> torch.Tensor:
+    def _run(self, state: Streams, x: torch.Tensor, image: bool, commit: bool,
+             image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """New positions' embeddings (B, n, D) -> hidden (B, n, D); commit appends them."""
-        layout = self._layout(state, x.shape[1], image)
+        layout = self._layout(state, x.shape[1], image, image_ids)
         tf = self.model.transformer
         if self.use_cache:
             h = tf(x, layout, cache=state.cache, commit=commit)

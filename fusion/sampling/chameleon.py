@@ -7,6 +7,11 @@ restricted to the image-code range (a text token can never appear inside an imag
 log-probabilities: log p_u + s · (log p_c - log p_u) (Gafni et al. 2022, Make-A-Scene; used by
 Chameleon). Image -> text decodes after ``<bos> <boi> codes <eoi>`` with image codes excluded.
 
+Editing (docs/editing.md) prompts with the source's codes, ``<bos> <boi> source codes <eoi>
+instruction <boi>``, and draws the target's codes with InstructPix2Pix's two-scale guidance
+(arXiv:2211.09800, eq. 3) on log-probabilities: streams [source + instruction; source;
+neither].
+
 Shape legend: B = prompts, h/w = code grid, V = vocabulary.
 """
 
@@ -17,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fusion.models.chameleon import Chameleon
 from fusion.models.transfusion import SpecialIds
-from fusion.sampling.base import StreamSampler
+from fusion.sampling.base import StreamSampler, combine_guidance, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
 
 
@@ -40,12 +45,40 @@ class ChameleonSampler(StreamSampler):
         """Prompt ids -> images (B, 3, H, W), or codes (B, h, w) without a decoder.
 
         ``steps`` is accepted for a family-agnostic call and ignored (one step per code)."""
-        s, m = self.special, self.model
-        sampling = sampling or self.image_sampling
-        B = len(prompts)
+        s = self.special
+        scales = guidance_scales(guidance_scale)
         streams = [[s.bos, *p, s.boi] for p in prompts]
-        if guidance_scale is not None:
-            streams += [[s.bos, s.boi]] * B
+        if scales:
+            streams += [[s.bos, s.boi]] * len(prompts)
+        return self._image(streams, len(prompts), scales, seed, progress, sampling)
+
+    @torch.no_grad()
+    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
+             guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
+             steps: int | None = None, seed: int = 0, progress: bool = False,
+             sampling: TokenSampling | None = None) -> torch.Tensor:
+        """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
+
+        ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
+        source image (None: that stream is left out). ``steps`` is ignored."""
+        s, m = self.special, self.model
+        codes = (self.encode_images(sources.to(self.device)).flatten(1) + m.text_vocab).tolist()
+        scales = guidance_scales(guidance_scale, image_guidance_scale)
+        streams = [[s.bos, s.boi, *c, s.eoi, *p, s.boi]
+                   for c, p in zip(codes, instructions, strict=True)]
+        if scales:
+            streams += [[s.bos, s.boi, *c, s.eoi, s.boi] for c in codes]
+        if len(scales) == 2:
+            streams += [[s.bos, s.boi]] * len(codes)
+        return self._image(streams, len(codes), scales, seed, progress, sampling)
+
+    def _image(self, streams: list[list[int]], batch: int, scales: tuple[float, ...],
+               seed: int, progress: bool, sampling: TokenSampling | None) -> torch.Tensor:
+        """Draw h·w image codes after each stream (all ending in <boi>), guided over the
+        len(scales) + 1 stream groups; force <eoi>. Returns decoded images (batch, 3, H, W)
+        or codes (batch, h, w)."""
+        m = self.model
+        sampling = sampling or self.image_sampling
         state, logits = self._start(streams)
         allowed = m.image_token_mask(self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -53,17 +86,15 @@ class ChameleonSampler(StreamSampler):
         codes = []
         for _ in tqdm(range(h * w), desc="image codes", disable=not progress, leave=False):
             logp = logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
-            if guidance_scale is not None:
-                cond, uncond = logp[:B], logp[B:]
-                # -inf - -inf is nan outside the image range; keep those at -inf
-                logp = torch.where(allowed, uncond + guidance_scale * (cond - uncond),
-                                   float("-inf"))
-            tok = sample_token(logp, sampling, allowed, g)  # (B,)
+            # -inf - -inf is nan outside the image range; keep those at -inf
+            logp = torch.where(allowed, combine_guidance(logp, scales), float("-inf"))
+            tok = sample_token(logp, sampling, allowed, g)  # (batch,)
             codes.append(tok)
-            step = tok.repeat(len(streams) // B)
+            step = tok.repeat(len(streams) // batch)
             logits = self._append_tokens(state, step.unsqueeze(1))
-        self._append_tokens(state, torch.full((len(streams), 1), s.eoi, device=self.device))
-        grid = (torch.stack(codes, 1) - m.text_vocab).view(B, h, w)
+        self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,
+                                              device=self.device))
+        grid = (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)
         return self.decode_codes(grid) if self.decode_codes else grid
 
     @torch.no_grad()

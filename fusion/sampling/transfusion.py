@@ -7,9 +7,14 @@ per step (Transfusion, arXiv:2408.11039, sec. 3). Classifier-free guidance batch
 conditional and unconditional streams together. The final clean block (t = 0) is committed
 once, then <eoi> and decoding continue. Captioning feeds the clean image (t = 0).
 
+Editing (docs/editing.md) puts the clean source image (t = 0) in the prompt,
+``<bos> <boi> [source] <eoi> instruction <boi>``, and denoises the target against it with
+InstructPix2Pix's two-scale guidance (arXiv:2211.09800, eq. 3): streams [source +
+instruction; source; neither], the last being text->image's unconditional ``<bos> <boi>``.
+
 Streams, padding and text decoding: fusion.sampling.base.
 
-Shape legend: B = streams (2B with guidance), P = prefix length, N = image tokens,
+Shape legend: B = streams (G·B with G guidance groups), P = prefix length, N = image tokens,
 C/h/w = latent channels/grid, V = vocabulary.
 """
 
@@ -20,7 +25,7 @@ from tqdm.auto import tqdm
 
 from fusion.models.diffusion import Diffusion
 from fusion.models.transfusion import SpecialIds, Transfusion
-from fusion.sampling.base import Streams, StreamSampler
+from fusion.sampling.base import Streams, StreamSampler, combine_guidance, guidance_scales
 from fusion.sampling.text import TokenSampling
 
 
@@ -41,10 +46,11 @@ class TransfusionSampler(StreamSampler):
         self.diffusion = diffusion
         self.decode_latents, self.encode_images = decode_latents, encode_images
 
-    def _denoise(self, state: Streams, batch: int, guidance_scale: float | None, steps: int,
+    def _denoise(self, state: Streams, batch: int, scales: tuple[float, ...], steps: int,
                  generator: torch.Generator | None, progress: bool) -> torch.Tensor:
-        """Diffuse one image block for each of ``batch`` prompts; streams are [cond; uncond]
-        when guided. Commits the clean block. Returns clean latents (batch, C, h, w)."""
+        """Diffuse one image block for each of ``batch`` prompts; streams are the
+        len(scales) + 1 guidance groups (:func:`combine_guidance`). Commits the clean block.
+        Returns clean latents (batch, C, h, w)."""
         m, cfg = self.model, self.model.cfg
         streams = len(state.pad)
         shape = (batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
@@ -55,10 +61,7 @@ class TransfusionSampler(StreamSampler):
             xin = x.repeat(streams // batch, 1, 1, 1)
             tokens, skips = m.patchifier.patchify(xin, tt)
             h = self._run(state, tokens, image=True, commit=False)
-            out = m.patchifier.unpatchify(h, tt, skips)
-            if guidance_scale is not None:
-                cond, uncond = out[:batch], out[batch:]
-                out = uncond + guidance_scale * (cond - uncond)
+            out = combine_guidance(m.patchifier.unpatchify(h, tt, skips), scales)
             x = sampler.step(out, t, x).prev_sample
         # Commit the clean image (t = 0) once, as the context for whatever follows.
         t0 = torch.zeros(streams, device=self.device)
@@ -82,9 +85,36 @@ class TransfusionSampler(StreamSampler):
             streams += [[s.bos, s.boi]] * len(prompts)
         state, _ = self._start(streams)
         g = torch.Generator(device=self.device).manual_seed(seed)
-        latents = self._denoise(state, len(prompts), guidance_scale,
+        latents = self._denoise(state, len(prompts), guidance_scales(guidance_scale),
                                 steps or self.diffusion.cfg.sample_steps, g, progress)
         return self.decode_latents(latents) if self.decode_latents else latents
+
+    @torch.no_grad()
+    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
+             guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
+             steps: int | None = None, seed: int = 0, progress: bool = False,
+             sampling=None) -> torch.Tensor:
+        """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
+
+        ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
+        source image (None: that stream is left out; 1.0 is the same as None).
+        ``sampling`` is accepted for a family-agnostic call and ignored."""
+        s, m = self.special, self.model
+        B = len(instructions)
+        latents = self.encode_images(sources.to(self.device))  # (B, C, h, w)
+        src = m.patchifier.patchify(latents, torch.zeros(B, device=self.device))[0]  # (B, N, D)
+        scales = guidance_scales(guidance_scale, image_guidance_scale)
+        streams = [[[s.bos, s.boi], src[i], [s.eoi, *p, s.boi]]
+                   for i, p in enumerate(instructions)]
+        if scales:
+            streams += [[[s.bos, s.boi], src[i], [s.eoi, s.boi]] for i in range(B)]
+        if len(scales) == 2:
+            streams += [[[s.bos, s.boi]]] * B
+        state, _ = self._start_blocks(streams)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        out = self._denoise(state, B, scales, steps or self.diffusion.cfg.sample_steps, g,
+                            progress)
+        return self.decode_latents(out) if self.decode_latents else out
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,

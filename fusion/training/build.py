@@ -1,9 +1,13 @@
-"""Config -> (model, loss, frozen image tokenizer) for each family. Scripts call this."""
+"""Config -> (model, loss, frozen image tokenizer) for each family; saving, loading and
+fine-tuning initialisation (``init_from``) of family models. Scripts call this."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,20 +76,51 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
     raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
 
 
+def text_vocabulary(tokenizer: TextTokenizer) -> list[str]:
+    """The tokenizer's tokens in id order: what "the same text vocabulary" means here."""
+    return [tokenizer.decode([i], skip_special=False) for i in range(tokenizer.vocab_size)]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def text_tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
+    return _sha256(json.dumps(text_vocabulary(tokenizer)).encode())
+
+
+def image_tokenizer_fingerprint(path) -> str | None:
+    """sha256 over a stage-1 artifact's files (config and weights, not its card), or None when
+    it is not on disk. Two copies of one artifact agree; a retrained one does not."""
+    path = resolve_path(path)
+    if path.is_file():
+        return _sha256(path.read_bytes())
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix != ".md"):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
-    """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle)."""
-    import json
-    from pathlib import Path
+    """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
 
+    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks."""
     from safetensors.torch import save_model as save_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(
         model_cfg, DictConfig) else dataclasses.asdict(model_cfg)
+    tok = TextTokenizer.from_file(resolve_path(tokenizer_path))
     meta = {"model": cfg, "vocab_size": model.vocab_size, "text_tokenizer": tokenizer_path,
-            "image_tokenizer": image_tokenizer_path, **(extra or {})}
+            "image_tokenizer": image_tokenizer_path,
+            "text_tokenizer_sha256": text_tokenizer_fingerprint(tok),
+            "image_tokenizer_sha256": image_tokenizer_fingerprint(image_tokenizer_path),
+            **(extra or {})}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     save_safetensors(model, str(out / "model.safetensors"))
     return out
@@ -93,9 +128,6 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
 
 def load_model(path):
     """Inverse of :func:`save_model` -> (model, loss, text tokenizer, image tokenizer, meta)."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_model as load_safetensors
 
     folder = Path(path)
@@ -116,3 +148,206 @@ def load_model(path):
     except Exception as err:  # safetensors raises several types for corrupt/mismatched files
         raise ValueError(f"{weights} does not match the model in {cfg_file}: {err}") from err
     return model, loss, tokenizer, image_tokenizer, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning: init_from
+# --------------------------------------------------------------------------------------------
+class InitFromError(ValueError):
+    """``init_from`` weights do not fit the run; the message lists every difference found."""
+
+
+def read_init_weights(path) -> tuple[dict, dict | None]:
+    """(state dict, the saved ``config.json`` or None) from a model folder, a
+    ``model.safetensors`` file, or a Lightning ``.ckpt`` (its EMA weights when it has them,
+    like the saved model folder).
+
+    Nothing is unpickled (DESIGN.md, principle 9): safetensors, or ``torch.load`` with
+    ``weights_only=True``. A ``.ckpt`` is matched with ``<run>/model/config.json`` when
+    that exists next to its ``<run>/checkpoints/`` folder."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = resolve_path(path)
+
+    def weights_at(file: Path) -> dict:
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise InitFromError(f"init_from={path}: {file} is corrupt or not a safetensors "
+                                f"file ({err})") from err
+
+    def meta_at(cfg_file: Path) -> dict | None:
+        if not cfg_file.is_file():
+            return None
+        try:
+            return json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as err:
+            raise InitFromError(f"init_from={path}: {cfg_file} is not valid JSON: {err}") from err
+
+    if p.is_dir():
+        weights = p / "model.safetensors"
+        if not weights.is_file() or not (p / "config.json").is_file():
+            raise InitFromError(f"init_from={path}: a model folder needs config.json and "
+                                "model.safetensors (what scripts/train.py writes to "
+                                "<output_dir>/model)")
+        return weights_at(weights), meta_at(p / "config.json")
+    if not p.is_file():
+        raise InitFromError(f"init_from={path}: no such file or folder")
+    if p.suffix == ".safetensors":
+        return weights_at(p), meta_at(p.parent / "config.json")
+    if p.suffix == ".ckpt":
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle refuses non-tensor objects under weights_only
+            raise InitFromError(f"init_from={path}: not a loadable Lightning checkpoint with "
+                                f"weights_only=True: {err}") from err
+        sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict):
+            raise InitFromError(f"init_from={path}: no 'state_dict' in this checkpoint")
+        prefix = "ema.module." if any(k.startswith("ema.module.") for k in sd) else "model."
+        state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        return state, meta_at(p.parent.parent / "model" / "config.json")
+    raise InitFromError(f"init_from={path}: expected a model folder (config.json + "
+                        "model.safetensors), a .safetensors file or a Lightning .ckpt")
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    i = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return f"first at id {i}: {a[i]!r} vs {b[i]!r}"
+
+
+def _text_differences(meta: dict, tokenizer: TextTokenizer, run_path: str) -> list[str]:
+    saved_path = meta.get("text_tokenizer")
+    fix = f"set data.text_tokenizer={saved_path}" if saved_path else "use the same text tokenizer"
+    ours = text_vocabulary(tokenizer)
+    saved = None
+    if saved_path and resolve_path(saved_path).exists():
+        saved = text_vocabulary(TextTokenizer.from_file(resolve_path(saved_path)))
+    elif meta.get("text_tokenizer_sha256"):
+        if meta["text_tokenizer_sha256"] == text_tokenizer_fingerprint(tokenizer):
+            return []
+        return [f"text tokenizer: the checkpoint's ({saved_path}, no longer on disk) has "
+                f"different tokens from this run's ({run_path}); {fix}"]
+    if saved is None:
+        log.warning("init_from: cannot compare text tokenizers (%s is not on disk); checking "
+                    "vocabulary size only", saved_path)
+        return []
+    if len(saved) != len(ours):
+        return [f"text vocabulary: the checkpoint's tokenizer ({saved_path}) has {len(saved)} "
+                f"tokens, this run's ({run_path}) has {len(ours)}; {fix}"]
+    if saved != ours:
+        return [f"text tokenizer: same size ({len(ours)}) but different tokens "
+                f"({_first_difference(saved, ours)}) between {saved_path} and {run_path}; {fix}"]
+    return []
+
+
+def _image_differences(meta: dict, run_path: str, image_size: int) -> list[str]:
+    out = []
+    saved_path = meta.get("image_tokenizer")
+    if saved_path and resolve_path(saved_path).resolve() != resolve_path(run_path).resolve():
+        saved = meta.get("image_tokenizer_sha256") or image_tokenizer_fingerprint(saved_path)
+        ours = image_tokenizer_fingerprint(run_path)
+        if saved is None:
+            log.warning("init_from: cannot compare image tokenizers (%s is not on disk)",
+                        saved_path)
+        elif saved != ours:
+            out.append(f"image tokenizer: the checkpoint was trained with {saved_path}, this "
+                       f"run uses {run_path} (different files); set image_tokenizer={saved_path}")
+    if meta.get("image_size") not in (None, image_size):
+        out.append(f"image size: the checkpoint was trained at {meta['image_size']} px, this "
+                   f"run uses data.image_size={image_size}")
+    return out
+
+
+def _weight_differences(model, state: dict) -> list[str]:
+    own = model.state_dict()
+    # Tied weights are stored once (safetensors drops duplicates): a key missing from the file
+    # is fine when a tensor it shares storage with is there.
+    aliases: dict[int, list[str]] = {}
+    for k, v in own.items():
+        aliases.setdefault(v.data_ptr(), []).append(k)
+    missing = [k for k, v in own.items()
+               if k not in state and not any(a in state for a in aliases[v.data_ptr()])]
+    unexpected = [k for k in state if k not in own]
+    differ = [k for k in own if k in state and state[k].shape != own[k].shape]
+    out = []
+    vocab = ("embed.weight", "lm_head.weight")
+    if "embed.weight" in differ and state["embed.weight"].shape[0] != own["embed.weight"].shape[0]:
+        # Chameleon's vocabulary is the text vocabulary + the VQ-GAN's codebook
+        out.append(f"vocabulary size: the checkpoint has {state['embed.weight'].shape[0]} ids, "
+                   f"this model {own['embed.weight'].shape[0]}")
+        differ = [k for k in differ if k not in vocab]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, this model {tuple(own[k].shape)}"
+              for k in differ]
+    if shapes:
+        out.append(f"weight shapes: {len(shapes)} tensor(s) differ (" + "; ".join(shapes[:4])
+                   + (" ..." if len(shapes) > 4 else "") + ")")
+    if missing:
+        out.append(f"{len(missing)} weight(s) missing from the checkpoint (e.g. {missing[:3]})")
+    if unexpected:
+        out.append(f"{len(unexpected)} weight(s) in the checkpoint that this model lacks "
+                   f"(e.g. {unexpected[:3]})")
+    return out
+
+
+def _arch_differences(saved: dict, ours: dict, where: str = "model.arch.") -> list[str]:
+    """Config values that differ, as ``key: checkpoint X, this run Y`` (unset = default)."""
+    out = []
+    for k in sorted(set(saved) | set(ours)):
+        a, b = saved.get(k), ours.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _arch_differences(a, b, f"{where}{k}.")
+        elif a != b:
+            show = [repr(v) if k in d else "unset" for v, d in ((a, saved), (b, ours))]
+            out.append(f"{where}{k}: checkpoint {show[0]}, this run {show[1]}")
+    return out
+
+
+def init_from_checkpoint(model, cfg, tokenizer: TextTokenizer) -> dict:
+    """Load ``cfg.init_from`` into ``model`` (a fresh ``build_family`` model of run ``cfg``)
+    for fine-tuning; returns the checkpoint's saved config (``{}`` when it has none).
+
+    Before touching the weights, checks that the checkpoint fits this run -- same family, same
+    text tokenizer and vocabulary, same image tokenizer and image size, same weight names and
+    shapes -- and raises :class:`InitFromError` listing everything that differs and how to
+    fix it (a checkpoint from the other family, or trained with another tokenizer, would
+    otherwise load garbage or fail deep inside torch)."""
+    path = cfg.init_from
+    state, meta = read_init_weights(path)
+    family = cfg.model.family
+    diffs = []
+    if meta is not None:
+        saved_family = (meta.get("model") or {}).get("family")
+        if saved_family != family:
+            diffs.append(f"family: the checkpoint is a {saved_family!r} model, this run "
+                         f"trains {family!r} (pick the matching experiment, e.g. "
+                         f"experiment=edit_{saved_family}_tiny)")
+        diffs += _text_differences(meta, tokenizer, cfg.data.text_tokenizer)
+        diffs += _image_differences(meta, cfg.image_tokenizer, cfg.data.image_size)
+    else:
+        log.warning("init_from=%s has no config.json beside it: checking family and weight "
+                    "shapes only", path)
+        saved_family = "transfusion" if any(k.startswith("patchifier.") for k in state) \
+            else "chameleon"
+        if saved_family != family:
+            diffs.append(f"family: the checkpoint's weights are a {saved_family!r} model's, "
+                         f"this run trains {family!r}")
+    if saved_family == family:  # the other family's weights differ everywhere: say it once
+        weights = _weight_differences(model, state)
+        if weights and meta is not None:
+            ours = OmegaConf.to_container(cfg.model.arch, resolve=True)
+            weights += _arch_differences((meta.get("model") or {}).get("arch") or {}, ours)
+        diffs += weights
+    if diffs:
+        raise InitFromError(f"init_from={path} does not fit this run:\n  - "
+                            + "\n  - ".join(diffs))
+    saved_loss = ((meta or {}).get("model") or {}).get("loss") or {}
+    if "diffusion" in saved_loss:  # another objective (ddpm -> flow) loads but starts over
+        ours = OmegaConf.to_container(cfg.model.loss.diffusion, resolve=True)
+        for d in _arch_differences(saved_loss["diffusion"], ours, "model.loss.diffusion."):
+            log.warning("init_from: %s", d)
+    model.load_state_dict(state, strict=False)  # completeness was checked above
+    log.info("initialised %s weights from %s", family, path)
+    return meta or {}
