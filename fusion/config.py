@@ -135,8 +135,10 @@ class DemoConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW + linear warm-up + cosine decay (fusion.training.fusion_module)."""
+class AdamWConfig:
+    """AdamW + linear warm-up + cosine decay: the optimiser of both training stages. Each
+    stage's schema extends it with what only that stage uses, and its own defaults
+    (:class:`OptimConfig` here; fusion.image.schemas.TokenizerOptimConfig for stage 1)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -144,6 +146,13 @@ class OptimConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class OptimConfig(AdamWConfig):
+    """Stage 2 (fusion.training.fusion_module). Lightning optimises automatically here, so
+    gradient clipping is ``trainer.gradient_clip_val``."""
+
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
 
 

@@ -98,3 +98,29 @@ def test_tiny_model_overfits_one_batch():
     # 4 docs share <bos> <boi>, so the floor is the entropy of their first codes / targets.
     assert out["lm_loss"].item() < 0.2, out["lm_loss"]
     assert "z_loss" in out and out["z_loss"].item() > 0
+
+
+def test_configured_top_k_reaches_the_image_codes(monkeypatch):
+    """sampling.top_k (chameleon_tiny.yaml sets it) reaches the code sampler through the grid's
+    make_image_sampler: top_k=1 leaves one candidate per code, so the images are the greedy
+    ones whatever the seed, while the default settings (full softmax) depend on the seed."""
+    from types import SimpleNamespace
+
+    import fusion.training.samplers as samplers
+    from fusion.config import SamplingConfig
+
+    model, _ = make()
+    monkeypatch.setattr(samplers, "family_sampler",
+                        lambda *a, **k: ChameleonSampler(model, SPECIAL, (2, 2)))
+    tok = SimpleNamespace(encode=lambda text: [14 + len(text) % 20, 15])
+    prompts = ["a red circle", "two blue squares"]
+
+    def images(**sampling):
+        cfg = SimpleNamespace(sampling=SamplingConfig(guidance_scale=2.0, **sampling))
+        return samplers.make_image_sampler(cfg, tok, None, None)(model)(prompts)
+
+    top1 = [images(top_k=1, seed=seed) for seed in range(4)]
+    assert all(torch.equal(top1[0], x) for x in top1[1:])
+    assert torch.equal(top1[0], images(temperature=0.0))
+    full = [images(seed=seed) for seed in range(4)]
+    assert any(not torch.equal(full[0], x) for x in full[1:])

@@ -79,3 +79,47 @@ def test_trainer_builds_from_config(tmp_path):
     cfg = compose("demo", ["debug=default"])
     trainer = build_trainer(cfg.trainer, logger=False, callbacks=[], default_root_dir=tmp_path)
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # lightning vs torch 2.13 (factory.py)
+def test_logger_none_with_lr_monitor_trains(tmp_path, caplog):
+    """logger=none + callbacks.lr_monitor=true: the monitor (which needs a logger) is left
+    out with a log line instead of failing at fit start."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from fusion.training.factory import build_callbacks
+
+    cfg = compose("demo", ["debug=default", "logger=none", "callbacks.lr_monitor=true",
+                           "callbacks.progress_bar=none", "trainer.max_steps=1"])
+    logger = build_logger(cfg.logger, tmp_path)
+    callbacks = build_callbacks(cfg.callbacks, tmp_path / "checkpoints")
+    assert any(isinstance(c, LearningRateMonitor) for c in callbacks)
+    with caplog.at_level("INFO", logger="fusion.training.factory"):
+        trainer = build_trainer(cfg.trainer, logger, callbacks, default_root_dir=tmp_path)
+    assert "learning-rate monitor is left out" in caplog.text
+    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+    trainer.fit(BoringModel())  # raised MisconfigurationException before the fix
+    assert trainer.global_step == 1
+
+
+def test_both_stages_share_one_optimiser_schema_with_their_own_defaults():
+    """fusion.config.AdamWConfig is the optimiser of both stages; the YAML keys are unchanged
+    and each stage keeps its defaults (stage 1: beta2 0.99, no decay; stage 2: 0.95, 0.1)."""
+    from fusion.config import AdamWConfig, OptimConfig
+    from fusion.image.schemas import TokenizerOptimConfig
+
+    assert issubclass(OptimConfig, AdamWConfig) and issubclass(TokenizerOptimConfig, AdamWConfig)
+    vq = compose("train_tokenizer", ["tokenizer=vqgan_tiny"]).tokenizer.optim
+    assert OmegaConf.to_container(vq) == dict(
+        lr=2.0e-3, weight_decay=0.0, beta1=0.9, beta2=0.99, warmup_steps=50, min_lr_ratio=0.05,
+        grad_clip=1.0, time_budget_s=840.0)
+    vae = compose("train_tokenizer", ["tokenizer=vae_tiny"]).tokenizer.optim
+    assert (vae.lr, vae.warmup_steps, vae.min_lr_ratio, vae.time_budget_s) == (
+        1.0e-3, 50, 0.05, None)
+    fam = compose("train", ["experiment=chameleon_tiny"]).optim
+    assert OmegaConf.to_container(fam) == dict(
+        lr=1.0e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, warmup_steps=200, min_lr_ratio=0.1,
+        ema_decay=None)
+    with pytest.raises(ConfigCompositionException):  # stage 2 clips through the Trainer
+        compose("train", ["experiment=chameleon_tiny", "optim.grad_clip=1.0"])

@@ -164,3 +164,15 @@ def test_diffusion_schedule_matches_the_paper():
     d = Diffusion()
     assert d.T == 1000 and d.cfg.objective == "ddpm"
     assert TransfusionLossConfig().diffusion_weight == 5.0
+
+
+def test_token_sampling_is_accepted_and_ignored_for_images():
+    """A family-agnostic caller passes Chameleon's code sampling; diffusion has no tokens."""
+    from fusion.sampling.text import TokenSampling
+
+    model, loss = make_model()
+    s = TransfusionSampler(model, SPECIAL, loss.diffusion)
+    plain = s.generate_images([[7, 8, 9]], guidance_scale=2.0, steps=2, seed=1)
+    given = s.generate_images([[7, 8, 9]], guidance_scale=2.0, steps=2, seed=1,
+                              sampling=TokenSampling(0.5, top_k=1))
+    assert torch.equal(plain, given)

@@ -18,7 +18,7 @@ from fusion.image.losses import (
     adaptive_weight,
     hinge_d_loss,
 )
-from fusion.image.schemas import AutoencoderLossConfig, OptimConfig
+from fusion.image.schemas import AutoencoderLossConfig, TokenizerOptimConfig
 from fusion.image.vae import (
     TokenizerLoadError,
     VAETokenizer,
@@ -210,8 +210,9 @@ def test_module_trains_with_the_gan_on(tmp_path):
 
     tok = tiny().train()
     loss = AutoencoderLossConfig(disc_weight=0.5, disc_start=1, disc_channels=8, disc_layers=2)
-    module = AutoencoderModule(tok, loss, OptimConfig(warmup_steps=1), image_log_every=2,
-                               image_dir=tmp_path / "images", metrics_every=1)
+    module = AutoencoderModule(tok, loss, TokenizerOptimConfig(warmup_steps=1),
+                               image_log_every=2, image_dir=tmp_path / "images",
+                               metrics_every=1)
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu")

@@ -17,7 +17,11 @@ from fusion.data.images import to_tensor
 from fusion.data.sources import ShapesSource
 from fusion.image.artifacts import TokenizerLoadError
 from fusion.image.losses import AutoencoderLoss, adaptive_weight
-from fusion.image.schemas import AutoencoderLossConfig, OptimConfig, VQGANTokenizerConfig
+from fusion.image.schemas import (
+    AutoencoderLossConfig,
+    TokenizerOptimConfig,
+    VQGANTokenizerConfig,
+)
 from fusion.image.vqgan import (
     VQTokenizer,
     build_vqgan_tokenizer,
@@ -252,8 +256,8 @@ def test_module_starts_the_discriminator_at_its_step_and_logs_codebook_usage():
 
     tok, watch = tiny("vq"), Watch()
     loss = AutoencoderLossConfig(disc_weight=0.5, disc_start=2, disc_channels=8, disc_layers=2)
-    module = AutoencoderModule(tok, loss, OptimConfig(warmup_steps=1), image_log_every=0,
-                               metrics_every=1)
+    module = AutoencoderModule(tok, loss, TokenizerOptimConfig(warmup_steps=1),
+                               image_log_every=0, metrics_every=1)
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", callbacks=[watch])

@@ -8,7 +8,8 @@
   ``fusion.eval.captioning.score_captions`` (``single_object_accuracy`` = right class and
   colour for one-object images).
 
-Works for any family whose sampler has ``generate_images`` and ``caption``.
+Works for any family whose sampler has ``generate_images`` (taking a ``sampling``
+TokenSampling, which only token-based families use) and ``caption``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.data.prompts import shapes_prompt_set
 from fusion.data.shapes import TAGS, ShapesWorld
+from fusion.sampling.text import TokenSampling
 
 
 @dataclass
@@ -32,6 +34,11 @@ class ModelEvalConfig:
     caption_images: int = 200  # image -> text: held-out single-object scenes
     guidance_scale: float | None = 3.0
     diffusion_steps: int = 25
+    # Chameleon's image codes (fusion.sampling.text.TokenSampling; Transfusion ignores them).
+    # Captions are always greedy.
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     batch_size: int = 64
     seed: int = 0
     heldout_start: int = 1_000_000  # scenes from here on are never trained on by default
@@ -55,6 +62,7 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
     from fusion.eval.geneval import score_geneval
 
     cfg = cfg or ModelEvalConfig()
+    token_sampling = TokenSampling.from_config(cfg)
     world = ShapesWorld(seed=world_seed, size=image_size)
     prompts = shapes_prompt_set(world, start=cfg.heldout_start)
     by_tag = {t: [p for p in prompts if p.tag == t] for t in TAGS}
@@ -73,7 +81,8 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
     for b, chunk in enumerate(_chunks(jobs, cfg.batch_size)):
         pixels = sampler.generate_images([tokenizer.encode(t) for _, t in chunk],
                                          guidance_scale=cfg.guidance_scale,
-                                         steps=cfg.diffusion_steps, seed=cfg.seed + b)
+                                         steps=cfg.diffusion_steps, seed=cfg.seed + b,
+                                         sampling=token_sampling)
         for (i, _), img in zip(chunk, to_uint8(pixels), strict=True):
             images[i].append(img)
             generated.append(img)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fusion.config import AdamWConfig
+
 
 @dataclass
 class AutoencoderKLConfig:
@@ -48,12 +50,14 @@ class AutoencoderLossConfig:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1.0e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+class TokenizerOptimConfig(AdamWConfig):
+    """Stage 1 (fusion.training.tokenizer_module): the shared AdamW + cosine schema with the
+    autoencoders' defaults (no weight decay, beta2 0.99, cosine to 5 %), plus clipping and a
+    wall-clock budget."""
+
     weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    beta2: float = 0.99
+    min_lr_ratio: float = 0.05
     grad_clip: float | None = 1.0  # manual optimisation: the module clips, not the Trainer
     # Wall-clock budget (s) for training on a shared machine: the cosine reaches its end at
     # whichever comes first, trainer.max_steps or this, and training stops there. null: steps
@@ -88,7 +92,7 @@ class VAETokenizerConfig:
     overwrite: bool = False  # refuse to replace an existing artifact unless asked
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,4 +185,4 @@ class VQGANTokenizerConfig:
     autoencoder: VQAutoencoderConfig = field(default_factory=VQAutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)

@@ -44,7 +44,8 @@ class ChameleonSampler(StreamSampler):
                         sampling: TokenSampling | None = None) -> torch.Tensor:
         """Prompt ids -> images (B, 3, H, W), or codes (B, h, w) without a decoder.
 
-        ``steps`` is accepted for a family-agnostic call and ignored (one step per code)."""
+        ``sampling`` draws the codes (None: the sampler's ``image_sampling``); ``steps`` is
+        accepted for a family-agnostic call and ignored (one step per code)."""
         s = self.special
         scales = guidance_scales(guidance_scale)
         streams = [[s.bos, *p, s.boi] for p in prompts]

@@ -61,7 +61,7 @@ def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
                 seed_offset: int = 0) -> np.ndarray:
     """Sources (N, 3, H, W) + instructions -> edited uint8 (N, H, W, 3), in batches."""
     s = sampling
-    token_sampling = TokenSampling(s.temperature, s.top_k, s.top_p)
+    token_sampling = TokenSampling.from_config(s)
     out = []
     for b, start in enumerate(range(0, len(instructions), batch_size)):
         chunk = instructions[start:start + batch_size]
@@ -93,8 +93,7 @@ def make_edit_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss, reco
             s = cfg.sampling
             edited = sampler.edit(sources, [tokenizer.encode(t) for t in instructions],
                                   guidance_scale=s.guidance_scale, steps=s.diffusion_steps,
-                                  seed=s.seed, sampling=TokenSampling(s.temperature, s.top_k,
-                                                                      s.top_p))
+                                  seed=s.seed, sampling=TokenSampling.from_config(s))
             return torch.cat([sources.to(edited.device), edited.float(),
                               targets.to(edited.device)], dim=-1)
         return generate

@@ -51,7 +51,7 @@ def run_sampling(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = cfg.sampling
-    token_sampling = TokenSampling(s.temperature, s.top_k, s.top_p)
+    token_sampling = TokenSampling.from_config(s)
     records = []
     if cfg.task == "text_to_image":
         prompts = [p for p in read_prompt_list(cfg) for _ in range(cfg.images_per_prompt)]
@@ -60,7 +60,8 @@ def run_sampling(cfg) -> dict:
                                        desc="text->image")):
             pixels = sampler.generate_images([tok.encode(p) for p in batch],
                                              guidance_scale=s.guidance_scale,
-                                             steps=s.diffusion_steps, seed=s.seed + i)
+                                             steps=s.diffusion_steps, seed=s.seed + i,
+                                             sampling=token_sampling)
             images += list(to_uint8(pixels))
         save_grid(images, out / "text_to_image.png", prompts)
         records = [{"prompt": p} for p in prompts]

@@ -24,6 +24,14 @@ class TokenSampling:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    @classmethod
+    def from_config(cls, cfg) -> TokenSampling:
+        """From any config with ``temperature``, ``top_k`` and ``top_p`` fields
+        (fusion.config.SamplingConfig, fusion.eval.model.ModelEvalConfig). Every family's
+        ``generate_images`` and ``edit`` take the result as ``sampling``; only Chameleon, whose
+        images are tokens, uses it there."""
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p)
+
 
 def sample_token(logits: torch.Tensor, sampling: TokenSampling,
                  allowed: torch.Tensor | None = None,

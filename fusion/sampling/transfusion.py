@@ -73,12 +73,13 @@ class TransfusionSampler(StreamSampler):
     # -- public ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
-                        steps: int | None = None, seed: int = 0,
-                        progress: bool = False) -> torch.Tensor:
+                        steps: int | None = None, seed: int = 0, progress: bool = False,
+                        sampling: TokenSampling | None = None) -> torch.Tensor:
         """Prompt token ids -> images (B, 3, H, W) in [-1, 1] (or latents without a VAE).
 
         ``guidance_scale=None`` is unguided; otherwise the unconditional stream is the
-        caption-dropped document ``<bos> <boi>`` (what caption dropout trained)."""
+        caption-dropped document ``<bos> <boi>`` (what caption dropout trained).
+        ``sampling`` is accepted for a family-agnostic call and ignored (no image tokens)."""
         s = self.special
         streams = [[s.bos, *p, s.boi] for p in prompts]
         if guidance_scale is not None:
@@ -93,7 +94,7 @@ class TransfusionSampler(StreamSampler):
     def edit(self, sources: torch.Tensor, instructions: list[list[int]],
              guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = False,
-             sampling=None) -> torch.Tensor:
+             sampling: TokenSampling | None = None) -> torch.Tensor:
         """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
 
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the

@@ -80,8 +80,14 @@ def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Pat
 
 def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
                   default_root_dir: str | Path):
+    """A Lightning Trainer; ``logger`` is :func:`build_logger`'s result (``False``: none)."""
     import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
+    if not logger and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        # Lightning's LearningRateMonitor raises at fit start without a logger to write to.
+        log.info("no logger (logger=none): the learning-rate monitor is left out")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = _plain(cfg)
     strategy = kwargs.pop("strategy")
     if isinstance(strategy, dict):  # e.g. {_target_: lightning.pytorch.strategies.FSDPStrategy}

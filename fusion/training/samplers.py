@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fusion.data.text import TextTokenizer
+from fusion.sampling.text import TokenSampling
 
 
 def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
@@ -29,8 +30,10 @@ def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
 
 
 def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss):
-    """model -> (prompt texts -> pixels), with the run's sampling settings."""
+    """model -> (prompt texts -> pixels), with the run's sampling settings (guidance, steps,
+    and for Chameleon's image codes temperature / top-k / top-p)."""
     s = cfg.sampling
+    token_sampling = TokenSampling.from_config(s)
 
     def for_model(model):
         sampler = family_sampler(model, loss, tokenizer, image_tokenizer)
@@ -38,7 +41,8 @@ def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss):
         def generate(prompts: list[str]):
             ids = [tokenizer.encode(p) for p in prompts]
             return sampler.generate_images(ids, guidance_scale=s.guidance_scale,
-                                           steps=s.diffusion_steps, seed=s.seed)
+                                           steps=s.diffusion_steps, seed=s.seed,
+                                           sampling=token_sampling)
         return generate
 
     return for_model

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from fusion.config import DataConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.image.losses import AutoencoderLoss, image_metrics
-from fusion.image.schemas import AutoencoderLossConfig, OptimConfig
+from fusion.image.schemas import AutoencoderLossConfig, TokenizerOptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
 class AutoencoderModule(L.LightningModule):
     """Trains ``autoencoder`` (stage-1 interface above) against :class:`AutoencoderLoss`."""
 
-    def __init__(self, autoencoder: nn.Module, loss: AutoencoderLossConfig, optim: OptimConfig,
-                 image_log_every: int = 500, image_dir: str | Path | None = None,
-                 metrics_every: int = 10):
+    def __init__(self, autoencoder: nn.Module, loss: AutoencoderLossConfig,
+                 optim: TokenizerOptimConfig, image_log_every: int = 500,
+                 image_dir: str | Path | None = None, metrics_every: int = 10):
         super().__init__()
         self.automatic_optimization = False  # G and D alternate (taming's two optimisers)
         self.autoencoder = autoencoder
@@ -146,7 +146,7 @@ class AutoencoderModule(L.LightningModule):
         total = self._total_batches()
 
         def make(params, lr):
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(c.betas),
+            opt = torch.optim.AdamW(params, lr=lr, betas=(c.beta1, c.beta2),
                                     weight_decay=c.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: warmup_cosine(s, c.warmup_steps, total, c.min_lr_ratio,

@@ -1,0 +1,52 @@
+"""Token-sampling settings (temperature / top-k / top-p) reach ``generate_images`` from every
+family-agnostic entry point: scripts/sample.py and the model evaluation."""
+
+from types import SimpleNamespace
+
+import torch
+
+from fusion.config import compose
+from fusion.sampling.text import TokenSampling
+
+
+class RecordingSampler:
+    """Records the ``sampling`` of every generate_images call; returns grey images."""
+
+    def __init__(self):
+        self.seen = []
+
+    def generate_images(self, prompts, guidance_scale=None, steps=None, seed=0,
+                        progress=False, sampling=None):
+        self.seen.append(sampling)
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    def caption(self, images, max_new_tokens=24, sampling=None, seed=0):
+        return [[] for _ in images]
+
+
+TOK = SimpleNamespace(encode=lambda text: [5, 6], decode=lambda ids: "")
+
+
+def test_evaluate_model_passes_its_token_sampling():
+    from fusion.eval.model import ModelEvalConfig, evaluate_model
+
+    # the defaults are what Chameleon's sampler drew with before these fields existed
+    assert TokenSampling.from_config(ModelEvalConfig()) == TokenSampling(temperature=1.0)
+    sampler = RecordingSampler()
+    cfg = ModelEvalConfig(images_per_tag=1, caption_images=1, fid=False, temperature=0.7,
+                          top_k=64, top_p=0.9)
+    evaluate_model(sampler, TOK, 32, cfg, progress=False)
+    assert sampler.seen and all(s == TokenSampling(0.7, 64, 0.9) for s in sampler.seen)
+
+
+def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
+    import fusion.sampling.run as run
+
+    sampler = RecordingSampler()
+    model = SimpleNamespace(to=lambda device: None)
+    monkeypatch.setattr(run, "load_model", lambda path: (model, None, TOK, model, {}))
+    monkeypatch.setattr(run, "family_sampler", lambda *a, **k: sampler)
+    cfg = compose("sample", [f"output_dir={tmp_path}", "device=cpu", "prompts=[a,b,c]",
+                             "batch_size=2", "sampling.top_k=64", "sampling.temperature=0.5"])
+    run.run_sampling(cfg)
+    assert sampler.seen == [TokenSampling(0.5, 64, None)] * 2
