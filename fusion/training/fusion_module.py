@@ -20,14 +20,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fusion.config import OptimConfig
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
+                  progress: float | None = None) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``
+    at ``total`` (Loshchilov & Hutter 2017, SGDR, without restarts). ``progress`` in [0, 1]
+    overrides the step-based position on the cosine (used for a wall-clock budget)."""
     if step < warmup:
         return (step + 1) / warmup
-    if total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max(0.0, progress))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class FusionModule(L.LightningModule):

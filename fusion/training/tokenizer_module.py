@@ -17,7 +17,6 @@ discriminator on, ``trainer.max_steps`` covers 2 steps per batch. The schedule a
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from fusion.config import DataConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.image.losses import AutoencoderLoss, image_metrics
 from fusion.image.schemas import AutoencoderLossConfig, TokenizerOptimConfig
+from fusion.training.fusion_module import warmup_cosine  # one schedule for both stages
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,6 @@ class ImageDataModule(L.LightningDataModule):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
-                  progress: float | None = None) -> float:
-    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``
-    at ``total`` (Loshchilov & Hutter 2017, SGDR, without restarts). ``progress`` in [0, 1]
-    overrides the step-based position on the cosine (used for a wall-clock budget)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if progress is None:
-        progress = (step - warmup) / max(1, total - warmup)
-    progress = min(1.0, max(0.0, progress))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class AutoencoderModule(L.LightningModule):
     """Trains ``autoencoder`` (stage-1 interface above) against :class:`AutoencoderLoss`."""
 
