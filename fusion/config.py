@@ -110,13 +110,15 @@ class DemoSettings:
     image_tokenizer: str | None = None  # default: tokenizers/shapes-vae | shapes-vqgan
     tokenizer_overrides: list[str] = field(default_factory=list)
     # Stage 2: scripts/train.py experiment=<family>_tiny with these overrides.
-    train_steps: int = 1500
+    train_steps: int = 3000
     train_overrides: list[str] = field(default_factory=list)
     # Stage 3: evaluation size (fusion.eval.model.ModelEvalConfig).
     eval_images_per_tag: int = 100  # single_object + colors: 200 single-object prompts
     eval_caption_images: int = 200
     guidance_scale: float | None = 3.0
-    diffusion_steps: int = 25
+    diffusion_steps: int = 25  # Transfusion: flow/DDIM steps per image
+    temperature: float = 1.0  # Chameleon: image-code sampling (chameleon_tiny's sampling)
+    top_k: int | None = 64
 
 
 @dataclass

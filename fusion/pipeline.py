@@ -177,7 +177,8 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
         ecfg = ModelEvalConfig(images_per_tag=demo.eval_images_per_tag,
                                caption_images=demo.eval_caption_images,
                                guidance_scale=demo.guidance_scale,
-                               diffusion_steps=demo.diffusion_steps, seed=cfg.seed)
+                               diffusion_steps=demo.diffusion_steps,
+                               temperature=demo.temperature, top_k=demo.top_k, seed=cfg.seed)
         res = evaluate_model(sampler, tok, meta["image_size"], ecfg, world_seed=data.seed,
                              grid_path=out / "samples.png")
         eval_path.write_text(json.dumps(res, indent=2) + "\n")
@@ -186,7 +187,8 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
                                   f"captions {res['caption_single_object_accuracy']:.2f}"}
 
     ev = stages.run("evaluate", {"eval": [demo.eval_images_per_tag, demo.eval_caption_images,
-                                          demo.guidance_scale, demo.diffusion_steps],
+                                          demo.guidance_scale, demo.diffusion_steps,
+                                          demo.temperature, demo.top_k],
                                  "model": trained}, [eval_path], evaluate)
 
     results = {"family": family, "train_steps": trained["steps"],

@@ -1,4 +1,4 @@
-"""Evaluate images: GenEval scoring, FID/KID, reconstruction metrics.
+"""Evaluate images and models: GenEval scoring, FID/KID, reconstruction, editing, models.
 
     # GenEval on a folder in GenEval's layout (<dir>/<NNNNN>/metadata.jsonl + samples/<NNNN>.png)
     python scripts/evaluate.py geneval --images outputs/samples --detector shapes
@@ -16,6 +16,8 @@
     python scripts/evaluate.py editing --model outputs/train/edit_transfusion_tiny/model
     python scripts/evaluate.py editing --ground-truth   # the scorer on true targets: 1.0
     python scripts/evaluate.py editing --tokenizer-ceiling tokenizers/shapes-vae
+    # a trained family model: GenEval-shapes, FID-shapes and captioning on held-out scenes
+    python scripts/evaluate.py model --model outputs/train/transfusion_tiny/model
 
 A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
 config; it reads folders and writes a results file, and Hydra's run-directory handling would
@@ -172,6 +174,26 @@ def cmd_editing(args) -> dict:
     return summary
 
 
+def cmd_model(args) -> dict:
+    """What the main job's evaluation stage runs, for any saved model folder."""
+    from fusion.eval.model import ModelEvalConfig, evaluate_model
+    from fusion.training.build import load_model
+    from fusion.training.samplers import family_sampler
+
+    model, loss, tok, image_tok, meta = load_model(args.model)
+    model.to(args.device), image_tok.to(args.device)
+    cfg = ModelEvalConfig(images_per_tag=args.images_per_tag, caption_images=args.caption_images,
+                          guidance_scale=args.guidance_scale, diffusion_steps=args.steps,
+                          temperature=args.temperature, top_k=args.top_k,
+                          batch_size=args.batch_size, seed=args.seed, fid=not args.no_fid)
+    result = evaluate_model(family_sampler(model, loss, tok, image_tok), tok, meta["image_size"],
+                            cfg, world_seed=args.world_seed, grid_path=args.grid)
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"{key:40s} {value:.4f}")
+    return {"model": str(args.model), **result}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -264,6 +286,23 @@ def main(argv: list[str] | None = None) -> dict:
     e.add_argument("--keep-results", action="store_true",
                    help="keep the per-edit results in the --json summary")
     e.set_defaults(fn=cmd_editing)
+
+    m = sub.add_parser("model", parents=[common],
+                       help="GenEval-shapes, FID-shapes and captioning of a trained model")
+    m.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
+    m.add_argument("--images-per-tag", type=int, default=100)
+    m.add_argument("--caption-images", type=int, default=200)
+    m.add_argument("--guidance-scale", type=_optional_float, default=3.0,
+                   help="classifier-free guidance ('none': off)")
+    m.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
+    m.add_argument("--temperature", type=float, default=1.0, help="Chameleon: image codes")
+    m.add_argument("--top-k", type=int, help="Chameleon: image codes")
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--seed", type=int, default=0, help="sampling seed")
+    m.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
+    m.add_argument("--no-fid", action="store_true", help="skip FID-shapes")
+    m.add_argument("--grid", type=Path, help="save a grid of generated images here")
+    m.set_defaults(fn=cmd_model)
 
     args = parser.parse_args(argv)
     try:

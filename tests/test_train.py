@@ -51,6 +51,13 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
                                  "prompts=[a photo of a circle]"])
         assert run_sampling(cfg)["count"] >= 1
         assert (tmp_path / "samples" / f"{task}.jsonl").exists()
+    # scripts/evaluate.py model: the main job's evaluation for any saved model
+    report = tmp_path / "eval.json"
+    _run("scripts/evaluate.py", "model", "--model", str(model_dir), "--images-per-tag", "2",
+         "--caption-images", "2", "--steps", "2", "--no-fid", "--json", str(report))
+    scores = json.loads(report.read_text())
+    assert scores["model"] == str(model_dir) and scores["caption_images"] == 2
+    assert 0.0 <= scores["geneval_overall"] <= 1.0 and "fid_shapes" not in scores
 
 
 def test_build_rejects_a_mismatched_latent_setting(tiny_vae):
