@@ -119,6 +119,12 @@ class DemoSettings:
     diffusion_steps: int = 25  # Transfusion: flow/DDIM steps per image
     temperature: float = 1.0  # Chameleon: image-code sampling (chameleon_tiny's sampling)
     top_k: int | None = 64
+    # Stage 4: a short image-editing fine-tune of the stage-2 model
+    # (scripts/train.py experiment=edit_<family>_tiny init_from=...), then edits of
+    # edit_per_kind held-out scenes per kind, scored. 0 steps skips the stage.
+    edit_steps: int = 300
+    edit_per_kind: int = 16
+    edit_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass

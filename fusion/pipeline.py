@@ -7,7 +7,8 @@ what it touches.
 
 Stages: text tokenizer -> ShapesWorld preview + detector check -> image tokenizer (reused
 when its artifact exists) -> family model (scripts/train.py; resumes an interrupted run) ->
-sampling + evaluation (GenEval-shapes, FID-shapes, captioning) -> results.md / results.json.
+sampling + evaluation (GenEval-shapes, FID-shapes, captioning) -> image-editing fine-tune + edit
+accuracy (optional, ``demo.edit_steps``) -> results.md / results.json.
 """
 
 from __future__ import annotations
@@ -191,10 +192,61 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
                                           demo.temperature, demo.top_k],
                                  "model": trained}, [eval_path], evaluate)
 
+    # Stage 4: image editing -- a short fine-tune of the stage-2 model on ShapesWorld edits,
+    # then a few held-out edits of each kind, scored (docs/editing.md).
+    edit = {}
+    if demo.edit_steps > 0:
+        edit_dir = out / f"edit_{family}"
+        edit_model = edit_dir / "model"
+        edit_eval = out / "edit_eval.json"
+
+        def edit_finetune() -> dict:
+            steps = [] if debug else [f"trainer.max_steps={demo.edit_steps}"]
+            _script("train", [f"experiment=edit_{family}_tiny", f"output_dir={edit_dir}",
+                              f"init_from={model_dir}", f"image_tokenizer={image_tok}",
+                              f"data.text_tokenizer={tok_dir / 'tokenizer.json'}",
+                              f"logger={cfg.logger.kind}", *steps, *debug_args,
+                              *demo.edit_overrides])
+            meta = json.loads((edit_model / "config.json").read_text())
+            return {"steps": meta["steps"], "path": str(edit_model),
+                    "summary": f"edit fine-tune: {meta['steps']} steps -> {edit_model}"}
+
+        tuned = stages.run("edit_finetune", {"steps": demo.edit_steps, "model": trained,
+                                             "over": demo.edit_overrides, "debug": debug},
+                           [edit_model / "model.safetensors"], edit_finetune)
+
+        def edit_evaluate() -> dict:
+            from fusion.eval.editing import EditEvalConfig, evaluate_editing
+            from fusion.training.build import load_model
+            from fusion.training.samplers import family_sampler
+
+            model, loss, tok, itok, meta = load_model(edit_model)
+            ecfg = EditEvalConfig(per_kind=demo.edit_per_kind,
+                                  diffusion_steps=demo.diffusion_steps,
+                                  temperature=demo.temperature, top_k=demo.top_k,
+                                  seed=cfg.seed)
+            res = evaluate_editing(family_sampler(model, loss, tok, itok), tok,
+                                   meta["image_size"], ecfg, world_seed=data.seed,
+                                   grid_path=out / "edits.png")
+            res.pop("results", None)
+            edit_eval.write_text(json.dumps(res, indent=2) + "\n")
+            return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
+                                      f"{res['edits']} held-out edits -> {out / 'edits.png'}"}
+
+        edit = stages.run("edit_evaluate", {"per_kind": demo.edit_per_kind, "model": tuned,
+                                            "sampling": [demo.diffusion_steps,
+                                                         demo.temperature, demo.top_k]},
+                          [edit_eval], edit_evaluate)
+
     results = {"family": family, "train_steps": trained["steps"],
                "text_tokenizer_vocab": tok_result["vocab_size"],
                "detector_exact_recovery": det["exact_recovery"],
                **{k: v for k, v in ev.items() if isinstance(v, int | float)}}
+    if edit:
+        results["edit_accuracy"] = edit["edit_accuracy"]
+        results.update({f"edit_accuracy_{kind}": edit[kind]["accuracy"]
+                        for kind in ("recolor", "move", "add", "remove") if kind in edit})
+        results["edit_psnr"] = edit["psnr"]
     write_results(out, results)
     return results
 

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 FAST = ["debug=default", "demo.eval_images_per_tag=2", "demo.eval_caption_images=4",
-        "demo.diffusion_steps=2"]
+        "demo.diffusion_steps=2", "demo.edit_per_kind=1"]
 
 
 def _run(out: Path, *extra: str) -> str:
@@ -32,19 +32,22 @@ def test_demo_runs_and_reuses_finished_stages(tmp_path):
     first = _run(out)
     for name in ("results.md", "results.json", "shapes_grid.png", "stages.json",
                  "text_tokenizer/tokenizer.json", "samples.png", "samples_captions.png",
-                 "eval.json", "transfusion/model/model.safetensors"):
+                 "eval.json", "transfusion/model/model.safetensors", "edits.png",
+                 "edit_eval.json", "edit_transfusion/model/model.safetensors"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
     assert results["detector_exact_recovery"] >= 0.99
     assert results["family"] == "transfusion" and results["train_steps"] == 4
-    for key in ("geneval_overall", "fid_shapes", "caption_single_object_accuracy"):
+    for key in ("geneval_overall", "fid_shapes", "caption_single_object_accuracy",
+                "edit_accuracy", "edit_accuracy_recolor", "edit_psnr"):
         assert key in results
     table = (out / "results.md").read_text()
     assert table.strip() in first  # the printed table is the written one
     assert "reused" not in first
     second = _run(out)
-    assert second.count("reused") == 6  # every stage
+    assert second.count("reused") == 8  # every stage
     # a changed setting redoes the stages it touches, and only those
     third = _run(out, "demo.grid_images=4")
     assert "[text_tokenizer] reused" in third and "[train] reused" in third
+    assert "[edit_finetune] reused" in third
     assert "[shapes_preview] reused" not in third
