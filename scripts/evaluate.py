@@ -257,7 +257,17 @@ def main(argv: list[str] | None = None) -> dict:
     r.add_argument("--no-attributes", action="store_true", help="skip the detector check")
     r.set_defaults(fn=cmd_reconstruction)
 
-    e = sub.add_parser("editing", parents=[common],
+    # sampling a model (editing, model): one set of options
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
+    sampling.add_argument("--temperature", type=float, default=1.0,
+                          help="Chameleon: image codes")
+    sampling.add_argument("--top-k", type=int, help="Chameleon: image codes")
+    sampling.add_argument("--batch-size", type=int, default=64)
+    sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sampling.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
+
+    e = sub.add_parser("editing", parents=[common, sampling],
                        help="edit accuracy per kind + PSNR on held-out ShapesWorld edits")
     e.add_argument("--model", help="a fine-tuned model folder (<output_dir>/model)")
     ref = e.add_mutually_exclusive_group()
@@ -273,12 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="guidance over the instruction ('none': off)")
     e.add_argument("--image-guidance-scale", type=_optional_float, default=1.5,
                    help="guidance over the source image ('none': off)")
-    e.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
-    e.add_argument("--temperature", type=float, default=1.0, help="Chameleon: image codes")
-    e.add_argument("--top-k", type=int, help="Chameleon: image codes")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--seed", type=int, default=0, help="sampling seed")
-    e.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
     e.add_argument("--start", type=int, default=1_000_000, help="first held-out scene")
     e.add_argument("--size", type=int, default=64, help="image size of the sanity checks")
     e.add_argument("--center-tol", type=float, help="pixels (default: image size / 16)")
@@ -287,19 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="keep the per-edit results in the --json summary")
     e.set_defaults(fn=cmd_editing)
 
-    m = sub.add_parser("model", parents=[common],
+    m = sub.add_parser("model", parents=[common, sampling],
                        help="GenEval-shapes, FID-shapes and captioning of a trained model")
     m.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
     m.add_argument("--images-per-tag", type=int, default=100)
     m.add_argument("--caption-images", type=int, default=200)
     m.add_argument("--guidance-scale", type=_optional_float, default=3.0,
                    help="classifier-free guidance ('none': off)")
-    m.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
-    m.add_argument("--temperature", type=float, default=1.0, help="Chameleon: image codes")
-    m.add_argument("--top-k", type=int, help="Chameleon: image codes")
-    m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--seed", type=int, default=0, help="sampling seed")
-    m.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
     m.add_argument("--no-fid", action="store_true", help="skip FID-shapes")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
     m.set_defaults(fn=cmd_model)

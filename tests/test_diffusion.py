@@ -6,6 +6,15 @@ import torch
 from fusion.models.diffusion import Diffusion, DiffusionConfig
 
 
+def oracle(diff: Diffusion, x: torch.Tensor, x0: torch.Tensor, tt: torch.Tensor):
+    """The exact model output at x_t = x for clean data x0: ε (ddpm), or the velocity that
+    points from x_t back to x0 (flow)."""
+    if diff.cfg.objective == "ddpm":
+        abar = diff.ddpm.alphas_cumprod[tt.long()].view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return (x - x0) / (tt / diff.T).view(-1, 1, 1, 1)
+
+
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_oracle_model_is_sampled_back_to_the_data(objective):
     """With a model that answers exactly (it knows x0), the sampler must land on x0."""
@@ -15,14 +24,7 @@ def test_oracle_model_is_sampled_back_to_the_data(objective):
     x = torch.randn(3, 4, 8, 8, generator=g)
     sampler = diff.sampler(steps=10)
     for t in sampler.timesteps:
-        tt = diff.model_timestep(t, 3, "cpu")
-        if objective == "ddpm":
-            abar = diff.ddpm.alphas_cumprod[tt.long()].view(-1, 1, 1, 1)
-            out = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-        else:
-            sigma = (tt / diff.T).view(-1, 1, 1, 1)
-            out = (x - x0) / sigma  # velocity that points from x_t back to x0
-        x = sampler.step(out, t, x).prev_sample
+        x = sampler.step(oracle(diff, x, x0, diff.model_timestep(t, 3, "cpu")), t, x).prev_sample
     assert torch.allclose(x, x0, atol=1e-3), (x - x0).abs().max()
 
 
@@ -39,12 +41,7 @@ def test_a_slightly_wrong_model_still_lands_near_the_data(objective):
     x = torch.randn(3, 4, 8, 8, generator=g)
     sampler = diff.sampler(steps=25)
     for t in sampler.timesteps:
-        tt = diff.model_timestep(t, 3, "cpu")
-        if objective == "ddpm":
-            abar = diff.ddpm.alphas_cumprod[tt.long()].view(-1, 1, 1, 1)
-            out = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-        else:
-            out = (x - x0) / (tt / diff.T).view(-1, 1, 1, 1)
+        out = oracle(diff, x, x0, diff.model_timestep(t, 3, "cpu"))
         out = out.clamp(-5, 5) + 0.05 * torch.randn(out.shape, generator=g)
         x = sampler.step(out, t, x).prev_sample
     assert (x - x0).abs().mean() < 0.1, (x - x0).abs().mean()
