@@ -2,13 +2,15 @@
 
     shapes       ShapesWorld render / caption / detect throughput
     transformer  backbone forward+backward tokens/s, FLOP/s, MFU (CPU; bf16/compile/flex on CUDA)
+    sampling     Transfusion text->image seconds per image, prompt KV-cached vs recomputed
 """
 
 import importlib
 import sys
 
 BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
-              "transformer": "fusion.benchmarks.transformer"}
+              "transformer": "fusion.benchmarks.transformer",
+              "sampling": "fusion.benchmarks.sampling"}
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""Transfusion text->image sampling speed: seconds per image, prompt cached vs not.
+
+    python scripts/bench.py sampling --model outputs/demo/transfusion/model
+    python scripts/bench.py sampling                  # a random tiny model (speed only)
+
+With the cache (the default sampler) the prompt runs once and each denoising step runs only the
+N image positions against it (Transfusion, arXiv:2408.11039, sec. 3); without it every step
+re-runs the whole sequence. Both are timed on the same prompts, seed and step count,
+round-robin, median of ``--repeats``; the report also gives the largest pixel difference
+between the two, which must be ~0 (tests/test_transfusion.py checks the same equivalence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+PROMPTS = ["a photo of a red circle", "a photo of two blue squares",
+           "a photo of a green star left of a yellow triangle",
+           "a photo of a white diamond and a pink circle"]
+
+
+def _random_tiny(tokenizer_path: str, vae_path: str):
+    """(model, loss, tokenizer, VAE) of the tiny recipe with random weights."""
+    from fusion.config import compose, resolve_path
+    from fusion.data.text import TextTokenizer
+    from fusion.training.build import build_family, load_image_tokenizer
+
+    cfg = compose("train", ["experiment=transfusion_tiny"])
+    tok = TextTokenizer.from_file(resolve_path(tokenizer_path or cfg.data.text_tokenizer))
+    vae = load_image_tokenizer(vae_path or cfg.image_tokenizer)
+    model, loss = build_family(cfg.model, tok, vae, cfg.data.image_size)
+    return model, loss, tok, vae
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.py sampling", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a trained Transfusion model folder (default: random tiny)")
+    p.add_argument("--tokenizer", help="random model: text tokenizer.json")
+    p.add_argument("--vae", help="random model: VAE artifact folder")
+    p.add_argument("--batch", type=int, default=8, help="images per call (prompts cycled)")
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 50],
+                   help="denoising steps per image")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fusion.models.transfusion import Transfusion
+    from fusion.training.build import load_model
+    from fusion.training.samplers import family_sampler
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        model, loss, tok, vae, _ = load_model(args.model)
+    else:
+        model, loss, tok, vae = _random_tiny(args.tokenizer, args.vae)
+    if not isinstance(model, Transfusion):
+        raise SystemExit("bench.py sampling: the model must be a Transfusion model")
+    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
+    samplers = {"cached": family_sampler(model, loss, tok, vae, use_cache=True),
+                "uncached": family_sampler(model, loss, tok, vae, use_cache=False)}
+    print(f"{torch.get_num_threads()} threads, batch {args.batch}, CFG {args.guidance_scale}, "
+          f"median of {args.repeats}")
+    print(f"{'steps':>5s} {'cached s/img':>13s} {'uncached s/img':>15s} {'speed-up':>9s} "
+          f"{'max |Δ|':>8s}")
+    for steps in args.steps:
+        times = {name: [] for name in samplers}
+        images = {}
+        for _ in range(args.repeats):
+            for name, sampler in samplers.items():  # round-robin: drift hits both alike
+                start = time.perf_counter()
+                images[name] = sampler.generate_images(prompts, args.guidance_scale, steps,
+                                                       seed=0)
+                times[name].append((time.perf_counter() - start) / args.batch)
+        cached, uncached = (statistics.median(times[n]) for n in ("cached", "uncached"))
+        diff = float((images["cached"] - images["uncached"]).abs().max())
+        print(f"{steps:5d} {cached:13.4f} {uncached:15.4f} {uncached / cached:8.2f}x "
+              f"{diff:8.1e}")
