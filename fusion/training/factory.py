@@ -49,8 +49,15 @@ def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path):
     os.environ.setdefault("WANDB_SILENT", "true")
     from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(project=cfg.project, name=cfg.name, save_dir=str(save_dir),
-                       offline=cfg.mode == "offline", mode=cfg.mode, tags=list(cfg.tags))
+    logger = WandbLogger(project=cfg.project, name=cfg.name, save_dir=str(save_dir),
+                         offline=cfg.mode == "offline", mode=cfg.mode, tags=list(cfg.tags))
+    # Lightning (2.6) always passes `anonymous=None` to wandb.init and wandb (0.2x) warns that
+    # the setting has no effect on every run; the run is created lazily from this dict, so
+    # dropping the no-op key keeps the output clean without changing anything else.
+    init_kwargs = getattr(logger, "_wandb_init", None)
+    if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous") is None:
+        init_kwargs.pop("anonymous", None)
+    return logger
 
 
 def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Path,
