@@ -15,16 +15,26 @@ def oracle(diff: Diffusion, x: torch.Tensor, x0: torch.Tensor, tt: torch.Tensor)
     return (x - x0) / (tt / diff.T).view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
-def test_oracle_model_is_sampled_back_to_the_data(objective):
-    """With a model that answers exactly (it knows x0), the sampler must land on x0."""
+def sample_with_oracle(objective: str, steps: int, wrong: bool = False):
+    """Sample 3 latents with the oracle as the model -> (sample, x0). ``wrong``: the oracle's
+    output is bounded like a network's (clamped to ±5) and off by 5 % noise."""
     diff = Diffusion(DiffusionConfig(objective=objective))
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 4, 8, 8, generator=g)
     x = torch.randn(3, 4, 8, 8, generator=g)
-    sampler = diff.sampler(steps=10)
+    sampler = diff.sampler(steps=steps)
     for t in sampler.timesteps:
-        x = sampler.step(oracle(diff, x, x0, diff.model_timestep(t, 3, "cpu")), t, x).prev_sample
+        out = oracle(diff, x, x0, diff.model_timestep(t, 3, "cpu"))
+        if wrong:
+            out = out.clamp(-5, 5) + 0.05 * torch.randn(out.shape, generator=g)
+        x = sampler.step(out, t, x).prev_sample
+    return x, x0
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_oracle_model_is_sampled_back_to_the_data(objective):
+    """With a model that answers exactly (it knows x0), the sampler must land on x0."""
+    x, x0 = sample_with_oracle(objective, steps=10)
     assert torch.allclose(x, x0, atol=1e-3), (x - x0).abs().max()
 
 
@@ -35,15 +45,7 @@ def test_a_slightly_wrong_model_still_lands_near_the_data(objective):
     x0: with DDIM's "trailing" spacing the first ε-step at ᾱ(999) ≈ 2e-9 amplifies the error
     ~10⁴-fold, x_t leaves the training range and the sample is lost (what our first models
     showed)."""
-    diff = Diffusion(DiffusionConfig(objective=objective))
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(3, 4, 8, 8, generator=g)
-    x = torch.randn(3, 4, 8, 8, generator=g)
-    sampler = diff.sampler(steps=25)
-    for t in sampler.timesteps:
-        out = oracle(diff, x, x0, diff.model_timestep(t, 3, "cpu"))
-        out = out.clamp(-5, 5) + 0.05 * torch.randn(out.shape, generator=g)
-        x = sampler.step(out, t, x).prev_sample
+    x, x0 = sample_with_oracle(objective, steps=25, wrong=True)
     assert (x - x0).abs().mean() < 0.1, (x - x0).abs().mean()
 
 
