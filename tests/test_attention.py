@@ -175,6 +175,19 @@ def test_bad_layouts_raise():
         resolve_backend("xformers", torch.device("cpu"))
 
 
+def test_backend_resolution_respects_the_compiled_flex_head_dim_floor():
+    """'auto' picks flex only on CUDA with heads >= 16 wide: Inductor's flex kernel refuses
+    narrower ones (seen on an H200, torch 2.11). An explicit 'flex' there fails with advice."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # constructing needs no GPU
+    assert resolve_backend("auto", cuda, head_dim=64) == "flex"
+    assert resolve_backend("auto", cuda) == "flex"
+    assert resolve_backend("auto", cuda, head_dim=8) == "sdpa"
+    assert resolve_backend("auto", cpu, head_dim=64) == "sdpa"
+    assert resolve_backend("flex", cpu, head_dim=8) == "flex"  # eager reference path
+    with pytest.raises(ValueError, match="head_dim >= 16.*got 8"):
+        resolve_backend("flex", cuda, head_dim=8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_flex_matches_sdpa_on_cuda():

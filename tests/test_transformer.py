@@ -250,7 +250,13 @@ def test_tiny_language_model_overfits_one_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_and_sdpa_backends_agree_on_cuda():
     layout = layout_from_segments(MIXED_ROWS, device="cuda")
-    x = torch.randn(2, 19, 32, device="cuda")
-    flex = micro_model(attn_backend="flex").cuda()
-    sdpa = micro_model(attn_backend="sdpa").cuda()
+    # 64 / 4 = 16-wide heads: the narrowest the compiled flex kernel takes (FLEX_MIN_HEAD_DIM)
+    x = torch.randn(2, 19, 64, device="cuda")
+    flex = micro_model(attn_backend="flex", d_model=64).cuda()
+    sdpa = micro_model(attn_backend="sdpa", d_model=64).cuda()
     torch.testing.assert_close(flex(x, layout), sdpa(x, layout), atol=2e-5, rtol=1e-4)
+    # the micro model's 8-wide heads: 'auto' falls back to SDPA on CUDA instead of failing
+    auto = micro_model().cuda()
+    reference = micro_model(attn_backend="sdpa").cuda()
+    x = torch.randn(2, 19, 32, device="cuda")
+    torch.testing.assert_close(auto(x, layout), reference(x, layout))

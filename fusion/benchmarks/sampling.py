@@ -36,6 +36,12 @@ def _random_tiny(tokenizer_path: str, vae_path: str):
     return model, loss, tok, vae
 
 
+def _synchronize(device: torch.device) -> None:
+    """CUDA kernels run asynchronously: wait for them before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.py sampling", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a trained Transfusion model folder (default: random tiny)")
@@ -47,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (timings synchronise CUDA)")
     return p.parse_args(argv)
 
 
@@ -62,12 +69,16 @@ def main(argv: list[str] | None = None) -> None:
         model, loss, tok, vae, _ = load_model(args.model)
     else:
         model, loss, tok, vae = _random_tiny(args.tokenizer, args.vae)
+    device = torch.device(args.device)
+    model, vae = model.to(device), vae.to(device)
     if not isinstance(model, Transfusion):
         raise SystemExit("bench.py sampling: the model must be a Transfusion model")
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     samplers = {"cached": family_sampler(model, loss, tok, vae, use_cache=True),
                 "uncached": family_sampler(model, loss, tok, vae, use_cache=False)}
-    print(f"{torch.get_num_threads()} threads, batch {args.batch}, CFG {args.guidance_scale}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{torch.get_num_threads()} threads")
+    print(f"{where}, batch {args.batch}, CFG {args.guidance_scale}, "
           f"median of {args.repeats}")
     print(f"{'steps':>5s} {'cached s/img':>13s} {'uncached s/img':>15s} {'speed-up':>9s} "
           f"{'max |Δ|':>8s}")
@@ -76,9 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         images = {}
         for _ in range(args.repeats):
             for name, sampler in samplers.items():  # round-robin: drift hits both alike
+                _synchronize(device)
                 start = time.perf_counter()
                 images[name] = sampler.generate_images(prompts, args.guidance_scale, steps,
                                                        seed=0)
+                _synchronize(device)
                 times[name].append((time.perf_counter() - start) / args.batch)
         cached, uncached = (statistics.median(times[n]) for n in ("cached", "uncached"))
         diff = float((images["cached"] - images["uncached"]).abs().max())

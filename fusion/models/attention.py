@@ -72,15 +72,28 @@ def document_positions(doc_ids: Tensor) -> Tensor:
     return idx - run_start
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'flex' on CUDA (compiled, block-sparse), 'sdpa' elsewhere.
+# Inductor's FlexAttention kernel refuses head dims below 16 ("NYI: embedding dimension of the
+# query, key, and value must be at least 16"; seen with torch 2.11 on an H200).
+FLEX_MIN_HEAD_DIM = 16
 
-    FlexAttention has no backward pass on CPU (torch 2.13), so CPU training must use SDPA.
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """'auto' -> 'flex' on CUDA (compiled, block-sparse), 'sdpa' elsewhere or when the heads are
+    too narrow for the compiled kernel (``head_dim`` < FLEX_MIN_HEAD_DIM).
+
+    FlexAttention has no backward pass on CPU (torch 2.13), so CPU training must use SDPA. An
+    explicit 'flex' with narrow heads on CUDA is refused here rather than deep inside Inductor.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    narrow = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
     if backend == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" and not narrow else "sdpa"
+    if backend == "flex" and device.type == "cuda" and narrow:
+        raise ValueError(
+            f"attn_backend='flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} for the compiled CUDA "
+            f"kernel, got {head_dim} (d_model / n_heads); use 'auto' or 'sdpa', or fewer heads"
+        )
     return backend
 
 
@@ -260,9 +273,9 @@ class AttentionLayout:
             mask_mod, self.batch_size, None, self.seq_len, self.key_len, device=q_doc.device
         )
 
-    def prepare(self, backend: str) -> None:
+    def prepare(self, backend: str, head_dim: int | None = None) -> None:
         """Build what `backend` needs now, eagerly, so compiled layers only read a ready mask."""
-        if resolve_backend(backend, self.doc_ids.device) == "flex":
+        if resolve_backend(backend, self.doc_ids.device, head_dim) == "flex":
             self.block_mask  # noqa: B018
         elif not self.is_plain_causal:
             self.sdpa_tiles  # noqa: B018  (builds dense_mask too)
@@ -289,7 +302,7 @@ def attend(
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads not divisible by {k.shape[1]} key/value heads")
     gqa = q.shape[1] != k.shape[1]
-    if resolve_backend(backend, q.device) == "flex":
+    if resolve_backend(backend, q.device, q.shape[-1]) == "flex":
         # Eager flex_attention is the unfused reference (CPU tests). Inside a compiled region
         # the surrounding torch.compile fuses it; outside one, CUDA uses the compiled kernel.
         fused = q.is_cuda and not torch.compiler.is_compiling()

@@ -387,7 +387,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{layout.key_len} positions exceed max_seq_len={self.cfg.max_seq_len}"
             )
-        layout.prepare(self.cfg.attn_backend)
+        layout.prepare(self.cfg.attn_backend, self.cfg.head_dim)
         rope = rope_angles(layout.rope_positions, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             x = layer(x, rope, layout, cache)
