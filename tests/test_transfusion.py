@@ -77,6 +77,19 @@ def test_lm_loss_reads_text_only_and_diffusion_loss_reads_images_only():
                 0).all()
 
 
+@pytest.mark.parametrize("patchifier", ["linear", "unet"])
+def test_both_patchifiers_train_under_bf16_autocast(patchifier):
+    """bf16-mixed is the tiny recipes' precision. The U-Net patchifier's tokens come out bf16
+    while text embeddings stay fp32; writing them into the sequence once failed with "Index put
+    requires the source and destination dtypes match" (scatter_images now casts)."""
+    model, loss = make_model(patchifier=patchifier)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(model, docs(), encode, random.Random(0), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["diffusion_loss"] > 0
+    assert all(p.grad is not None for p in model.patchifier.parameters() if p.requires_grad)
+
+
 def test_image_patches_do_not_leak_into_earlier_text():
     model, _ = make_model()
     model.eval()

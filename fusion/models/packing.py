@@ -153,11 +153,12 @@ def _slot_index(packed: Packed, device: torch.device) -> tuple[torch.Tensor, tor
 
 def scatter_images(hidden: torch.Tensor, packed: Packed, tokens: torch.Tensor) -> torch.Tensor:
     """Write per-image tokens (I, N, D) into their slots of ``hidden`` (B, S, D), out of place
-    (so gradients reach both the text embeddings and the image tokens)."""
+    (so gradients reach both the text embeddings and the image tokens). Under autocast the
+    patchifier's tokens may be bf16 while embeddings stay fp32; they take ``hidden``'s dtype."""
     if not packed.image_sizes:
         return hidden
     rows, cols = _slot_index(packed, hidden.device)
-    return hidden.index_put((rows, cols), tokens.reshape(-1, tokens.shape[-1]))
+    return hidden.index_put((rows, cols), tokens.reshape(-1, tokens.shape[-1]).to(hidden.dtype))
 
 
 def gather_images(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
