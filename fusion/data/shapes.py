@@ -149,16 +149,34 @@ def render(scene: Scene) -> np.ndarray:
     return np.asarray(canvas.reduce(k))
 
 
-@lru_cache(maxsize=4096)
-def _template(shape: str, width: int, height: int, frac_x: float, frac_y: float,
-              win_w: int, win_h: int) -> np.ndarray:
-    """Coverage (0..1) of ``shape`` rendered at a sub-pixel box inside a small window."""
+@lru_cache(maxsize=16384)
+def _template(shape: str, width_q: int, height_q: int, frac_x_q: int,
+              frac_y_q: int) -> tuple[np.ndarray, float]:
+    """Visible-shape map (see :func:`_visible`) of ``shape`` rendered exactly like :func:`render`
+    in a box of ``width_q`` x ``height_q`` quarter pixels whose corner lies ``frac_x_q``,
+    ``frac_y_q`` quarter pixels into the first pixel of the returned array; and its sum."""
     k = _SUPERSAMPLE
+    win_w, win_h = -(-(frac_x_q + width_q) // k), -(-(frac_y_q + height_q) // k)
     canvas = Image.new("L", (win_w * k, win_h * k), 0)
-    draw = ImageDraw.Draw(canvas)
-    box = [frac_x * k, frac_y * k, (frac_x + width / k) * k - 1, (frac_y + height / k) * k - 1]
-    _draw(draw, shape, box, 255)
-    return np.asarray(canvas.reduce(k), dtype=np.float32) / 255.0
+    box = [frac_x_q, frac_y_q, frac_x_q + width_q - 1, frac_y_q + height_q - 1]
+    _draw(ImageDraw.Draw(canvas), shape, box, 255)
+    tpl = _visible(np.asarray(canvas.reduce(k), dtype=np.float32) / 255.0)
+    return tpl, float(tpl.sum())
+
+
+@lru_cache(maxsize=16)
+def _unit_moments(shape: str) -> tuple[float, float, float, float, float]:
+    """Area, centroid (x, y) and central second moments (x, y) of ``shape`` in the unit box."""
+    n = 1024
+    canvas = Image.new("L", (n, n), 0)
+    _draw(ImageDraw.Draw(canvas), shape, [0, 0, n - 1, n - 1], 255)
+    cover = np.asarray(canvas, dtype=np.float64) / 255.0
+    c = (np.arange(n) + 0.5) / n
+    px, py = cover.sum(axis=0), cover.sum(axis=1)
+    mass = px.sum()
+    mx, my = float(px @ c / mass), float(py @ c / mass)
+    vx, vy = float(px @ (c - mx) ** 2 / mass), float(py @ (c - my) ** 2 / mass)
+    return float(mass / n**2), mx, my, vx, vy
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +435,25 @@ def _boxes_close(a: Sequence[float], b: Sequence[float], gap: float) -> bool:
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (10, 3)
 _BG = np.array(BACKGROUND, dtype=np.float32)
 _FG_THRESHOLD = 40.0  # RGB distance from the background that counts as "ink"
+# Coverage is a least-squares projection onto (colour - background) in YCbCr with the chroma
+# channels down-weighted: JPEG (4:2:0) and most codecs keep chroma at half resolution, so edge
+# geometry lives in luma. Colours with little luma contrast (orange) still fall back on chroma.
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                 [0.5, -0.418688, -0.081312]], dtype=np.float32)
+_CHROMA_WEIGHT = 0.1
+_ALPHA_METRIC = _YCC.T @ np.diag([1.0, _CHROMA_WEIGHT, _CHROMA_WEIGHT]).astype(np.float32) @ _YCC
+# Shapes are compared through the "visible" coverage clip((a - 0.25) / 0.5): the faint halo that
+# blur, JPEG ringing or chroma bleeding leave around an edge (a < 0.25) carries no shape, while
+# heavy blur that fills a star's notches past half coverage is a real loss of shape.
+_VISIBLE = (0.25, 0.75)
+# A class whose second moment, at the observed mass, exceeds the observed one by more than 3 %
+# cannot explain the object (see _classify_component).
+_MIN_SPREAD_RATIO = 0.97
+
+
+def _visible(alpha: np.ndarray) -> np.ndarray:
+    lo, hi = _VISIBLE
+    return np.clip((alpha - lo) / (hi - lo), 0.0, 1.0)
 
 
 def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -448,11 +485,33 @@ def detect(image: np.ndarray | Image.Image, min_area: int = 6,
     """Find ShapesWorld objects in an image: class, colour, bbox and a confidence score.
 
     Pipeline: pixels far from the background are ink; 8-connected ink components are object
-    candidates; each candidate's colour is the palette entry nearest to its core pixels; its
-    coverage map (alpha = projection onto colour - background) gives a sub-pixel bbox; the class
-    is the outline whose rendered template best matches that coverage (IoU), and that IoU is the
-    detection score. On images that are not clean renders (noise, blur, samples from a model) it
-    reports whatever passes ``min_score``; it never raises on a well-formed RGB image.
+    candidates; each candidate's colour is the palette entry nearest to its core pixels, and its
+    coverage map (alpha) is the projection of the pixels onto colour - background. Each class
+    then gets its own box from the coverage moments (mass, centroid, spread), is ruled out when
+    it is more spread out than the object, and is scored by the soft IoU of its rendered
+    template with the visible coverage; the best class wins and its IoU is the detection score.
+    On images that are not clean renders (noise, blur, samples from a model) it reports whatever
+    passes ``min_score``; it never raises on a well-formed RGB image.
+
+    Why moments and not the extent: the first version boxed each object by the first/last rows
+    and columns with alpha > 0.02 and fitted every class in that one box. Any faint halo (blur,
+    JPEG ringing, chroma bleeding) inflated that box by 1-2.5 px per side, and a square fitted in
+    a too large box matches a circle better (they differ only in the corners): at ~35 dB PSNR
+    (Gaussian blur sigma 0.8 / JPEG quality 95 / 90) it got 89.5 % / 81.5 % / 74.5 % of 400
+    scenes right, mostly square -> circle, against 100 % on clean renders. Mass and centroid are
+    unchanged by blur and barely moved by ringing, so the moment boxes stay exact: now 100 % /
+    100 % / 99.8 % (JPEG 75: 64.5 % -> 97 %).
+
+    Real defects stay defects. Blur (any non-negative kernel) and noise only ever add to the
+    second moment, while cutting a star's tips, filling its notches (pentagon, fat star) or
+    rounding a square's corners takes from it: a class whose second moment at the observed mass
+    is more than 3 % above the object's is ruled out (clean, blurred, JPEG and noisy renders of
+    the true class: >= 0.996 of it; a star with tips cut at 0.8 R: <= 0.94). And the IoU
+    compares the visible shape, clip((alpha - 0.25) / 0.5), so a star blurred into a blob
+    (sigma 2) or a square rounded with corner radius >= 40 % of its side reads as a circle. The
+    price: a small star (< 15 px) in orange, the one colour with no luma contrast, is blurred
+    by JPEG's half-resolution chroma almost as much as by a blur of sigma 1.2, and about 1 in 5
+    of those reads as a circle after JPEG 90.
 
     Args:
         image: (H, W, 3) uint8 array (or a PIL image); grey/RGBA inputs are converted.
@@ -465,15 +524,15 @@ def detect(image: np.ndarray | Image.Image, min_area: int = 6,
         ys, xs = np.nonzero(labels == comp)
         if len(ys) < min_area:
             continue
-        obj = _classify_component(arr, dist, ys, xs)
+        obj = _classify_component(arr, dist, ys, xs, labels, comp)
         if obj is not None and obj.score >= min_score:
             found.append(obj)
     found.sort(key=lambda o: (o.bbox[1], o.bbox[0]))
     return found
 
 
-def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray,
-                        xs: np.ndarray) -> ShapeObject | None:
+def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                        labels: np.ndarray | None = None, comp: int = 0) -> ShapeObject | None:
     # Colour: the core of the blob (pixels at least 80 % as far from bg as the farthest one)
     # holds the unblended fill colour in a clean render.
     d = dist[ys, xs]
@@ -481,46 +540,68 @@ def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray,
     rgb = np.median(arr[ys[core], xs[core]], axis=0)
     ci = int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))
     color_vec = _PALETTE[ci] - _BG
-    # Coverage window around the blob, one pixel of margin.
+    # Coverage window around the blob, one pixel of margin; other blobs' pixels are not ours.
     h, w = dist.shape
     y0, y1 = max(ys.min() - 1, 0), min(ys.max() + 2, h)
     x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, w)
-    win = arr[y0:y1, x0:x1] - _BG
-    alpha = np.clip(win @ color_vec / float(color_vec @ color_vec), 0.0, 1.0)
-    if alpha.sum() < 1:
+    proj = _ALPHA_METRIC @ color_vec
+    alpha = np.clip((arr[y0:y1, x0:x1] - _BG) @ (proj / float(color_vec @ proj)), 0.0, 1.0)
+    if labels is not None:
+        other = labels[y0:y1, x0:x1]
+        alpha[(other != 0) & (other != comp)] = 0.0
+    mass = float(alpha.sum())
+    if mass < 1:
         return None
-    # Sub-pixel extent from coverage sums: the first/last rows and columns are partially covered.
-    cols, rows = alpha.max(axis=0), alpha.max(axis=1)
-    bx0, bx1 = _extent(cols)
-    by0, by1 = _extent(rows)
-    side_x, side_y = bx1 - bx0, by1 - by0
-    if side_x < 2 or side_y < 2:
-        return None
-    best_shape, best_iou = None, -1.0
-    fx, fy = bx0 - math.floor(bx0), by0 - math.floor(by0)
-    ox, oy = int(math.floor(bx0)), int(math.floor(by0))
-    ww, wh = alpha.shape[1] - ox, alpha.shape[0] - oy
+    # Coverage moments: mass, centroid, per-axis variance (pixel i spans [i, i + 1]).
+    px, py = alpha.sum(axis=0), alpha.sum(axis=1)
+    cx, cy = np.arange(alpha.shape[1]) + 0.5, np.arange(alpha.shape[0]) + 0.5
+    mx, my = float(px @ cx) / mass, float(py @ cy) / mass
+    vx = max(float(px @ (cx - mx) ** 2) / mass, 1e-3)
+    vy = max(float(py @ (cy - my) ** 2) / mass, 1e-3)
+    visible = _visible(alpha)
+    visible_sum = float(visible.sum())
     k = _SUPERSAMPLE
+    best: tuple[str, float, tuple[float, float, float, float]] | None = None
+    fallback = best
     for shape in SHAPES:
-        tpl = _template(shape, round(side_x * k), round(side_y * k), round(fx * k) / k,
-                        round(fy * k) / k, ww, wh)
-        obs = alpha[oy:, ox:]
-        inter = np.minimum(tpl, obs).sum()
-        union = np.maximum(tpl, obs).sum()
-        # Ink outside the window that the template covers counts against the match too.
-        iou = float(inter / max(union + (alpha.sum() - obs.sum()), 1e-6))
-        if iou > best_iou:
-            best_shape, best_iou = shape, iou
+        # This class's box: its area matches the mass, its centroid the centroid and its
+        # aspect the variance ratio.
+        area, ux, uy, uvx, uvy = _unit_moments(shape)
+        aspect = math.sqrt(vx * uvy / (vy * uvx))  # width / height
+        bh = math.sqrt(mass / (area * aspect))
+        bw = aspect * bh
+        spread = (vx + vy) / (uvx * bw**2 + uvy * bh**2)  # observed / this class's
+        wq, hq = max(round(bw * k), 1), max(round(bh * k), 1)
+        qx, qy = round((mx - ux * bw) * k), round((my - uy * bh) * k)
+        ox, oy = qx // k, qy // k
+        tpl, tpl_sum = _template(shape, wq, hq, qx - ox * k, qy - oy * k)
+        iou = _soft_iou(visible, visible_sum, tpl, tpl_sum, ox, oy)
+        cand = (shape, iou, (qx / k, qy / k, (qx + wq) / k, (qy + hq) / k))
+        if spread >= _MIN_SPREAD_RATIO and (best is None or iou > best[1]):
+            best = cand
+        if fallback is None or iou > fallback[1]:
+            fallback = cand
+    # The disk is the most compact outline, so the circle is (up to rasterisation) never
+    # ruled out; the fallback only guards odd inputs.
+    shape, iou, (bx0, by0, bx1, by1) = best or fallback
+    if min(bx1 - bx0, by1 - by0) < 2:
+        return None
     bbox = (x0 + bx0, y0 + by0, x0 + bx1, y0 + by1)
-    return ShapeObject(best_shape, list(COLORS)[ci], tuple(float(round(v, 2)) for v in bbox),
-                       score=round(best_iou, 4))
+    return ShapeObject(shape, list(COLORS)[ci], tuple(float(round(v, 2)) for v in bbox),
+                       score=round(iou, 4))
 
 
-def _extent(profile: np.ndarray) -> tuple[float, float]:
-    """Sub-pixel [start, end) of a coverage profile whose inner entries are ~1."""
-    idx = np.nonzero(profile > 0.02)[0]
-    first, last = int(idx[0]), int(idx[-1])
-    return first + (1.0 - float(profile[first])), last + float(profile[last])
+def _soft_iou(obs: np.ndarray, obs_sum: float, tpl: np.ndarray, tpl_sum: float, ox: int,
+              oy: int) -> float:
+    """Soft IoU, sum(min) / sum(max), of ``obs`` and ``tpl`` placed with its corner at (ox, oy)
+    of ``obs``; either may extend past the other."""
+    oh, ow = obs.shape
+    th, tw = tpl.shape
+    ya, yb, xa, xb = max(oy, 0), min(oy + th, oh), max(ox, 0), min(ox + tw, ow)
+    inter = 0.0
+    if yb > ya and xb > xa:
+        inter = float(np.minimum(obs[ya:yb, xa:xb], tpl[ya - oy:yb - oy, xa - ox:xb - ox]).sum())
+    return inter / max(obs_sum + tpl_sum - inter, 1e-6)
 
 
 def _as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:

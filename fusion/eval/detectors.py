@@ -58,8 +58,8 @@ class ShapesDetector:
 
     ``detect`` scores a candidate by the IoU between its coverage map and the best class
     template. That IoU is a match quality, not a confidence: on clean 64x64 renders it ranges
-    0.79-1.0 (small anti-aliased outlines never match a template exactly), on uniform noise it is
-    ~0.21. GenEval's thresholds (0.3, and 0.9 for counting) were set for Mask2Former
+    0.81-1.0 (small anti-aliased outlines never match a template exactly), on uniform noise it is
+    ~0.12. GenEval's thresholds (0.3, and 0.9 for counting) were set for Mask2Former
     confidences, so the IoU is mapped linearly to a confidence, ``iou_floor`` -> 0 and
     ``iou_full`` -> 1 (clipped): every object of a clean render at >= 64 px scores 1, noise
     scores ~0, and GenEval's counting threshold asks for an IoU above 0.695.
