@@ -75,3 +75,24 @@ def test_cosine_schedule_and_timestep_limit():
     assert t.max() > 900 and t.dtype == torch.long
     with pytest.raises(ValueError, match="unknown diffusion objective 'score'"):
         Diffusion(DiffusionConfig(objective="score"))
+
+
+def test_logit_normal_timesteps_concentrate_on_middle_noise_levels():
+    """SD3's logit-normal sampling: P(t/T in [0.25, 0.75)) = P(|N(0,1)| < logit(0.75) = 1.0986)
+    = 0.728 at std 1, against 0.5 for uniform; the mean shifts with logit_mean; max_t holds."""
+    g = torch.Generator().manual_seed(0)
+    uniform = Diffusion(DiffusionConfig(objective="flow"))
+    logit = Diffusion(DiffusionConfig(objective="flow", timestep_sampling="logit_normal"))
+    middle = lambda t: ((t >= 250) & (t < 750)).float().mean().item()
+    assert abs(middle(uniform.sample_timesteps(20000, generator=g)) - 0.5) < 0.02
+    t = logit.sample_timesteps(20000, generator=g)
+    assert abs(middle(t) - 0.728) < 0.02 and t.min() >= 0 and t.max() <= 999
+    shifted = Diffusion(DiffusionConfig(objective="flow", timestep_sampling="logit_normal",
+                                        logit_mean=1.0))
+    assert shifted.sample_timesteps(20000, generator=g).float().mean() > t.float().mean() + 100
+    capped = logit.sample_timesteps(2000, max_t=torch.full((2000,), 500), generator=g)
+    assert capped.max() < 500
+    with pytest.raises(ValueError, match="unknown timestep_sampling 'beta'"):
+        Diffusion(DiffusionConfig(timestep_sampling="beta"))
+    with pytest.raises(ValueError, match="logit_std must be > 0"):
+        Diffusion(DiffusionConfig(timestep_sampling="logit_normal", logit_std=0.0))

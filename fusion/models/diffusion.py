@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from fusion.models.schemas import OBJECTIVES, DiffusionConfig
+from fusion.models.schemas import OBJECTIVES, TIMESTEP_SAMPLINGS, DiffusionConfig
 
 
 class Diffusion:
@@ -33,6 +33,11 @@ class Diffusion:
             raise ValueError(
                 f"unknown diffusion objective {cfg.objective!r}; expected one of {OBJECTIVES}"
             )
+        if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; expected "
+                             f"one of {TIMESTEP_SAMPLINGS}")
+        if cfg.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {cfg.logit_std}")
         self.T = cfg.num_train_timesteps
         # clip_sample=False: latents are scaled to unit variance, not bounded to [-1, 1].
         self.ddpm = DDPMScheduler(
@@ -47,8 +52,16 @@ class Diffusion:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """Uniform integer timesteps in [0, max_t) (default max_t = T), one per image: (n,)."""
-        u = torch.rand(n, generator=generator, device=device)
+        """Integer timesteps in [0, max_t) (default max_t = T), one per image: (n,).
+
+        ``timestep_sampling``: uniform, or logit-normal (the share u = t / max_t is
+        sigmoid(N(logit_mean, logit_std²))); ``max_t`` scales either, so the clean-image share
+        of captioning examples stays below its limit."""
+        if self.cfg.timestep_sampling == "logit_normal":
+            z = torch.randn(n, generator=generator, device=device)
+            u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * z)
+        else:
+            u = torch.rand(n, generator=generator, device=device)
         limit = torch.as_tensor(self.T if max_t is None else max_t, device=device)
         return (u * limit).long().clamp(max=self.T - 1)
 

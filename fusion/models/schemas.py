@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 OBJECTIVES = ("ddpm", "flow")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 EDIT_LOSSES = ("target", "all")  # Chameleon editing documents: which tokens are targets
 
 
@@ -15,6 +16,12 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers' name for the cosine schedule
     sample_steps: int = 25  # DDIM / Euler steps at inference (the paper uses 250 on GPU)
+    # Training noise levels: uniform in [0, T) (the paper), or logit-normal, t/T =
+    # sigmoid(N(logit_mean, logit_std²)), which spends more of the loss on middle noise levels
+    # (Esser et al. 2024, SD3, arXiv:2403.03206, sec. 3.1: their best rectified-flow setting).
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass
