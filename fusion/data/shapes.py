@@ -532,7 +532,7 @@ def detect(image: np.ndarray | Image.Image, min_area: int = 6,
 
 
 def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray, xs: np.ndarray,
-                        labels: np.ndarray | None = None, comp: int = 0) -> ShapeObject | None:
+                        labels: np.ndarray, comp: int) -> ShapeObject | None:
     # Colour: the core of the blob (pixels at least 80 % as far from bg as the farthest one)
     # holds the unblended fill colour in a clean render.
     d = dist[ys, xs]
@@ -546,9 +546,8 @@ def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray, xs: n
     x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, w)
     proj = _ALPHA_METRIC @ color_vec
     alpha = np.clip((arr[y0:y1, x0:x1] - _BG) @ (proj / float(color_vec @ proj)), 0.0, 1.0)
-    if labels is not None:
-        other = labels[y0:y1, x0:x1]
-        alpha[(other != 0) & (other != comp)] = 0.0
+    other = labels[y0:y1, x0:x1]
+    alpha[(other != 0) & (other != comp)] = 0.0
     mass = float(alpha.sum())
     if mass < 1:
         return None
@@ -562,7 +561,7 @@ def _classify_component(arr: np.ndarray, dist: np.ndarray, ys: np.ndarray, xs: n
     visible_sum = float(visible.sum())
     k = _SUPERSAMPLE
     best: tuple[str, float, tuple[float, float, float, float]] | None = None
-    fallback = best
+    fallback = None
     for shape in SHAPES:
         # This class's box: its area matches the mass, its centroid the centroid and its
         # aspect the variance ratio.
