@@ -154,6 +154,10 @@ class AdamWConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    # Wall-clock budget (s): the cosine reaches its end at whichever comes first,
+    # trainer.max_steps or this, and training stops there (fusion_module.CosineClock). null:
+    # steps only (a reproducible step count; with a budget it depends on the machine's load).
+    time_budget_s: float | None = None
 
 
 @dataclass

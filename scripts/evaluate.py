@@ -137,6 +137,27 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null") else float(text)
 
 
+# An option left at FROM_MODEL takes the value the model folder recorded from its training
+# recipe (config.json "sampling", written by scripts/train.py), else the fallback below. A
+# non-string default, so argparse never runs it through `type`.
+FROM_MODEL = object()
+SAMPLING_FALLBACK = {"steps": ("diffusion_steps", 25), "temperature": ("temperature", 1.0),
+                     "top_k": ("top_k", None), "guidance_scale": ("guidance_scale", 3.0)}
+
+
+def _resolve_sampling(args, meta: dict) -> dict:
+    """Fill the sampling options not given on the command line; returns what was used."""
+    recorded = meta.get("sampling") or {}
+    used = {}
+    for name, (key, fallback) in SAMPLING_FALLBACK.items():
+        if getattr(args, name, None) is FROM_MODEL:
+            setattr(args, name, recorded.get(key, fallback))
+        if hasattr(args, name):
+            used[key] = getattr(args, name)
+    print("sampling: " + ", ".join(f"{k}={v}" for k, v in used.items()))
+    return used
+
+
 def cmd_editing(args) -> dict:
     from fusion.eval.editing import (
         EditEvalConfig,
@@ -159,6 +180,7 @@ def cmd_editing(args) -> dict:
 
         model, loss, tok, image_tok, meta = load_model(args.model)
         model.to(args.device), image_tok.to(args.device)
+        _resolve_sampling(args, meta)
         cfg = EditEvalConfig(per_kind=args.per_kind, guidance_scale=args.guidance_scale,
                              image_guidance_scale=args.image_guidance_scale,
                              diffusion_steps=args.steps, temperature=args.temperature,
@@ -182,6 +204,7 @@ def cmd_model(args) -> dict:
 
     model, loss, tok, image_tok, meta = load_model(args.model)
     model.to(args.device), image_tok.to(args.device)
+    sampling = _resolve_sampling(args, meta)
     cfg = ModelEvalConfig(images_per_tag=args.images_per_tag, caption_images=args.caption_images,
                           guidance_scale=args.guidance_scale, diffusion_steps=args.steps,
                           temperature=args.temperature, top_k=args.top_k,
@@ -191,7 +214,7 @@ def cmd_model(args) -> dict:
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:40s} {value:.4f}")
-    return {"model": str(args.model), **result}
+    return {"model": str(args.model), "sampling": sampling, **result}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,10 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # sampling a model (editing, model): one set of options
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--steps", type=int, default=25, help="Transfusion: diffusion steps")
-    sampling.add_argument("--temperature", type=float, default=1.0,
-                          help="Chameleon: image codes")
-    sampling.add_argument("--top-k", type=int, help="Chameleon: image codes")
+    # Defaults: the model's recorded recipe settings (FROM_MODEL), else SAMPLING_FALLBACK.
+    sampling.add_argument("--steps", type=int, default=FROM_MODEL,
+                          help="Transfusion: diffusion steps (default: the model's, else 25)")
+    sampling.add_argument("--temperature", type=float, default=FROM_MODEL,
+                          help="Chameleon: image codes (default: the model's, else 1.0)")
+    sampling.add_argument("--top-k", type=int, default=FROM_MODEL,
+                          help="Chameleon: image codes (default: the model's, else none)")
     sampling.add_argument("--batch-size", type=int, default=64)
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
     sampling.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
@@ -296,8 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     m.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
     m.add_argument("--images-per-tag", type=int, default=100)
     m.add_argument("--caption-images", type=int, default=200)
-    m.add_argument("--guidance-scale", type=_optional_float, default=3.0,
-                   help="classifier-free guidance ('none': off)")
+    m.add_argument("--guidance-scale", type=_optional_float, default=FROM_MODEL,
+                   help="classifier-free guidance ('none': off; default: the model's, else 3)")
     m.add_argument("--no-fid", action="store_true", help="skip FID-shapes")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
     m.set_defaults(fn=cmd_model)

@@ -26,6 +26,7 @@ from fusion.training.build import (
     build_family,
     init_from_checkpoint,
     load_image_tokenizer,
+    recipe_sampling,
     save_model,
 )
 from fusion.training.callbacks import SampleGrid
@@ -77,7 +78,9 @@ def main(cfg: DictConfig) -> None:
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,
                                            "documents": cfg.data.documents,
-                                           "init_from": cfg.init_from})
+                                           "init_from": cfg.init_from,
+                                           # the recipe's sampling, evaluate.py's defaults
+                                           "sampling": recipe_sampling(cfg.sampling)})
     print(f"saved {out / 'model'}; samples: {grid.last_path}")
 
 

@@ -27,6 +27,7 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train_tokenizer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     import lightning as L
+    import torch
 
     from fusion.image.vae import evaluate_reconstruction
     from fusion.image.vae import measure_latent_scaling as measure
@@ -70,8 +71,11 @@ def main(cfg: DictConfig) -> None:
         from fusion.image.vqgan import evaluate_codes
 
         metrics.update(evaluate_codes(tokenizer, data.val_source, tok_cfg.eval_images))
+    device = trainer.strategy.root_device
     tokenizer.info.update(train_steps=module.batches_done, train_seconds=round(train_seconds, 1),
-                          train_cpu_seconds=round(cpu_seconds, 1), heldout=metrics)
+                          train_cpu_seconds=round(cpu_seconds, 1), heldout=metrics,
+                          train_device=torch.cuda.get_device_name(device)
+                          if device.type == "cuda" else device.type)
     tokenizer.save_pretrained(artifact)
     threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] \
         if "OMP_NUM_THREADS" in os.environ else []  # part of how fast it ran

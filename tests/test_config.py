@@ -104,8 +104,8 @@ def test_logger_none_with_lr_monitor_trains(tmp_path, caplog):
 
 
 def test_both_stages_share_one_optimiser_schema_with_their_own_defaults():
-    """fusion.config.AdamWConfig is the optimiser of both stages; the YAML keys are unchanged
-    and each stage keeps its defaults (stage 1: beta2 0.99, no decay; stage 2: 0.95, 0.1)."""
+    """fusion.config.AdamWConfig is the optimiser of both stages (wall-clock budget included);
+    the YAML keys are unchanged and each stage keeps its defaults (stage 1: beta2 0.99, no decay; stage 2: 0.95, 0.1)."""
     from fusion.config import AdamWConfig, OptimConfig
     from fusion.image.schemas import TokenizerOptimConfig
 
@@ -120,6 +120,9 @@ def test_both_stages_share_one_optimiser_schema_with_their_own_defaults():
     fam = compose("train", ["experiment=chameleon_tiny"]).optim
     assert OmegaConf.to_container(fam) == dict(
         lr=1.0e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, warmup_steps=200, min_lr_ratio=0.1,
-        ema_decay=None)
+        time_budget_s=None, ema_decay=None)
+    # the edit fine-tunes end their cosine at the issue's 19-20 minutes (shared clock)
+    for family in ("transfusion", "chameleon"):
+        assert compose("train", [f"experiment=edit_{family}_tiny"]).optim.time_budget_s == 1140
     with pytest.raises(ConfigCompositionException):  # stage 2 clips through the Trainer
         compose("train", ["experiment=chameleon_tiny", "optim.grad_clip=1.0"])

@@ -53,9 +53,12 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
         assert (tmp_path / "samples" / f"{task}.jsonl").exists()
     # scripts/evaluate.py model: the main job's evaluation for any saved model
     report = tmp_path / "eval.json"
+    # no --steps: the model folder's recorded recipe sampling (diffusion_steps=2) is used
+    assert meta["sampling"]["diffusion_steps"] == 2
     _run("scripts/evaluate.py", "model", "--model", str(model_dir), "--images-per-tag", "2",
-         "--caption-images", "2", "--steps", "2", "--no-fid", "--json", str(report))
+         "--caption-images", "2", "--no-fid", "--json", str(report))
     scores = json.loads(report.read_text())
+    assert scores["sampling"]["diffusion_steps"] == 2 and scores["sampling"]["guidance_scale"] == 3
     assert scores["model"] == str(model_dir) and scores["caption_images"] == 2
     assert 0.0 <= scores["geneval_overall"] <= 1.0 and "fid_shapes" not in scores
 
@@ -79,3 +82,72 @@ def test_every_experiment_composes():
     for name in names:
         cfg = compose("train", [f"experiment={name}", "debug=default"])
         assert cfg.model.family in ("transfusion", "chameleon")
+
+
+def test_cosine_clock_ends_the_schedule_at_the_budget(monkeypatch):
+    from fusion.training import fusion_module
+    from fusion.training.fusion_module import CosineClock
+
+    now = [100.0]
+    monkeypatch.setattr(fusion_module.time, "monotonic", lambda: now[0])
+    steps_only = CosineClock(warmup=10, min_ratio=0.1)
+    assert steps_only.progress(55, 100) is None and not steps_only.expired()
+    assert steps_only.multiplier(55, 100) == pytest.approx(0.55)
+
+    clock = CosineClock(warmup=10, min_ratio=0.1, budget_s=60)
+    clock.start()
+    now[0] += 15  # a quarter of the budget, a ninth of the steps: time leads
+    assert clock.progress(20, 100) == pytest.approx(0.25) and not clock.expired()
+    assert clock.progress(82, 100) == pytest.approx(0.8)  # steps lead
+    assert clock.multiplier(5, 100) == pytest.approx(0.6)  # warm-up is step-based
+    now[0] += 45
+    assert clock.expired() and clock.multiplier(20, 100) == pytest.approx(0.1)
+    resumed = CosineClock(10, 0.1, budget_s=60)
+    resumed.load_state_dict(clock.state_dict())  # a checkpoint taken at 60 s
+    resumed.start()
+    assert resumed.expired()  # the budget is not granted afresh on resume
+    with pytest.raises(ValueError, match="time_budget_s must be positive"):
+        CosineClock(10, 0.1, budget_s=0)
+
+
+def test_a_spent_time_budget_stops_family_training_early():
+    import lightning as L
+    import torch
+
+    from fusion.config import OptimConfig
+    from fusion.training.fusion_module import FusionModule
+
+    model = torch.nn.Linear(4, 1)
+    batches = torch.utils.data.DataLoader(torch.randn(400, 4), batch_size=8)
+
+    def loss_fn(model, batch, encode, rng, generator=None):
+        return {"loss": model(batch).pow(2).mean()}
+
+    module = FusionModule(model, loss_fn, None, OptimConfig(warmup_steps=1, time_budget_s=1e-9),
+                          max_steps=50)
+    trainer = L.Trainer(max_steps=50, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, batches)
+    assert trainer.global_step == 1  # stopped after the first batch, at the cosine's end
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
+
+
+def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    recorded = {"sampling": {"guidance_scale": 6.0, "temperature": 0.7, "top_k": 64,
+                             "diffusion_steps": 25}}
+    args = argparse.Namespace(steps=ev.FROM_MODEL, temperature=0.9, top_k=ev.FROM_MODEL,
+                              guidance_scale=ev.FROM_MODEL)
+    used = ev._resolve_sampling(args, recorded)
+    assert used == {"diffusion_steps": 25, "temperature": 0.9, "top_k": 64,
+                    "guidance_scale": 6.0}  # the command line wins over the record
+    # a folder saved before models recorded their sampling: the documented fallbacks
+    old = argparse.Namespace(steps=ev.FROM_MODEL, temperature=ev.FROM_MODEL,
+                             top_k=ev.FROM_MODEL, guidance_scale=None)  # 'none' = CFG off
+    assert ev._resolve_sampling(old, {}) == {"diffusion_steps": 25, "temperature": 1.0,
+                                             "top_k": None, "guidance_scale": None}

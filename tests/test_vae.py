@@ -30,8 +30,8 @@ from fusion.training.tokenizer_module import (
     AutoencoderModule,
     ImageDataset,
     check_artifact_dir,
-    warmup_cosine,
 )
+from fusion.training.fusion_module import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,17 +52,12 @@ class AutoencoderLossConfig:
 @dataclass
 class TokenizerOptimConfig(AdamWConfig):
     """Stage 1 (fusion.training.tokenizer_module): the shared AdamW + cosine schema with the
-    autoencoders' defaults (no weight decay, beta2 0.99, cosine to 5 %), plus clipping and a
-    wall-clock budget."""
+    autoencoders' defaults (no weight decay, beta2 0.99, cosine to 5 %), plus clipping."""
 
     weight_decay: float = 0.0
     beta2: float = 0.99
     min_lr_ratio: float = 0.05
     grad_clip: float | None = 1.0  # manual optimisation: the module clips, not the Trainer
-    # Wall-clock budget (s) for training on a shared machine: the cosine reaches its end at
-    # whichever comes first, trainer.max_steps or this, and training stops there. null: steps
-    # only (reproducible step count; with a budget the count depends on the machine's load).
-    time_budget_s: float | None = None
 
 
 @dataclass

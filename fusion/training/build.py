@@ -104,6 +104,15 @@ def image_tokenizer_fingerprint(path) -> str | None:
     return h.hexdigest()
 
 
+RECIPE_SAMPLING_KEYS = ("guidance_scale", "diffusion_steps", "temperature", "top_k", "top_p")
+
+
+def recipe_sampling(sampling_cfg) -> dict:
+    """The sampling settings a run was configured with, recorded in the model's config.json
+    so that scripts/evaluate.py samples the model the way its recipe says by default."""
+    return {k: sampling_cfg[k] for k in RECIPE_SAMPLING_KEYS if k in sampling_cfg}
+
+
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import lightning as L
 import torch
@@ -33,6 +34,52 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class CosineClock:
+    """Where training is on the warm-up + cosine schedule when a wall-clock budget may end it.
+
+    With ``budget_s`` set, the cosine reaches its end at whichever comes first, ``total`` steps
+    or ``budget_s`` seconds after :meth:`start`, and :meth:`expired` tells the module to stop
+    there, so a time-limited run still anneals fully instead of being cut mid-schedule (what
+    Lightning's ``max_time`` does). Without a budget the schedule is step-based and the step
+    count reproducible; with one, the count depends on the machine's speed and load.
+    Shared by both training stages."""
+
+    def __init__(self, warmup: int, min_ratio: float, budget_s: float | None = None):
+        if budget_s is not None and budget_s <= 0:
+            raise ValueError(f"time_budget_s must be positive seconds or null, got {budget_s}")
+        self.warmup, self.min_ratio, self.budget_s = warmup, min_ratio, budget_s
+        self._start: float | None = None
+        self._spent = 0.0  # seconds trained before a resume (from the checkpoint)
+
+    def start(self) -> None:
+        self._start = time.monotonic() - self._spent
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run continues the budget where the checkpoint left it."""
+        self._spent = float(state.get("elapsed_s", 0.0))
+
+    def elapsed(self) -> float:
+        return 0.0 if self._start is None else time.monotonic() - self._start
+
+    def expired(self) -> bool:
+        return bool(self.budget_s) and self.elapsed() >= self.budget_s
+
+    def progress(self, step: int, total: int) -> float | None:
+        """Position on the cosine: the larger of the step and wall-clock fractions (None
+        without a budget: :func:`warmup_cosine` then uses the steps alone)."""
+        if not self.budget_s:
+            return None
+        return max((step - self.warmup) / max(1, total - self.warmup),
+                   self.elapsed() / self.budget_s)
+
+    def multiplier(self, step: int, total: int) -> float:
+        return warmup_cosine(step, self.warmup, total, self.min_ratio,
+                             self.progress(step, total))
+
+
 class FusionModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss_fn, image_tokenizer: nn.Module | None,
                  optim: OptimConfig, max_steps: int, seed: int = 0):
@@ -48,6 +95,7 @@ class FusionModule(L.LightningModule):
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay))
                     if optim.ema_decay else None)
         self._rng = random.Random(seed)
+        self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s)
 
     @property
     def image_tokenizer(self) -> nn.Module | None:
@@ -56,6 +104,15 @@ class FusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.image_tokenizer is not None:
             self.image_tokenizer.to(self.device)
+
+    def on_train_start(self) -> None:
+        self.clock.start()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cosine_clock"] = self.clock.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_tokenizer.encode(pixels)
@@ -88,6 +145,8 @@ class FusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        if self.clock.expired():
+            self.trainer.should_stop = True  # the cosine has reached its end
 
     def configure_optimizers(self):
         # No weight decay on norms, biases and embeddings' 1-D params (standard LLM practice).
@@ -98,5 +157,5 @@ class FusionModule(L.LightningModule):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=o.lr,
                                 betas=(o.beta1, o.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, o.warmup_steps, self.max_steps, o.min_lr_ratio))
+            opt, lambda s: self.clock.multiplier(s, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

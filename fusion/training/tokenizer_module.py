@@ -17,7 +17,6 @@ discriminator on, ``trainer.max_steps`` covers 2 steps per batch. The schedule a
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +28,7 @@ from fusion.config import DataConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.image.losses import AutoencoderLoss, image_metrics
 from fusion.image.schemas import AutoencoderLossConfig, TokenizerOptimConfig
-from fusion.training.fusion_module import warmup_cosine  # one schedule for both stages
+from fusion.training.fusion_module import CosineClock  # one schedule for both stages
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class AutoencoderModule(L.LightningModule):
         self.image_dir = Path(image_dir) if image_dir else None
         self.metrics_every = max(1, metrics_every)
         self.batches_done = 0  # batches, not optimiser steps (see module docstring)
-        self._clock: float | None = None  # monotonic start of training (time budget)
+        self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s)
 
     # ---- optimisers ----------------------------------------------------------------------
     def _total_batches(self) -> int:
@@ -136,8 +135,7 @@ class AutoencoderModule(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=lr, betas=(c.beta1, c.beta2),
                                     weight_decay=c.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: warmup_cosine(s, c.warmup_steps, total, c.min_lr_ratio,
-                                             self._progress(s, total)))
+                opt, lambda s: self.clock.multiplier(s, total))
             return opt, {"scheduler": sched, "interval": "step"}
 
         opt_g, sched_g = make(self.autoencoder.parameters(), c.lr)
@@ -146,17 +144,6 @@ class AutoencoderModule(L.LightningModule):
         opt_d, sched_d = make(self.loss.discriminator.parameters(),
                               c.lr * self.loss.cfg.disc_lr_scale)
         return [opt_g, opt_d], [sched_g, sched_d]
-
-    def _elapsed(self) -> float:
-        return 0.0 if self._clock is None else time.monotonic() - self._clock
-
-    def _progress(self, step: int, total: int) -> float | None:
-        """Position on the cosine: the larger of the step and wall-clock fractions."""
-        budget = self.optim_cfg.time_budget_s
-        if not budget:
-            return None
-        warm = self.optim_cfg.warmup_steps
-        return max((step - warm) / max(1, total - warm), self._elapsed() / budget)
 
     def _step(self, opt, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -170,7 +157,7 @@ class AutoencoderModule(L.LightningModule):
     def on_train_start(self) -> None:
         # Lightning keeps each submodule's mode; a loaded tokenizer arrives in eval mode.
         self.train()
-        self._clock = time.monotonic()
+        self.clock.start()
         if self.loss.perceptual is not None:
             self.loss.perceptual.eval()  # a frozen feature net: no dropout
 
@@ -192,8 +179,7 @@ class AutoencoderModule(L.LightningModule):
             schedulers[1].step()  # D's warm-up starts when D does (at disc_start)
             logs.update(d_logs)
         self.batches_done += 1
-        budget = self.optim_cfg.time_budget_s
-        if budget and self._elapsed() >= budget:
+        if self.clock.expired():
             self.trainer.should_stop = True  # the cosine has reached its end
 
         if step % self.metrics_every == 0:  # SSIM is not free; every few batches is plenty
@@ -305,7 +291,8 @@ def write_card(path: Path, tokenizer, cfg, command: str) -> str:
         ("attribute accuracy", f"{m.get('attribute_accuracy', float('nan')):.2%} (ShapesWorld "
                                f"detector finds the same objects in the reconstruction)"),
         *extra_rows,
-        ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        ("machine", f"trained on {info.get('train_device', 'cpu')}; "
+                    f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
                     f"torch thread(s), load average at the end {os.getloadavg()[0]:.1f} "
                     f"(other jobs share the CPU)"),
         ("command", f"`{command}`"),
