@@ -178,7 +178,7 @@ def cmd_editing(args) -> dict:
         from fusion.training.build import load_model
         from fusion.training.samplers import family_sampler
 
-        model, loss, tok, image_tok, meta = load_model(args.model)
+        model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
         model.to(args.device), image_tok.to(args.device)
         _resolve_sampling(args, meta)
         cfg = EditEvalConfig(per_kind=args.per_kind, guidance_scale=args.guidance_scale,
@@ -202,7 +202,7 @@ def cmd_model(args) -> dict:
     from fusion.training.build import load_model
     from fusion.training.samplers import family_sampler
 
-    model, loss, tok, image_tok, meta = load_model(args.model)
+    model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
     model.to(args.device), image_tok.to(args.device)
     sampling = _resolve_sampling(args, meta)
     cfg = ModelEvalConfig(images_per_tag=args.images_per_tag, caption_images=args.caption_images,
@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                           help="Chameleon: image codes (default: the model's, else 1.0)")
     sampling.add_argument("--top-k", type=int, default=FROM_MODEL,
                           help="Chameleon: image codes (default: the model's, else none)")
+    sampling.add_argument("--image-tokenizer", help="a copy of the image tokenizer the model was "
+                          "trained with, when its recorded path now holds another artifact")
     sampling.add_argument("--batch-size", type=int, default=64)
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
     sampling.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")

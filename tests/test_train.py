@@ -151,3 +151,43 @@ def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
                              top_k=ev.FROM_MODEL, guidance_scale=None)  # 'none' = CFG off
     assert ev._resolve_sampling(old, {}) == {"diffusion_steps": 25, "temperature": 1.0,
                                              "top_k": None, "guidance_scale": None}
+
+
+def test_a_model_refuses_a_retrained_image_tokenizer_at_its_recorded_path(tmp_path, tiny_vae):
+    import json as _json
+    import shutil
+
+    from fusion.config import compose
+    from fusion.data.text import TextTokenizer
+    from fusion.image.vae import VAETokenizer, build_autoencoder
+    from fusion.training.build import (
+        build_family,
+        image_tokenizer_fingerprint,
+        load_image_tokenizer,
+        load_model,
+        save_model,
+    )
+
+    art, original = tmp_path / "vae", tmp_path / "vae-original"
+    shutil.copytree(tiny_vae, art)
+    shutil.copytree(tiny_vae, original)
+    cfg = compose("train", ["experiment=transfusion_tiny"])
+    tok_path = str(ROOT / "tokenizers/shapes-bpe/tokenizer.json")
+    model, _ = build_family(cfg.model, TextTokenizer.from_file(tok_path),
+                            load_image_tokenizer(str(art)), 64)
+    save_model(tmp_path / "model", model, cfg.model, tok_path, str(art), {"image_size": 64})
+    load_model(tmp_path / "model")  # the artifact it was trained with: fine
+
+    # re-scoring an artifact (a new "info") keeps its fingerprint
+    before = image_tokenizer_fingerprint(art)
+    conf = _json.loads((art / "config.json").read_text())
+    conf["info"] = {"heldout": {"psnr": 1.0}}
+    (art / "config.json").write_text(_json.dumps(conf))
+    assert image_tokenizer_fingerprint(art) == before
+    load_model(tmp_path / "model")
+
+    # retraining it at the same path does not: loading fails, and names the way out
+    VAETokenizer(build_autoencoder((16, 16, 16, 16), 1, 4, 8, False)).save_pretrained(art)
+    with pytest.raises(ValueError, match="holds a different artifact.*--image-tokenizer"):
+        load_model(tmp_path / "model")
+    load_model(tmp_path / "model", image_tokenizer=str(original))  # a copy of the original

@@ -89,9 +89,22 @@ def text_tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
     return _sha256(json.dumps(text_vocabulary(tokenizer)).encode())
 
 
-def image_tokenizer_fingerprint(path) -> str | None:
-    """sha256 over a stage-1 artifact's files (config and weights, not its card), or None when
-    it is not on disk. Two copies of one artifact agree; a retrained one does not."""
+def _artifact_file_bytes(f: Path, legacy: bool) -> bytes:
+    data = f.read_bytes()
+    if legacy or f.name != "config.json":
+        return data
+    try:  # "info" documents the artifact (metrics, timings); it does not change what it computes
+        cfg = json.loads(data)
+    except json.JSONDecodeError:
+        return data
+    return json.dumps({k: v for k, v in cfg.items() if k != "info"}, sort_keys=True).encode()
+
+
+def image_tokenizer_fingerprint(path, legacy: bool = False) -> str | None:
+    """sha256 over a stage-1 artifact's weights and network config (``config.json`` without its
+    ``info``; not its card), or None when it is not on disk. Two copies of one artifact agree,
+    and re-scoring one (a new ``info``) keeps its fingerprint; a retrained one does not.
+    ``legacy``: the form recorded before 2026-11-28 session 4 (every file's raw bytes)."""
     path = resolve_path(path)
     if path.is_file():
         return _sha256(path.read_bytes())
@@ -100,8 +113,14 @@ def image_tokenizer_fingerprint(path) -> str | None:
     h = hashlib.sha256()
     for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix != ".md"):
         h.update(f.name.encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        h.update(hashlib.sha256(_artifact_file_bytes(f, legacy)).digest())
     return h.hexdigest()
+
+
+def image_tokenizer_matches(recorded: str, path) -> bool:
+    """Whether the artifact at ``path`` is the one a model recorded (either fingerprint form)."""
+    return recorded in (image_tokenizer_fingerprint(path),
+                        image_tokenizer_fingerprint(path, legacy=True))
 
 
 RECIPE_SAMPLING_KEYS = ("guidance_scale", "diffusion_steps", "temperature", "top_k", "top_p")
@@ -135,8 +154,13 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
     return out
 
 
-def load_model(path):
-    """Inverse of :func:`save_model` -> (model, loss, text tokenizer, image tokenizer, meta)."""
+def load_model(path, image_tokenizer: str | None = None):
+    """Inverse of :func:`save_model` -> (model, loss, text tokenizer, image tokenizer, meta).
+
+    The image tokenizer is the one recorded in ``config.json`` unless ``image_tokenizer`` names
+    another copy; either way it must be the artifact the model was trained with (its recorded
+    fingerprint): a retrained artifact at the same path would decode the model's latents or
+    codes into wrong images without any error."""
     from safetensors.torch import load_model as load_safetensors
 
     folder = Path(path)
@@ -149,7 +173,16 @@ def load_model(path):
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_file} is not valid JSON: {err}") from err
     tokenizer = TextTokenizer.from_file(resolve_path(meta["text_tokenizer"]))
-    image_tokenizer = load_image_tokenizer(meta["image_tokenizer"])
+    image_path = image_tokenizer or meta["image_tokenizer"]
+    recorded = meta.get("image_tokenizer_sha256")
+    if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
+            recorded, image_path):
+        raise ValueError(
+            f"{cfg_file}: the model was trained with the image tokenizer {meta['image_tokenizer']}"
+            f" (sha256 {recorded[:12]}...), but {image_path} holds a different artifact (a "
+            "retrained one?); pass a copy of the original (scripts/evaluate.py "
+            "--image-tokenizer PATH), e.g. restored with `git show <commit>:<file>`")
+    image_tokenizer = load_image_tokenizer(image_path)
     model_cfg = OmegaConf.create(meta["model"])
     model, loss = build_family(model_cfg, tokenizer, image_tokenizer, meta["image_size"])
     try:
@@ -255,15 +288,20 @@ def _text_differences(meta: dict, tokenizer: TextTokenizer, run_path: str) -> li
 def _image_differences(meta: dict, run_path: str, image_size: int) -> list[str]:
     out = []
     saved_path = meta.get("image_tokenizer")
-    if saved_path and resolve_path(saved_path).resolve() != resolve_path(run_path).resolve():
-        saved = meta.get("image_tokenizer_sha256") or image_tokenizer_fingerprint(saved_path)
-        ours = image_tokenizer_fingerprint(run_path)
-        if saved is None:
-            log.warning("init_from: cannot compare image tokenizers (%s is not on disk)",
-                        saved_path)
-        elif saved != ours:
-            out.append(f"image tokenizer: the checkpoint was trained with {saved_path}, this "
-                       f"run uses {run_path} (different files); set image_tokenizer={saved_path}")
+    same_path = saved_path and resolve_path(saved_path).resolve() == resolve_path(
+        run_path).resolve()
+    # Compared even at the same path: a retrained artifact there is a different tokenizer.
+    saved = meta.get("image_tokenizer_sha256") or (
+        None if same_path or not saved_path else image_tokenizer_fingerprint(saved_path))
+    if saved_path and saved is None and not same_path:
+        log.warning("init_from: cannot compare image tokenizers (%s is not on disk)",
+                    saved_path)
+    elif saved is not None and not image_tokenizer_matches(saved, run_path):
+        out.append(f"image tokenizer: the checkpoint was trained with a different artifact at "
+                   f"{saved_path}, which its files no longer match; restore it or point "
+                   f"image_tokenizer= at a copy" if same_path else
+                   f"image tokenizer: the checkpoint was trained with {saved_path}, this "
+                   f"run uses {run_path} (different files); set image_tokenizer={saved_path}")
     if meta.get("image_size") not in (None, image_size):
         out.append(f"image size: the checkpoint was trained at {meta['image_size']} px, this "
                    f"run uses data.image_size={image_size}")
