@@ -431,6 +431,17 @@ def test_mismatched_init_from_says_what_differs(artifacts, tmp_path):
     assert "weight shapes:" in msg and "vocabulary" not in msg
     assert "embed.weight: checkpoint (387, 256), this model (387, 128)" in msg
     assert "model.arch.backbone_overrides.d_model: checkpoint unset, this run 128" in msg
+    # the same path, but the artifact there was retrained after the checkpoint was saved
+    import shutil
+
+    shutil.copytree(artifacts["vae"], tmp_path / "vae_here")
+    here = ["experiment=edit_transfusion_tiny", f"image_tokenizer={tmp_path / 'vae_here'}"]
+    _saved_model(tmp_path / "h", here)
+    _init(here, tmp_path / "h")  # unchanged: fine
+    shutil.copy(Path(artifacts["vae2"]) / "model.safetensors", tmp_path / "vae_here")
+    with pytest.raises(InitFromError, match="trained with a different artifact at .*vae_here, "
+                                            "which its files no longer match"):
+        _init(here, tmp_path / "h")
     # a Chameleon checkpoint whose VQ-GAN had another codebook: the unified vocabulary differs
     _saved_model(tmp_path / "c", c_run)
     with pytest.raises(InitFromError, match="family: the checkpoint is a 'chameleon'"):
