@@ -138,20 +138,22 @@ def _optional_float(text: str) -> float | None:
 
 
 # An option left at FROM_MODEL takes the value the model folder recorded from its training
-# recipe (config.json "sampling", written by scripts/train.py), else the fallback below. A
-# non-string default, so argparse never runs it through `type`.
+# recipe (config.json "sampling", written by scripts/train.py), else SamplingConfig's default.
+# A non-string default, so argparse never runs it through `type`.
 FROM_MODEL = object()
-SAMPLING_FALLBACK = {"steps": ("diffusion_steps", 25), "temperature": ("temperature", 1.0),
-                     "top_k": ("top_k", None), "guidance_scale": ("guidance_scale", 3.0)}
+SAMPLING_OPTIONS = {"steps": "diffusion_steps", "temperature": "temperature", "top_k": "top_k",
+                    "guidance_scale": "guidance_scale"}  # option -> SamplingConfig field
 
 
 def _resolve_sampling(args, meta: dict) -> dict:
     """Fill the sampling options not given on the command line; returns what was used."""
-    recorded = meta.get("sampling") or {}
+    from fusion.config import SamplingConfig
+
+    recorded, fallback = meta.get("sampling") or {}, SamplingConfig()
     used = {}
-    for name, (key, fallback) in SAMPLING_FALLBACK.items():
+    for name, key in SAMPLING_OPTIONS.items():
         if getattr(args, name, None) is FROM_MODEL:
-            setattr(args, name, recorded.get(key, fallback))
+            setattr(args, name, recorded.get(key, getattr(fallback, key)))
         if hasattr(args, name):
             used[key] = getattr(args, name)
     print("sampling: " + ", ".join(f"{k}={v}" for k, v in used.items()))
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # sampling a model (editing, model): one set of options
     sampling = argparse.ArgumentParser(add_help=False)
-    # Defaults: the model's recorded recipe settings (FROM_MODEL), else SAMPLING_FALLBACK.
+    # Defaults: the model's recorded recipe settings (FROM_MODEL), else SamplingConfig's.
     sampling.add_argument("--steps", type=int, default=FROM_MODEL,
                           help="Transfusion: diffusion steps (default: the model's, else 25)")
     sampling.add_argument("--temperature", type=float, default=FROM_MODEL,

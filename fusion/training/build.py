@@ -119,8 +119,8 @@ def image_tokenizer_fingerprint(path, legacy: bool = False) -> str | None:
 
 def image_tokenizer_matches(recorded: str, path) -> bool:
     """Whether the artifact at ``path`` is the one a model recorded (either fingerprint form)."""
-    return recorded in (image_tokenizer_fingerprint(path),
-                        image_tokenizer_fingerprint(path, legacy=True))
+    return (image_tokenizer_fingerprint(path) == recorded  # the legacy form only if needed
+            or image_tokenizer_fingerprint(path, legacy=True) == recorded)
 
 
 RECIPE_SAMPLING_KEYS = ("guidance_scale", "diffusion_steps", "temperature", "top_k", "top_p")
