@@ -196,6 +196,10 @@ class TrainConfig:
     # model.safetensors) or a Lightning .ckpt -- instead of a random init. It must match this
     # run's family, tokenizers and shapes (fusion.training.build.load_init_weights).
     init_from: str | None = None
+    # Host memory (MiB) for the frozen image tokenizer's outputs, memoised per distinct image
+    # (fusion.training.encode_cache): images seen again (every epoch) are not re-encoded.
+    # 0 = encode every time. A 64x64 ShapesWorld image costs 1 KiB (VAE) or 0.5 KiB (VQ).
+    encode_cache_mb: float = 512.0
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # typed by the family's schema (model/<family>_*.yaml)
     optim: OptimConfig = field(default_factory=OptimConfig)

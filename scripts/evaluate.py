@@ -18,6 +18,7 @@
     python scripts/evaluate.py editing --tokenizer-ceiling tokenizers/shapes-vae
     # a trained family model: GenEval-shapes, FID-shapes and captioning on held-out scenes
     python scripts/evaluate.py model --model outputs/train/transfusion_tiny/model
+    python scripts/evaluate.py model --model ... --no-fid --world-seeds 0 1 2  # 3 prompt sets
 
 A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
 config; it reads folders and writes a results file, and Hydra's run-directory handling would
@@ -178,7 +179,6 @@ def cmd_editing(args) -> dict:
             raise SystemExit("give --model <model folder>, or --ground-truth / --unedited / "
                              "--tokenizer-ceiling")
         from fusion.training.build import load_model
-        from fusion.training.samplers import family_sampler
 
         model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
         model.to(args.device), image_tok.to(args.device)
@@ -188,7 +188,7 @@ def cmd_editing(args) -> dict:
                              diffusion_steps=args.steps, temperature=args.temperature,
                              top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                              heldout_start=args.start, center_tol=args.center_tol)
-        summary = evaluate_editing(family_sampler(model, loss, tok, image_tok), tok,
+        summary = evaluate_editing(_sampler(args, model, loss, tok, image_tok), tok,
                                    meta["image_size"], cfg, world_seed=args.world_seed,
                                    grid_path=args.grid)
         summary["model"] = str(args.model)
@@ -198,25 +198,101 @@ def cmd_editing(args) -> dict:
     return summary
 
 
+def _sampler(args, model, loss, tok, image_tok):
+    """The family's sampler, with ``--guidance-interval`` applied (Transfusion only)."""
+    from fusion.models.diffusion import check_guidance_interval
+    from fusion.training.samplers import family_sampler
+
+    sampler = family_sampler(model, loss, tok, image_tok)
+    if args.guidance_interval is FROM_MODEL:
+        return sampler
+    if not hasattr(sampler, "guidance_interval"):
+        raise ValueError("--guidance-interval is a diffusion setting: Transfusion models only")
+    given = args.guidance_interval
+    if given == ["none"]:
+        interval = [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
+    else:
+        try:
+            interval = [float(x) for x in given]
+        except ValueError:
+            raise ValueError(f"--guidance-interval takes LO HI or 'none', got {given}") from None
+        check_guidance_interval(interval)
+    sampler.guidance_interval = interval
+    return sampler
+
+
 def cmd_model(args) -> dict:
     """What the main job's evaluation stage runs, for any saved model folder."""
     from fusion.eval.model import ModelEvalConfig, evaluate_model
     from fusion.training.build import load_model
-    from fusion.training.samplers import family_sampler
 
+    if args.world_seeds and args.world_seed:
+        raise ValueError("give --world-seed or --world-seeds, not both")
     model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
     model.to(args.device), image_tok.to(args.device)
     sampling = _resolve_sampling(args, meta)
-    cfg = ModelEvalConfig(images_per_tag=args.images_per_tag, caption_images=args.caption_images,
-                          guidance_scale=args.guidance_scale, diffusion_steps=args.steps,
-                          temperature=args.temperature, top_k=args.top_k,
-                          batch_size=args.batch_size, seed=args.seed, fid=not args.no_fid)
-    result = evaluate_model(family_sampler(model, loss, tok, image_tok), tok, meta["image_size"],
-                            cfg, world_seed=args.world_seed, grid_path=args.grid)
+    world_seeds = args.world_seeds or [args.world_seed]
+    sampler = _sampler(args, model, loss, tok, image_tok)
+    if hasattr(sampler, "guidance_interval"):
+        sampling["guidance_interval"] = (sampler.guidance_interval
+                                         or sampler.diffusion.cfg.guidance_interval)
+        print(f"guidance_interval={sampling['guidance_interval']}")
+    per_set = {}
+    for world_seed in world_seeds:
+        # One prompt set varies by far more than its binomial error (docs/results.md), so
+        # several sets are the way to compare models; each gets its own sampling seed.
+        seed = args.seed + (world_seed if len(world_seeds) > 1 else 0)
+        cfg = ModelEvalConfig(images_per_tag=args.images_per_tag,
+                              caption_images=args.caption_images,
+                              guidance_scale=args.guidance_scale, diffusion_steps=args.steps,
+                              temperature=args.temperature, top_k=args.top_k,
+                              batch_size=args.batch_size, seed=seed, fid=not args.no_fid)
+        grid = args.grid if world_seed == world_seeds[0] else None
+        per_set[world_seed] = evaluate_model(sampler, tok, meta["image_size"], cfg,
+                                             world_seed=world_seed, grid_path=grid)
+        if len(world_seeds) > 1:
+            print(f"world seed {world_seed} (sampling seed {seed}):")
+            _print_floats(per_set[world_seed], indent="  ")
+    result = pool_prompt_sets(list(per_set.values()))
+    if len(world_seeds) > 1:
+        print(f"pooled over world seeds {world_seeds}:")
+        result["per_world_seed"] = {w: _scores(r) for w, r in per_set.items()}
+    _print_floats(result)
+    return {"model": str(args.model), "sampling": sampling, **result}
+
+
+def _print_floats(result: dict, indent: str = "") -> None:
     for key, value in result.items():
         if isinstance(value, float):
-            print(f"{key:40s} {value:.4f}")
-    return {"model": str(args.model), "sampling": sampling, **result}
+            print(f"{indent}{key:40s} {value:.4f}")
+
+
+def _scores(result: dict) -> dict:
+    """The figures of one result: floats, and each GenEval tag's score."""
+    return {k: v["score"] if isinstance(v, dict) else v for k, v in result.items()
+            if isinstance(v, float) or (isinstance(v, dict) and "score" in v)}
+
+
+def pool_prompt_sets(results: list[dict]) -> dict:
+    """Combine evaluate_model results of several prompt sets: GenEval tags pool their
+    images (correct / images), counts add up, every other figure is the mean; lists (caption
+    examples) come from the first set. One set is returned unchanged."""
+    if len(results) == 1:
+        return results[0]
+    pooled = {}
+    for key, first in results[0].items():
+        values = [r[key] for r in results]
+        if isinstance(first, dict) and {"correct", "images"} <= first.keys():
+            correct, images = sum(v["correct"] for v in values), sum(v["images"] for v in values)
+            pooled[key] = {"score": correct / images if images else 0.0, "correct": correct,
+                           "images": images}
+        elif isinstance(first, float):
+            pooled[key] = float(np.mean(values))
+        elif isinstance(first, int) and not isinstance(first, bool):
+            pooled[key] = sum(values)
+        else:
+            pooled[key] = first
+    return pooled
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -291,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
                           help="Chameleon: image codes (default: the model's, else 1.0)")
     sampling.add_argument("--top-k", type=int, default=FROM_MODEL,
                           help="Chameleon: image codes (default: the model's, else none)")
+    sampling.add_argument("--guidance-interval", nargs="+", default=FROM_MODEL,
+                          metavar="LO HI", help="Transfusion: guide only at noise levels t/T in "
+                          "(LO, HI]; 'none': at every step (default: the model's)")
     sampling.add_argument("--image-tokenizer", help="a copy of the image tokenizer the model was "
                           "trained with, when its recorded path now holds another artifact")
     sampling.add_argument("--batch-size", type=int, default=64)
@@ -329,6 +408,9 @@ def main(argv: list[str] | None = None) -> dict:
     m.add_argument("--guidance-scale", type=_optional_float, default=FROM_MODEL,
                    help="classifier-free guidance ('none': off; default: the model's, else 3)")
     m.add_argument("--no-fid", action="store_true", help="skip FID-shapes")
+    m.add_argument("--world-seeds", type=int, nargs="+", metavar="W",
+                   help="score the prompt sets of several ShapesWorld seeds and pool them "
+                        "(set W is sampled with seed --seed + W); e.g. --world-seeds 0 1 2")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
     m.set_defaults(fn=cmd_model)
 

@@ -5,10 +5,13 @@
     python scripts/sample.py ... task=image_to_text images=/path/to/pngs
     python scripts/sample.py ... task=text_to_text prompts='[a photo of]'
 
-Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl.
+Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl. Sampling settings
+the model recorded from its training recipe (guidance, top-k, ...) are used unless given on the
+command line (``sampling.top_k=...``).
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
@@ -19,7 +22,9 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = run_sampling(check_keys(cfg))
+    explicit = [o.split("=", 1)[0].lstrip("+~").removeprefix("sampling.")
+                for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("sampling.")]
+    result = run_sampling(check_keys(cfg), explicit_sampling=explicit)
     print(f"{result['task']}: {result['count']} results in {result['output_dir']}")
 
 

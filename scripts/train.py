@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> None:
     elif cfg.data.documents == "edit":
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
-                          cfg.seed)
+                          cfg.seed, encode_cache_mb=cfg.encode_cache_mb)
     if cfg.data.documents == "edit":  # grids of held-out edits: source | edited | target
         held_out = data.held_out(8)
         grid_sampler = make_edit_sampler(cfg, tokenizer, image_tokenizer, loss, held_out)

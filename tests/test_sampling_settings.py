@@ -50,3 +50,20 @@ def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
                              "batch_size=2", "sampling.top_k=64", "sampling.temperature=0.5"])
     run.run_sampling(cfg)
     assert sampler.seen == [TokenSampling(0.5, 64, None)] * 2
+
+
+def test_sample_script_follows_the_models_recorded_recipe_unless_told_otherwise(monkeypatch,
+                                                                                tmp_path):
+    import fusion.sampling.run as run
+
+    sampler = RecordingSampler()
+    model = SimpleNamespace(to=lambda device: None)
+    meta = {"sampling": {"top_k": 64, "temperature": 0.7, "guidance_scale": 6.0}}
+    monkeypatch.setattr(run, "load_model", lambda path: (model, None, TOK, model, meta))
+    monkeypatch.setattr(run, "family_sampler", lambda *a, **k: sampler)
+    cfg = compose("sample", [f"output_dir={tmp_path}", "device=cpu", "prompts=[a]",
+                             "sampling.temperature=0.5"])
+    run.run_sampling(cfg, explicit_sampling=["temperature"])
+    assert sampler.seen == [TokenSampling(0.5, 64, None)]  # top-k from the model
+    settings, taken = run.resolve_sampling(cfg.sampling, meta["sampling"], ["temperature"])
+    assert taken == {"top_k": 64, "guidance_scale": 6.0} and settings.guidance_scale == 6.0

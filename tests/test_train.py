@@ -58,7 +58,9 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
     _run("scripts/evaluate.py", "model", "--model", str(model_dir), "--images-per-tag", "2",
          "--caption-images", "2", "--no-fid", "--json", str(report))
     scores = json.loads(report.read_text())
-    assert scores["sampling"]["diffusion_steps"] == 2 and scores["sampling"]["guidance_scale"] == 3
+    # transfusion_tiny's recipe: CFG 5 inside the noise-level interval (0, 0.7]
+    assert scores["sampling"]["diffusion_steps"] == 2 and scores["sampling"]["guidance_scale"] == 5
+    assert scores["sampling"]["guidance_interval"] == [0.0, 0.7]
     assert scores["model"] == str(model_dir) and scores["caption_images"] == 2
     assert 0.0 <= scores["geneval_overall"] <= 1.0 and "fid_shapes" not in scores
 
@@ -151,6 +153,57 @@ def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
                              top_k=ev.FROM_MODEL, guidance_scale=None)  # 'none' = CFG off
     assert ev._resolve_sampling(old, {}) == {"diffusion_steps": 25, "temperature": 1.0,
                                              "top_k": None, "guidance_scale": None}
+
+
+def test_evaluate_pools_several_prompt_sets():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    a = {"geneval_overall": 0.2, "geneval_colors": {"score": 0.3, "correct": 30, "images": 100},
+         "fid_shapes": 5.0, "generated_images": 665, "caption_examples": ["a"]}
+    b = {"geneval_overall": 0.4, "geneval_colors": {"score": 0.45, "correct": 45, "images": 100},
+         "fid_shapes": 7.0, "generated_images": 665, "caption_examples": ["b"]}
+    pooled = ev.pool_prompt_sets([a, b])
+    assert pooled["geneval_colors"] == {"score": 0.375, "correct": 75, "images": 200}
+    assert pooled["geneval_overall"] == pytest.approx(0.3)
+    assert pooled["fid_shapes"] == pytest.approx(6.0)
+    assert pooled["generated_images"] == 1330 and pooled["caption_examples"] == ["a"]
+    assert ev.pool_prompt_sets([a]) is a
+    with pytest.raises(ValueError, match="--world-seed or --world-seeds"):
+        ev.cmd_model(argparse.Namespace(model="unused", image_tokenizer=None, world_seed=1,
+                                        world_seeds=[0, 1], device="cpu", **_FROM_MODEL(ev)))
+
+
+def test_evaluate_guidance_interval_option(monkeypatch):
+    import argparse
+    import importlib.util
+    from types import SimpleNamespace
+
+    import fusion.training.samplers as samplers
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    diffusion_like = SimpleNamespace(guidance_interval=None)
+    token_like = SimpleNamespace()
+    for given, expected in ((["0.1", "0.7"], [0.1, 0.7]), (["none"], [0.0, 1.0])):
+        monkeypatch.setattr(samplers, "family_sampler", lambda *a: diffusion_like)
+        ev._sampler(argparse.Namespace(guidance_interval=given), None, None, None, None)
+        assert diffusion_like.guidance_interval == expected
+    for bad, message in ((["0.7", "0.1"], "guidance_interval must be"),
+                         (["low", "high"], "takes LO HI or 'none'")):
+        with pytest.raises(ValueError, match=message):
+            ev._sampler(argparse.Namespace(guidance_interval=bad), None, None, None, None)
+    monkeypatch.setattr(samplers, "family_sampler", lambda *a: token_like)
+    with pytest.raises(ValueError, match="Transfusion models only"):
+        ev._sampler(argparse.Namespace(guidance_interval=["0", "1"]), None, None, None, None)
+
+
+def _FROM_MODEL(ev) -> dict:
+    return {name: ev.FROM_MODEL for name in ev.SAMPLING_OPTIONS}
 
 
 def test_a_model_refuses_a_retrained_image_tokenizer_at_its_recorded_path(tmp_path, tiny_vae):

@@ -133,6 +133,34 @@ def test_guidance_scale_one_equals_unguided():
     assert not torch.allclose(stronger, plain, atol=1e-3)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    model, loss = make_model()
+    s = TransfusionSampler(model, SPECIAL, loss.diffusion)
+    prompts = [[7, 8, 9], [10]]
+    always = s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1)
+    plain = s.generate_images(prompts, guidance_scale=None, steps=4, seed=1)
+    s.guidance_interval = [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
+    assert torch.equal(s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1), always)
+    s.guidance_interval = [0.0, 1e-4]  # no step is that clean: the conditional stream alone
+    assert torch.allclose(s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1),
+                          plain, atol=1e-5)
+    s.guidance_interval = [0.0, 0.6]  # some steps guided, some not: neither extreme
+    partial = s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1)
+    assert not torch.allclose(partial, always, atol=1e-3)
+    assert not torch.allclose(partial, plain, atol=1e-3)
+
+
+def test_guidance_interval_rule_and_bad_values():
+    from fusion.models.diffusion import Diffusion
+
+    d = Diffusion(DiffusionConfig(objective="flow", guidance_interval=[0.2, 0.8]))
+    assert [d.guided(t) for t in (1000, 800, 500, 200, 100)] == [False, True, True, False, False]
+    assert d.guided(1000, interval=[0.0, 1.0]) and Diffusion().guided(999)  # default: always
+    for bad in ([0.5, 0.5], [0.8, 0.2], [-0.1, 0.5], [0.1, 1.5], [0.3]):
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            Diffusion(DiffusionConfig(guidance_interval=bad))
+
+
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_tiny_model_overfits_one_batch_on_both_losses(objective):
     model, loss = make_model(caption_dropout=0.0, clean_image_share=0.0,

@@ -24,6 +24,15 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from fusion.models.schemas import OBJECTIVES, TIMESTEP_SAMPLINGS, DiffusionConfig
 
 
+def check_guidance_interval(interval) -> None:
+    """``interval``: None or [lo, hi] with 0 <= lo < hi <= 1 (noise levels t/T)."""
+    if interval is None:
+        return
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1 "
+                         f"(noise levels t/T), got {list(interval)}")
+
+
 class Diffusion:
     """Noise, targets and sampling steps for one objective. Holds no parameters."""
 
@@ -38,6 +47,7 @@ class Diffusion:
                              f"one of {TIMESTEP_SAMPLINGS}")
         if cfg.logit_std <= 0:
             raise ValueError(f"logit_std must be > 0, got {cfg.logit_std}")
+        check_guidance_interval(cfg.guidance_interval)
         self.T = cfg.num_train_timesteps
         # clip_sample=False: latents are scaled to unit variance, not bounded to [-1, 1].
         self.ddpm = DDPMScheduler(
@@ -115,6 +125,15 @@ class Diffusion:
             s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)
         s.set_timesteps(steps)
         return s
+
+    def guided(self, t: torch.Tensor | float, interval=None) -> bool:
+        """Whether classifier-free guidance applies at sampler timestep ``t``: its noise level
+        t/T lies in ``interval`` (default: the config's ``guidance_interval``; None = always)."""
+        interval = self.cfg.guidance_interval if interval is None else interval
+        if interval is None:
+            return True
+        lo, hi = interval
+        return lo < float(t) / self.T <= hi
 
     def model_timestep(
         self, t: torch.Tensor | float, batch: int, device: torch.device | str

@@ -16,6 +16,13 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers' name for the cosine schedule
     sample_steps: int = 25  # DDIM / Euler steps at inference (the paper uses 250 on GPU)
+    # Sampling, like sample_steps: classifier-free guidance only at noise levels t/T in
+    # (lo, hi]; the other steps take the conditional prediction alone. Guidance at the
+    # highest noise levels mostly pushes the layout (Kynkäänniemi et al. 2024, "Applying
+    # guidance in a limited interval", arXiv:2404.07724); here it emptied one-object images
+    # (docs/results.md). For flow t/T is the noise share σ; for DDPM the timestep share.
+    # null = guidance at every step.
+    guidance_interval: list[float] | None = None
     # Training noise levels: uniform in [0, T) (the paper), or logit-normal, t/T =
     # sigmoid(N(logit_mean, logit_std²)), which spends more of the loss on middle noise levels
     # (Esser et al. 2024, SD3, arXiv:2403.03206, sec. 3.1: their best rectified-flow setting).

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -41,7 +43,18 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def run_sampling(cfg) -> dict:
+def resolve_sampling(sampling, recorded: dict, explicit: Iterable[str] = ()) -> tuple:
+    """The settings to sample with: ``sampling`` (the config) where each setting the model
+    recorded from its training recipe (config.json "sampling", e.g. Chameleon's top-k 64) is
+    taken from the model, unless ``explicit`` names it (set on the command line).
+    Returns (settings, {setting: value taken from the model})."""
+    taken = {k: v for k, v in recorded.items() if k in sampling and k not in set(explicit)}
+    return OmegaConf.merge(sampling, taken), taken
+
+
+def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
+    """``explicit_sampling``: the ``sampling.*`` settings given on the command line; the
+    others follow the model's recorded recipe where it has one (:func:`resolve_sampling`)."""
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
     device = pick_device(cfg.device)
@@ -50,7 +63,10 @@ def run_sampling(cfg) -> dict:
     sampler = family_sampler(model, loss, tok, image_tok)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = cfg.sampling
+    s, taken = resolve_sampling(cfg.sampling, meta.get("sampling") or {}, explicit_sampling)
+    if taken:
+        print("sampling as the model's recipe: "
+              + ", ".join(f"{k}={v}" for k, v in taken.items()))
     token_sampling = TokenSampling.from_config(s)
     records = []
     if cfg.task == "text_to_image":

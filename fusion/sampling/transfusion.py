@@ -4,8 +4,10 @@ Text is decoded token by token with the KV cache. On <boi> the whole image block
 (DDIM for ε-prediction, Euler for flow matching): every step runs only the N image positions
 against the cached prefix without committing them, so the prefix is computed once, not once
 per step (Transfusion, arXiv:2408.11039, sec. 3). Classifier-free guidance batches the
-conditional and unconditional streams together. The final clean block (t = 0) is committed
-once, then <eoi> and decoding continue. Captioning feeds the clean image (t = 0).
+conditional and unconditional streams together, optionally only inside a noise-level
+interval (``DiffusionConfig.guidance_interval``, arXiv:2404.07724). The final clean block
+(t = 0) is committed once, then <eoi> and decoding continue. Captioning feeds the clean
+image (t = 0).
 
 Editing (docs/editing.md) puts the clean source image (t = 0) in the prompt,
 ``<bos> <boi> [source] <eoi> instruction <boi>``, and denoises the target against it with
@@ -44,6 +46,9 @@ class TransfusionSampler(StreamSampler):
                  decode_latents=None, encode_images=None, use_cache: bool = True):
         super().__init__(model, special, use_cache)
         self.diffusion = diffusion
+        # None: the objective's configured interval (DiffusionConfig.guidance_interval);
+        # scripts/evaluate.py --guidance-interval sets another here.
+        self.guidance_interval: list[float] | None = None
         self.decode_latents, self.encode_images = decode_latents, encode_images
 
     def _denoise(self, state: Streams, batch: int, scales: tuple[float, ...], steps: int,
@@ -61,7 +66,10 @@ class TransfusionSampler(StreamSampler):
             xin = x.repeat(streams // batch, 1, 1, 1)
             tokens, skips = m.patchifier.patchify(xin, tt)
             h = self._run(state, tokens, image=True, commit=False)
-            out = combine_guidance(m.patchifier.unpatchify(h, tt, skips), scales)
+            out = m.patchifier.unpatchify(h, tt, skips)
+            # Outside the guidance interval: the most conditioned group alone (the first).
+            guided = self.diffusion.guided(t, self.guidance_interval)
+            out = combine_guidance(out, scales) if guided else out[:batch]
             x = sampler.step(out, t, x).prev_sample
         # Commit the clean image (t = 0) once, as the context for whatever follows.
         t0 = torch.zeros(streams, device=self.device)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fusion.config import OptimConfig
+from fusion.training.encode_cache import EncodeCache
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
@@ -82,7 +83,10 @@ class CosineClock:
 
 class FusionModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss_fn, image_tokenizer: nn.Module | None,
-                 optim: OptimConfig, max_steps: int, seed: int = 0):
+                 optim: OptimConfig, max_steps: int, seed: int = 0,
+                 encode_cache_mb: float = 0.0):
+        """``encode_cache_mb``: host memory for memoised tokenizer outputs (EncodeCache;
+        scripts/train.py passes the config's ``encode_cache_mb``); 0 = encode every time."""
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -95,6 +99,8 @@ class FusionModule(L.LightningModule):
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay))
                     if optim.ema_decay else None)
         self._rng = random.Random(seed)
+        self.encode_cache = (EncodeCache(image_tokenizer.encode, int(encode_cache_mb * 2**20))
+                             if image_tokenizer is not None else None)
         self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s)
 
     @property
@@ -115,7 +121,7 @@ class FusionModule(L.LightningModule):
         self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_tokenizer.encode(pixels)
+        return self.encode_cache(pixels)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # Batches are lists of Documents (frozen dataclasses); the family's loss moves the
@@ -129,6 +135,9 @@ class FusionModule(L.LightningModule):
         out = self.loss_fn(self.model, batch, self.encode, rng)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=len(batch))
+        if self.encode_cache is not None and self.encode_cache.max_bytes > 0:
+            self.log("train/encode_cache_hit_share", self.encode_cache.last_hit_share,
+                     batch_size=len(batch))
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
