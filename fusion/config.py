@@ -115,10 +115,9 @@ class DemoSettings:
     # Stage 3: evaluation size (fusion.eval.model.ModelEvalConfig).
     eval_images_per_tag: int = 100  # single_object + colors: 200 single-object prompts
     eval_caption_images: int = 200
-    guidance_scale: float | None = 3.0
-    diffusion_steps: int = 25  # Transfusion: flow/DDIM steps per image
-    temperature: float = 1.0  # Chameleon: image-code sampling (chameleon_tiny's sampling)
-    top_k: int | None = 64
+    # Sampling (guidance, diffusion steps, temperature, top-k) is the trained model's recorded
+    # recipe (config.json "sampling"); change it with train_overrides, e.g.
+    # '[sampling.guidance_scale=3]'.
     # Stage 4: a short image-editing fine-tune of the stage-2 model
     # (scripts/train.py experiment=edit_<family>_tiny init_from=...), then edits of
     # edit_per_kind held-out scenes per kind, scored. 0 steps skips the stage.

@@ -78,6 +78,12 @@ def _script(name: str, overrides: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
+def _recorded(model_dir: Path) -> dict | None:
+    """A model folder's recorded recipe sampling (config.json), for a stage's fingerprint."""
+    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    return meta.get("sampling")
+
+
 def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
     """The main job; ``debug`` is the demo's own ``debug`` choice, passed on to each stage."""
     out = Path(cfg.output_dir)
@@ -170,16 +176,15 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
 
     def evaluate() -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
-        from fusion.training.build import load_model
+        from fusion.training.build import load_model, recorded_sampling
         from fusion.training.samplers import family_sampler
 
         model, loss, tok, itok, meta = load_model(model_dir)
         sampler = family_sampler(model, loss, tok, itok)
+        # Sampled the way the recipe says (config.json "sampling"), as scripts/evaluate.py does.
         ecfg = ModelEvalConfig(images_per_tag=demo.eval_images_per_tag,
-                               caption_images=demo.eval_caption_images,
-                               guidance_scale=demo.guidance_scale,
-                               diffusion_steps=demo.diffusion_steps,
-                               temperature=demo.temperature, top_k=demo.top_k, seed=cfg.seed)
+                               caption_images=demo.eval_caption_images, seed=cfg.seed,
+                               **recorded_sampling(meta))
         res = evaluate_model(sampler, tok, meta["image_size"], ecfg, world_seed=data.seed,
                              grid_path=out / "samples.png")
         eval_path.write_text(json.dumps(res, indent=2) + "\n")
@@ -187,10 +192,9 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
                                   f"FID-shapes {res.get('fid_shapes', float('nan')):.2f}, "
                                   f"captions {res['caption_single_object_accuracy']:.2f}"}
 
-    ev = stages.run("evaluate", {"eval": [demo.eval_images_per_tag, demo.eval_caption_images,
-                                          demo.guidance_scale, demo.diffusion_steps,
-                                          demo.temperature, demo.top_k],
-                                 "model": trained}, [eval_path], evaluate)
+    ev = stages.run("evaluate", {"eval": [demo.eval_images_per_tag, demo.eval_caption_images],
+                                 "sampling": _recorded(model_dir), "model": trained},
+                    [eval_path], evaluate)
 
     # Stage 4: image editing -- a short fine-tune of the stage-2 model on ShapesWorld edits,
     # then a few held-out edits of each kind, scored (docs/editing.md).
@@ -217,13 +221,14 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
 
         def edit_evaluate() -> dict:
             from fusion.eval.editing import EditEvalConfig, evaluate_editing
-            from fusion.training.build import load_model
+            from fusion.training.build import load_model, recorded_sampling
             from fusion.training.samplers import family_sampler
 
             model, loss, tok, itok, meta = load_model(edit_model)
+            s = recorded_sampling(meta)  # the edit recipe's; guidance: EditEvalConfig's
             ecfg = EditEvalConfig(per_kind=demo.edit_per_kind,
-                                  diffusion_steps=demo.diffusion_steps,
-                                  temperature=demo.temperature, top_k=demo.top_k,
+                                  diffusion_steps=s["diffusion_steps"],
+                                  temperature=s["temperature"], top_k=s["top_k"],
                                   seed=cfg.seed)
             res = evaluate_editing(family_sampler(model, loss, tok, itok), tok,
                                    meta["image_size"], ecfg, world_seed=data.seed,
@@ -234,8 +239,7 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
                                       f"{res['edits']} held-out edits -> {out / 'edits.png'}"}
 
         edit = stages.run("edit_evaluate", {"per_kind": demo.edit_per_kind, "model": tuned,
-                                            "sampling": [demo.diffusion_steps,
-                                                         demo.temperature, demo.top_k]},
+                                            "sampling": _recorded(edit_model)},
                           [edit_eval], edit_evaluate)
 
     results = {"family": family, "train_steps": trained["steps"],

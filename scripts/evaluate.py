@@ -148,13 +148,13 @@ SAMPLING_OPTIONS = {"steps": "diffusion_steps", "temperature": "temperature", "t
 
 def _resolve_sampling(args, meta: dict) -> dict:
     """Fill the sampling options not given on the command line; returns what was used."""
-    from fusion.config import SamplingConfig
+    from fusion.training.build import recorded_sampling
 
-    recorded, fallback = meta.get("sampling") or {}, SamplingConfig()
+    defaults = recorded_sampling(meta)
     used = {}
     for name, key in SAMPLING_OPTIONS.items():
         if getattr(args, name, None) is FROM_MODEL:
-            setattr(args, name, recorded.get(key, getattr(fallback, key)))
+            setattr(args, name, defaults[key])
         if hasattr(args, name):
             used[key] = getattr(args, name)
     print("sampling: " + ", ".join(f"{k}={v}" for k, v in used.items()))

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 FAST = ["debug=default", "demo.eval_images_per_tag=2", "demo.eval_caption_images=4",
-        "demo.diffusion_steps=2", "demo.edit_per_kind=1"]
+        "demo.train_overrides=['sampling.diffusion_steps=2']",
+        "demo.edit_overrides=['sampling.diffusion_steps=2']", "demo.edit_per_kind=1"]
 
 
 def _run(out: Path, *extra: str) -> str:

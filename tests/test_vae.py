@@ -26,12 +26,12 @@ from fusion.image.vae import (
     evaluate_reconstruction,
     measure_latent_scaling,
 )
+from fusion.training.fusion_module import warmup_cosine
 from fusion.training.tokenizer_module import (
     AutoencoderModule,
     ImageDataset,
     check_artifact_dir,
 )
-from fusion.training.fusion_module import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 

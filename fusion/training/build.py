@@ -132,6 +132,16 @@ def recipe_sampling(sampling_cfg) -> dict:
     return {k: sampling_cfg[k] for k in RECIPE_SAMPLING_KEYS if k in sampling_cfg}
 
 
+def recorded_sampling(meta: dict) -> dict:
+    """The sampling settings a model folder's config.json recorded from its recipe, with
+    SamplingConfig's defaults for any it lacks (folders saved before models recorded them):
+    what scripts/evaluate.py and the main job sample with unless told otherwise."""
+    from fusion.config import SamplingConfig
+
+    recorded, fallback = meta.get("sampling") or {}, SamplingConfig()
+    return {k: recorded.get(k, getattr(fallback, k)) for k in RECIPE_SAMPLING_KEYS}
+
+
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
@@ -393,7 +403,10 @@ def init_from_checkpoint(model, cfg, tokenizer: TextTokenizer) -> dict:
     saved_loss = ((meta or {}).get("model") or {}).get("loss") or {}
     if "diffusion" in saved_loss:  # another objective (ddpm -> flow) loads but starts over
         ours = OmegaConf.to_container(cfg.model.loss.diffusion, resolve=True)
-        for d in _arch_differences(saved_loss["diffusion"], ours, "model.loss.diffusion."):
+        sampling_only = ("sample_steps", "guidance_interval")  # how to sample, not to train
+        saved = {k: v for k, v in saved_loss["diffusion"].items() if k not in sampling_only}
+        ours = {k: v for k, v in ours.items() if k not in sampling_only}
+        for d in _arch_differences(saved, ours, "model.loss.diffusion."):
             log.warning("init_from: %s", d)
     model.load_state_dict(state, strict=False)  # completeness was checked above
     log.info("initialised %s weights from %s", family, path)

@@ -62,7 +62,7 @@ class EncodeCache:
                 missing[key] = i
         if missing:
             fresh = self._encode(pixels[list(missing.values())]).detach().cpu()
-            for key, value in zip(missing, fresh):
+            for key, value in zip(missing, fresh, strict=True):
                 self._put(key, value.clone())  # clone: do not keep the whole batch alive
         found = len(keys) - sum(1 for k in keys if k in missing)
         self.hits += found
