@@ -121,31 +121,31 @@ def test_cached_and_uncached_sampling_give_the_same_image(patchifier):
         (images[0] - images[1]).abs().max())
 
 
-def test_guidance_scale_one_equals_unguided():
+def _guided_sampler():
+    """A tiny model's sampler and a function: guidance scale -> images of two fixed prompts."""
     model, loss = make_model()
     s = TransfusionSampler(model, SPECIAL, loss.diffusion)
-    prompts = [[7, 8, 9], [10]]
-    guided = s.generate_images(prompts, guidance_scale=1.0, steps=4, seed=1)
-    plain = s.generate_images(prompts, guidance_scale=None, steps=4, seed=1)
+    return s, lambda scale: s.generate_images([[7, 8, 9], [10]], guidance_scale=scale, steps=4,
+                                              seed=1)
+
+
+def test_guidance_scale_one_equals_unguided():
+    _, generate = _guided_sampler()
+    guided, plain = generate(1.0), generate(None)
     # the unconditional stream rides in the same batch: it must not perturb the conditional one
     assert torch.allclose(guided, plain, atol=1e-5)
-    stronger = s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1)
-    assert not torch.allclose(stronger, plain, atol=1e-3)
+    assert not torch.allclose(generate(3.0), plain, atol=1e-3)
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it():
-    model, loss = make_model()
-    s = TransfusionSampler(model, SPECIAL, loss.diffusion)
-    prompts = [[7, 8, 9], [10]]
-    always = s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1)
-    plain = s.generate_images(prompts, guidance_scale=None, steps=4, seed=1)
+    s, generate = _guided_sampler()
+    always, plain = generate(3.0), generate(None)
     s.guidance_interval = [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
-    assert torch.equal(s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1), always)
+    assert torch.equal(generate(3.0), always)
     s.guidance_interval = [0.0, 1e-4]  # no step is that clean: the conditional stream alone
-    assert torch.allclose(s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1),
-                          plain, atol=1e-5)
+    assert torch.allclose(generate(3.0), plain, atol=1e-5)
     s.guidance_interval = [0.0, 0.6]  # some steps guided, some not: neither extreme
-    partial = s.generate_images(prompts, guidance_scale=3.0, steps=4, seed=1)
+    partial = generate(3.0)
     assert not torch.allclose(partial, always, atol=1e-3)
     assert not torch.allclose(partial, plain, atol=1e-3)
 
