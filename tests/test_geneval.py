@@ -197,6 +197,19 @@ def test_summary_averages_tasks_present_and_says_which():
     assert results["missing_tags"] == ["two_object", "counting", "position", "color_attr"]
     assert results["overall"] == 1.0 and results["images"] == 3 and results["prompts"] == 2
     assert "mean over 2 tasks" in format_summary(results)
+    assert results["empty_images"] == 0.0
+
+
+def test_summary_counts_images_with_no_object():
+    blank, drawn = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    results = score_geneval(
+        [[blank, drawn, drawn], [blank]],
+        [rec("single_object", [{"class": "a", "count": 1}], prompt="one"),
+         rec("single_object", [{"class": "a", "count": 1}], prompt="two")],
+        # detections below the 0.3 threshold are dropped (rule 1), so a faint one is no object
+        detector=lambda image: [det("a", score=0.9 if image.any() else 0.1)], progress=False)
+    assert results["empty_images"] == 0.5
+    assert "no object found   50.00%  of the images" in format_summary(results)
 
 
 # --------------------------------------------------------------------------------------------

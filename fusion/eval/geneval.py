@@ -225,6 +225,9 @@ def summarize(results: Sequence[ImageResult]) -> dict:
         "prompts": len(by_prompt),
         "correct_images": float(np.mean([r.correct for r in results])),
         "correct_prompts": float(np.mean([any(v) for v in by_prompt.values()])),
+        # Share of images in which no object survived rules 1-2: a failure mode of its own
+        # (small diffusion models often draw an empty scene), not a wrong class or colour.
+        "empty_images": float(np.mean([not any(r.detected.values()) for r in results])),
     }
 
 
@@ -282,6 +285,8 @@ def format_summary(summary: Mapping) -> str:
                  f"{len(summary['tags'])} tasks)")
     if summary["missing_tags"]:
         lines.append(f"missing tags: {', '.join(summary['missing_tags'])}")
+    if "empty_images" in summary:
+        lines.append(f"{'no object found':<16} {summary['empty_images']:>7.2%}  of the images")
     return "\n".join(lines)
 
 

@@ -96,6 +96,7 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
                             ShapesDetector(), progress=progress)
     results = {"geneval_overall": geneval["overall"],
                **{f"geneval_{t}": v for t, v in geneval["tasks"].items()},
+               "geneval_empty_share": geneval["empty_images"],
                "generated_images": len(generated)}
     if cfg.fid:
         from fusion.eval.fid import ImageSet, compute_fid
