@@ -74,6 +74,9 @@ def main(cfg: DictConfig) -> None:
     trainer = build_trainer(cfg.trainer, build_logger(cfg.logger, out), callbacks, out)
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    # ModelCheckpoint saves every N steps; a run ended by its time budget stops in between.
+    # Checkpoint the final state too, so last.ckpt holds the live weights of the saved model.
+    trainer.save_checkpoint(last, weights_only=False)  # full state: a later call resumes it
     save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,

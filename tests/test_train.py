@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,11 +32,13 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
     common = ["scripts/train.py", "experiment=transfusion_tiny", "debug=default",
               f"image_tokenizer={tiny_vae}", f"output_dir={out}", "logger=csv",
               "sampling.diffusion_steps=2", "sampling.prompts=[a photo of a red circle]"]
-    _run(*common)
+    # checkpoints every 3 steps; the run ends at step 4, and last.ckpt must hold step 4
+    _run(*common, "callbacks.checkpoint_every_n_steps=3")
     model_dir = out / "model"
     meta = json.loads((model_dir / "config.json").read_text())
     assert meta["steps"] == 4 and (model_dir / "model.safetensors").exists()
-    assert (out / "checkpoints" / "last.ckpt").exists()
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
     assert list((out / "samples").glob("*.png"))
     # an interrupted run resumes from last.ckpt: asking for 6 steps trains 2 more
     _run(*common, "trainer.max_steps=6")
