@@ -150,7 +150,7 @@ def test_adamw_is_fused_where_torch_has_the_kernel_and_updates_the_same():
     opts = {k: m.configure_optimizers()["optimizer"] for k, m in modules.items()}
     assert opts[None].defaults["fused"] is True  # auto: CPU float parameters take the kernel
     assert not opts[False].defaults["fused"]
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(16, 4)
         for k, m in modules.items():
             opts[k].zero_grad()
