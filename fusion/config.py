@@ -165,10 +165,6 @@ class OptimConfig(AdamWConfig):
     gradient clipping is ``trainer.gradient_clip_val``."""
 
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
-    # torch's fused AdamW kernel (one kernel for the whole update instead of a loop of
-    # element-wise ops). None = where it applies: plain float parameters on CPU or CUDA, not
-    # sharded DTensors. On the 2-core CPU an update of 3.5 M parameters took 1.6-2.6 ms, not 5.6.
-    fused: bool | None = None
 
 
 @dataclass

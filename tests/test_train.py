@@ -137,32 +137,6 @@ def test_a_spent_time_budget_stops_family_training_early():
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
 
 
-def test_adamw_is_fused_where_torch_has_the_kernel_and_updates_the_same():
-    import copy
-
-    from fusion.config import OptimConfig
-    from fusion.training.fusion_module import FusionModule, fused_adamw_applies
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
-    modules = {fused: FusionModule(copy.deepcopy(model), None, None, OptimConfig(fused=fused),
-                                   max_steps=10) for fused in (None, False)}
-    opts = {k: m.configure_optimizers()["optimizer"] for k, m in modules.items()}
-    assert opts[None].defaults["fused"] is True  # auto: CPU float parameters take the kernel
-    assert not opts[False].defaults["fused"]
-    for _ in range(3):
-        x = torch.randn(16, 4)
-        for k, m in modules.items():
-            opts[k].zero_grad()
-            m.model(x).pow(2).mean().backward()
-            opts[k].step()
-    for a, b, start in zip(modules[None].model.parameters(),
-                           modules[False].model.parameters(), model.parameters(), strict=True):
-        assert not torch.equal(a, start)  # the steps moved every parameter...
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # ...the same way
-    assert not fused_adamw_applies([]) and not fused_adamw_applies([torch.zeros(2).long()])
-
-
 def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
     import argparse
     import importlib.util

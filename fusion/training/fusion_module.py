@@ -35,14 +35,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these parameters: floating point, on CPU or
-    CUDA, and plain tensors (FSDP2's DTensor shards keep the default multi-tensor path)."""
-    return bool(params) and all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda")
-        and type(p.data) is torch.Tensor for p in params)
-
-
 class CosineClock:
     """Where training is on the warm-up + cosine schedule when a wall-clock budget may end it.
 
@@ -170,10 +162,9 @@ class FusionModule(L.LightningModule):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         o = self.optim
-        fused = fused_adamw_applies(decay + no_decay) if o.fused is None else o.fused
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=o.lr,
-                                betas=(o.beta1, o.beta2), fused=fused or None)
+                                betas=(o.beta1, o.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: self.clock.multiplier(s, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
