@@ -285,8 +285,7 @@ def format_summary(summary: Mapping) -> str:
                  f"{len(summary['tags'])} tasks)")
     if summary["missing_tags"]:
         lines.append(f"missing tags: {', '.join(summary['missing_tags'])}")
-    if "empty_images" in summary:
-        lines.append(f"{'no object found':<16} {summary['empty_images']:>7.2%}  of the images")
+    lines.append(f"{'no object found':<16} {summary['empty_images']:>7.2%}  of the images")
     return "\n".join(lines)
 
 
