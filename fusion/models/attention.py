@@ -28,6 +28,7 @@ key indices P .. P+S-1. RoPE positions are separate (see `AttentionLayout.rope_p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 Backend = Literal["auto", "sdpa", "flex"]
@@ -95,6 +97,25 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
             f"kernel, got {head_dim} (d_model / n_heads); use 'auto' or 'sdpa', or fewer heads"
         )
     return backend
+
+
+# Longest key range for which `attn_backend: auto` runs CPU training in bf16/fp16 on SDPA's
+# unfused math kernel instead of torch's CPU flash kernel, whose reduced-precision backward is
+# slow on short rows. Forward + backward, 4,096 query positions, H=4, Hkv=2, Dh=64, bf16, 2-core
+# CPU, torch 2.13 (docs/performance.md): flash 20 / 23 / 33 / 34 ms against math
+# 10 / 16 / 23 / 39 ms at K = 32 / 64 / 128 / 256. Without gradients, or in fp32, flash won at
+# every length measured, so those keep torch's choice.
+CPU_MATH_MAX_KEYS = 128
+
+
+def sdpa_kernels(q: Tensor, key_len: int, backend: str) -> contextlib.AbstractContextManager:
+    """The SDPA kernel restriction for one call: the math kernel under the rule above for
+    ``backend='auto'``, else none (torch's own dispatch; an explicit 'sdpa' always gets it)."""
+    if (backend == "auto" and q.device.type == "cpu" and q.requires_grad
+            and q.dtype in (torch.bfloat16, torch.float16) and key_len <= CPU_MATH_MAX_KEYS
+            and not torch.compiler.is_compiling()):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 @functools.cache
@@ -308,6 +329,11 @@ def attend(
         fused = q.is_cuda and not torch.compiler.is_compiling()
         flex = _compiled_flex_attention() if fused else flex_attention
         return flex(q, k, v, block_mask=layout.block_mask, enable_gqa=gqa)
+    with sdpa_kernels(q, layout.key_len, backend):
+        return _sdpa(q, k, v, layout, gqa)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, gqa: bool) -> Tensor:
     if layout.is_plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = layout.dense_mask

@@ -32,7 +32,7 @@ from torch import nn
 from fusion.data.documents import Document, Image, Text, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3Tokens, cm3_transform
-from fusion.models.packing import Context, next_token_loss, pack, target_mask
+from fusion.models.packing import Context, next_token_loss, pack, row_length, target_mask
 from fusion.models.schemas import EDIT_LOSSES, ChameleonConfig, ChameleonLossConfig
 from fusion.models.transformer import KVCache, Transformer, transformer_config
 from fusion.models.transfusion import SpecialIds
@@ -147,7 +147,7 @@ class ChameleonLoss:
         """``encode``: pixels (I, 3, H, W) -> codes (I, h, w) int64, frozen (the VQ-GAN)."""
         cfg, device = self.cfg, model.embed.weight.device
         pieces = self.documents(model, docs, encode, rng)
-        packed = pack(pieces, model.max_seq_len, self.special.pad)
+        packed = pack(pieces, row_length(cfg.pack_len, model.max_seq_len), self.special.pad)
         ids = packed.ids.to(device)
         logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
                                             packed.image_ids.to(device)))

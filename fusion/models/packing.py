@@ -68,6 +68,19 @@ class Packed:
         return targets
 
 
+def row_length(pack_len: int | None, max_seq_len: int) -> int:
+    """The row length training packs into: ``pack_len`` (the family loss config's), or the
+    model's ``max_seq_len`` when it is None. Rows longer than the model's positions are refused
+    here, before any work."""
+    if pack_len is None:
+        return max_seq_len
+    if not 0 < pack_len <= max_seq_len:
+        raise ValueError(
+            f"loss.pack_len={pack_len} must be between 1 and the model's max_seq_len={max_seq_len}"
+        )
+    return pack_len
+
+
 def document_length(pieces: list[Piece]) -> int:
     return sum(p.n if isinstance(p, ImageSlot) else len(p) for p in pieces)
 
@@ -87,7 +100,8 @@ def pack(
         if n > max_len:
             raise ValueError(
                 f"document {i} has {n} positions, more than max_len={max_len}; "
-                "raise the model's max_seq_len or shorten the document"
+                "raise the row length (the model's max_seq_len, or loss.pack_len) or shorten "
+                "the document"
             )
     rows: list[list[int]] = []
     used: list[int] = []

@@ -42,6 +42,7 @@ from fusion.models.packing import (
     gather_images,
     next_token_loss,
     pack,
+    row_length,
     scatter_images,
     target_mask,
 )
@@ -177,7 +178,7 @@ class TransfusionLoss:
                     clean_share_mask.append(
                         doc.order == "image_first" and rng.random() < cfg.clean_image_share
                     )
-        packed = pack(pieces, model.max_seq_len, self.special.pad)
+        packed = pack(pieces, row_length(cfg.pack_len, model.max_seq_len), self.special.pad)
         ids, layout = (
             packed.ids.to(device),
             AttentionLayout(packed.doc_ids.to(device), packed.image_ids.to(device)),

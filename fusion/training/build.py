@@ -44,6 +44,8 @@ def load_image_tokenizer(path: str):
 
 def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_size: int):
     """Returns (model nn.Module, loss callable)."""
+    from fusion.models.packing import row_length
+
     family = model_cfg.family
     if family == "transfusion":
         from fusion.models.schemas import TransfusionModelConfig
@@ -61,6 +63,7 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
         arch = dataclasses.replace(arch, latent_channels=image_tokenizer.latent_channels,
                                    latent_size=grid)
         model = Transfusion(arch, tokenizer.vocab_size)
+        row_length(cfg.loss.pack_len, model.max_seq_len)  # a bad pack_len fails before training
         return model, TransfusionLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer))
     if family == "chameleon":
         from fusion.models.chameleon import Chameleon, ChameleonLoss
@@ -71,6 +74,7 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
         cfg = to_dataclass(model_cfg, ChameleonModelConfig)
         h, w = image_tokenizer.latent_grid(image_size)
         model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w)
+        row_length(cfg.loss.pack_len, model.max_seq_len)
         cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
         return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)
     raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
