@@ -3,6 +3,7 @@
     shapes       ShapesWorld render / caption / detect throughput
     transformer  backbone forward+backward tokens/s, FLOP/s, MFU (CPU; bf16/compile/flex on CUDA)
     sampling     Transfusion text->image seconds per image, prompt KV-cached vs recomputed
+    train-step   a family recipe's training step: row length (pack_len) x SDPA kernel choice
 """
 
 import importlib
@@ -10,7 +11,8 @@ import sys
 
 BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "transformer": "fusion.benchmarks.transformer",
-              "sampling": "fusion.benchmarks.sampling"}
+              "sampling": "fusion.benchmarks.sampling",
+              "train-step": "fusion.benchmarks.train_step"}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from fusion.models.attention import (
     layout_from_segments,
     reference_mask,
     resolve_backend,
+    sdpa_kernels,
 )
 
 # Eager FlexAttention on CPU warns that it is unfused; that is what these tests want.
@@ -206,3 +207,32 @@ def test_compiled_flex_matches_sdpa_on_cuda():
     torch.testing.assert_close(flex, sdpa, atol=2e-5, rtol=1e-4)
     for a, b in zip(grads_flex, grads_sdpa, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_auto_takes_the_math_kernel_only_for_short_bf16_cpu_training():
+    def kernel(dtype=torch.bfloat16, grad=True, key_len=64, backend="auto"):
+        q = torch.zeros(1, 1, 1, 8, dtype=dtype, requires_grad=grad)
+        return type(sdpa_kernels(q, key_len, backend)).__name__
+
+    restricted, free = kernel(), kernel(backend="sdpa")
+    assert restricted != free  # a kernel restriction against torch's own choice
+    assert kernel(key_len=128) == restricted
+    for case in (dict(dtype=torch.float32), dict(dtype=torch.float16), dict(grad=False),
+                 dict(key_len=129)):
+        assert kernel(**case) == free, case
+
+
+def test_auto_and_sdpa_agree_in_bf16_training():
+    # The math kernel that `auto` picks for short bf16 CPU rows computes the same attention
+    # and gradients as torch's default choice (bf16 rounding apart).
+    layout = layout_from_segments([[(0, "text", 5), (0, "image", 6), (1, "text", 9)],
+                                   [(2, "image", 4), (2, "text", 12)]])
+    results = []
+    for backend in ("auto", "sdpa"):
+        torch.manual_seed(0)
+        q, k, v = (t.bfloat16().requires_grad_() for t in random_qkv(2, 20, head_dim=16))
+        out = attend(q, k, v, layout, backend)
+        out.float().square().sum().backward()
+        results.append((out.float(), q.grad.float(), k.grad.float(), v.grad.float()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

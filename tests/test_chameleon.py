@@ -124,3 +124,15 @@ def test_configured_top_k_reaches_the_image_codes(monkeypatch):
     assert torch.equal(top1[0], images(temperature=0.0))
     full = [images(seed=seed) for seed in range(4)]
     assert any(not torch.equal(full[0], x) for x in full[1:])
+
+
+def test_pack_len_changes_the_rows_not_the_loss():
+    batch = docs(6)  # 12 positions each before CM3 (4 text, 4 codes, 4 specials)
+    losses, rows = [], []
+    for pack_len in (None, 24):
+        model, loss = make(pack_len=pack_len, cm3=True, cm3_rate=1.0)
+        model.register_forward_pre_hook(lambda m, args: rows.append(tuple(args[0].shape)))
+        losses.append(loss(model, batch, encode, random.Random(0)))
+    assert rows[0][1] == 96 and rows[1][1] == 24 and rows[1][0] > rows[0][0]
+    for part in ("loss", "lm_loss", "z_loss"):
+        torch.testing.assert_close(losses[1][part], losses[0][part], atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fusion.models.attention import reference_mask
-from fusion.models.packing import ImageSlot, gather_images, pack, scatter_images
+from fusion.models.packing import ImageSlot, gather_images, pack, row_length, scatter_images
 
 
 def test_pack_first_fit_ids_and_modality_map():
@@ -57,3 +57,15 @@ def test_pack_errors():
         pack([[[1, 2, 3], ImageSlot(2)]], max_len=4, pad_id=0)
     with pytest.raises(ValueError, match="at least one document"):
         pack([], max_len=4, pad_id=0)
+
+
+def test_row_length_takes_pack_len_within_the_model_positions():
+    assert row_length(None, 256) == 256
+    assert row_length(64, 256) == 64 and row_length(256, 256) == 256
+    for bad in (0, -3, 257):
+        with pytest.raises(ValueError, match=f"loss.pack_len={bad} must be between 1 and the "
+                                             "model's max_seq_len=256"):
+            row_length(bad, 256)
+    with pytest.raises(ValueError, match=r"raise the row length \(the model's max_seq_len, or "
+                                         r"loss.pack_len\)"):
+        pack([[[1, 2, 3], ImageSlot(2)]], max_len=4, pad_id=0)

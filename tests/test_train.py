@@ -79,6 +79,21 @@ def test_build_rejects_a_mismatched_latent_setting(tiny_vae):
         build_family(cfg.model, tok, load_image_tokenizer(str(tiny_vae)), 64)
 
 
+@pytest.mark.parametrize("family", ["transfusion", "chameleon"])
+def test_build_rejects_rows_longer_than_the_model(family, tiny_vae):
+    # A bad loss.pack_len fails when the model is built, not at the first training step.
+    from fusion.config import compose
+    from fusion.data.text import TextTokenizer
+    from fusion.training.build import build_family, load_image_tokenizer
+
+    cfg = compose("train", [f"experiment={family}_tiny", "model.loss.pack_len=4096"])
+    tok = TextTokenizer.from_file(ROOT / "tokenizers/shapes-bpe/tokenizer.json")
+    image_tok = str(tiny_vae) if family == "transfusion" else cfg.image_tokenizer
+    with pytest.raises(ValueError, match="loss.pack_len=4096 must be between 1 and the model's "
+                                         "max_seq_len"):
+        build_family(cfg.model, tok, load_image_tokenizer(image_tok), 64)
+
+
 def test_every_experiment_composes():
     from fusion.config import CONF_DIR, compose
 

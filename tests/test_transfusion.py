@@ -217,3 +217,28 @@ def test_token_sampling_is_accepted_and_ignored_for_images():
     given = s.generate_images([[7, 8, 9]], guidance_scale=2.0, steps=2, seed=1,
                               sampling=TokenSampling(0.5, top_k=1))
     assert torch.equal(plain, given)
+
+
+def _rows_and_loss(model, loss, batch):
+    shapes = []
+    handle = model.transformer.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape[:2])))
+    out = loss(model, batch, encode, random.Random(0), torch.Generator().manual_seed(0))
+    handle.remove()
+    return shapes[0], out
+
+
+def test_pack_len_changes_the_rows_not_the_loss():
+    # Attention never crosses documents and RoPE restarts per document, so shorter rows
+    # (loss.pack_len) only drop masked-out work: every loss part is unchanged.
+    batch = docs(6)  # 24 positions each
+    model, default = make_model(caption_dropout=0.0)
+    _, short = make_model(caption_dropout=0.0, pack_len=48)
+    rows_default, out_default = _rows_and_loss(model, default, batch)
+    rows_short, out_short = _rows_and_loss(model, short, batch)
+    assert rows_default == (2, 96) and rows_short == (3, 48)
+    for part in ("loss", "lm_loss", "diffusion_loss"):
+        torch.testing.assert_close(out_short[part], out_default[part], atol=1e-5, rtol=1e-5)
+    _, too_short = make_model(pack_len=20)
+    with pytest.raises(ValueError, match="24 positions, more than max_len=20"):
+        too_short(model, batch, encode, random.Random(0))

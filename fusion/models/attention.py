@@ -99,9 +99,9 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
-# Longest key range for which `attn_backend: auto` runs CPU training in bf16/fp16 on SDPA's
-# unfused math kernel instead of torch's CPU flash kernel, whose reduced-precision backward is
-# slow on short rows. Forward + backward, 4,096 query positions, H=4, Hkv=2, Dh=64, bf16, 2-core
+# Longest key range for which `attn_backend: auto` runs CPU training in bf16 on SDPA's
+# unfused math kernel instead of torch's CPU flash kernel, whose bf16 backward is slow on short
+# rows. Forward + backward, 4,096 query positions, H=4, Hkv=2, Dh=64, bf16, 2-core
 # CPU, torch 2.13 (docs/performance.md): flash 20 / 23 / 33 / 34 ms against math
 # 10 / 16 / 23 / 39 ms at K = 32 / 64 / 128 / 256. Without gradients, or in fp32, flash won at
 # every length measured, so those keep torch's choice.
@@ -112,7 +112,7 @@ def sdpa_kernels(q: Tensor, key_len: int, backend: str) -> contextlib.AbstractCo
     """The SDPA kernel restriction for one call: the math kernel under the rule above for
     ``backend='auto'``, else none (torch's own dispatch; an explicit 'sdpa' always gets it)."""
     if (backend == "auto" and q.device.type == "cpu" and q.requires_grad
-            and q.dtype in (torch.bfloat16, torch.float16) and key_len <= CPU_MATH_MAX_KEYS
+            and q.dtype == torch.bfloat16 and key_len <= CPU_MATH_MAX_KEYS
             and not torch.compiler.is_compiling()):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()

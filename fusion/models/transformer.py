@@ -46,7 +46,7 @@ class TransformerConfig:
 
     ffn_hidden: SwiGLU width F; None = Llama's rule, 2/3 of 4·D rounded up to `multiple_of`
     (keeps the parameter count of a 4·D GELU MLP). attn_backend: "auto" (FlexAttention on
-    CUDA, SDPA elsewhere, with the math kernel for short reduced-precision CPU training rows:
+    CUDA, SDPA elsewhere, with the math kernel for short bf16 CPU training rows:
     `fusion.models.attention.sdpa_kernels`), "sdpa" (torch's own kernel choice) or "flex".
     """
 
