@@ -59,6 +59,26 @@ def test_pack_errors():
         pack([], max_len=4, pad_id=0)
 
 
+def test_image_slots_follow_document_order_when_first_fit_reorders():
+    # Document 2 fits into row 0 after document 1 has opened row 1. Slots must still be
+    # numbered by document (callers build latents in document order), not by row: slot order
+    # by row paired images with the wrong captions in training before session 7.
+    docs = [[[1, 5], ImageSlot(3), [2, 2, 2]],  # 8 positions: row 0
+            [[1], ImageSlot(3), [6, 6, 6]],  # 7: does not fit row 0 -> row 1
+            [[1], ImageSlot(3)]]  # 4: fits row 0 (8 + 4 = 12)
+    p = pack(docs, max_len=12, pad_id=0)
+    assert p.doc_of_image == [0, 1, 2] and p.image_rows == [0, 1, 0]
+    assert p.image_starts == [2, 1, 9]
+    assert p.image_ids[0].tolist() == [-1, -1, 0, 0, 0, -1, -1, -1, -1, 2, 2, 2]
+    assert p.image_ids[1].tolist() == [-1, 1, 1, 1] + [-1] * 8
+    assert p.doc_ids[0].tolist() == [0] * 8 + [2] * 4
+    tokens = torch.arange(1.0, 10.0).view(3, 3, 1)  # image i holds 3i+1 .. 3i+3
+    hidden = scatter_images(torch.zeros(2, 12, 1), p, tokens)
+    assert hidden[1, 1:4, 0].tolist() == [4, 5, 6]  # document 1's image lands in document 1
+    assert hidden[0, 9:12, 0].tolist() == [7, 8, 9]
+    assert torch.equal(gather_images(hidden, p), tokens)
+
+
 def test_row_length_takes_pack_len_within_the_model_positions():
     assert row_length(None, 256) == 256
     assert row_length(64, 256) == 64 and row_length(256, 256) == 256

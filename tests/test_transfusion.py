@@ -230,15 +230,25 @@ def _rows_and_loss(model, loss, batch):
 
 def test_pack_len_changes_the_rows_not_the_loss():
     # Attention never crosses documents and RoPE restarts per document, so shorter rows
-    # (loss.pack_len) only drop masked-out work: every loss part is unchanged.
-    batch = docs(6)  # 24 positions each
+    # (loss.pack_len) only drop masked-out work: every loss part is unchanged. Documents of
+    # uneven length make first fit place later documents in earlier rows; each image must
+    # still meet its own caption (a row-ordered slot numbering broke this before session 7).
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    for i, n_text in enumerate([12, 9, 2, 1, 3, 12]):  # 20 + n_text positions each
+        img = Image(torch.rand(3, 16, 16, generator=g) * 2 - 1)
+        text = Text(tuple(int(x) for x in torch.randint(5, VOCAB, (n_text,), generator=g)))
+        batch.append(Document((img, text) if i % 2 else (text, img)))
     model, default = make_model(caption_dropout=0.0)
-    _, short = make_model(caption_dropout=0.0, pack_len=48)
+    _, short = make_model(caption_dropout=0.0, pack_len=54)
     rows_default, out_default = _rows_and_loss(model, default, batch)
     rows_short, out_short = _rows_and_loss(model, short, batch)
-    assert rows_default == (2, 96) and rows_short == (3, 48)
+    assert rows_default == (2, 96) and rows_short == (4, 54)
+    from fusion.models.packing import pack
+    pieces = [short.pieces(d, model.tokens_per_image, False) for d in batch]
+    assert pack(pieces, 54, SPECIAL.pad).image_rows == [0, 1, 0, 1, 2, 3]  # first fit reorders
     for part in ("loss", "lm_loss", "diffusion_loss"):
         torch.testing.assert_close(out_short[part], out_default[part], atol=1e-5, rtol=1e-5)
     _, too_short = make_model(pack_len=20)
-    with pytest.raises(ValueError, match="24 positions, more than max_len=20"):
+    with pytest.raises(ValueError, match="32 positions, more than max_len=20"):
         too_short(model, batch, encode, random.Random(0))

@@ -7,7 +7,9 @@ attend causally, so its documents contain no slots.
 
 Documents are packed greedily, in order, into rows of ``max_len`` (first fit: a document goes
 into the first row with room), never split; packing only adds document ids to the modality
-map, so documents in one row cannot see each other.
+map, so documents in one row cannot see each other. Image slots are numbered in input order
+(document, then position in the document) even when first fit places a later document in an
+earlier row, so per-image tensors built in document order line up with the slots.
 
 Shape legend: B = rows, S = max_len, I = image slots in the batch.
 """
@@ -41,6 +43,7 @@ class Packed:
     ids: torch.Tensor  # (B, S) token ids; image and padding positions hold pad_id
     doc_ids: torch.Tensor  # (B, S) document id within the batch, -1 = padding
     image_ids: torch.Tensor  # (B, S) image slot index within the batch, -1 = not an image
+    # Image slots, in input order (document, then position within it):
     image_rows: list[int]  # (I,) row of each image slot
     image_starts: list[int]  # (I,) first position of each image slot
     image_sizes: list[int]  # (I,) positions per image slot
@@ -103,38 +106,39 @@ def pack(
                 "raise the row length (the model's max_seq_len, or loss.pack_len) or shorten "
                 "the document"
             )
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i, n in enumerate(lengths):
-        for r in [] if one_per_row else range(len(rows)):
+    placed: list[tuple[int, int]] = []  # (row, first position) of each document
+    used: list[int] = []  # positions taken in each row
+    for n in lengths:
+        for r in [] if one_per_row else range(len(used)):
             if used[r] + n <= max_len:
-                rows[r].append(i)
-                used[r] += n
                 break
         else:
-            rows.append([i])
-            used.append(n)
-    B = len(rows)
+            r = len(used)
+            used.append(0)
+        placed.append((r, used[r]))
+        used[r] += n
+    B = len(used)
     ids = torch.full((B, max_len), pad_id, dtype=torch.long)
     doc_ids = torch.full((B, max_len), -1, dtype=torch.long)
     image_ids = torch.full((B, max_len), -1, dtype=torch.long)
     packed = Packed(ids, doc_ids, image_ids, [], [], [], [])
-    for r, members in enumerate(rows):
-        pos = 0
-        for d in members:
-            start = pos
-            for piece in documents[d]:
-                if isinstance(piece, ImageSlot):
-                    image_ids[r, pos : pos + piece.n] = len(packed.image_rows)
-                    packed.image_rows.append(r)
-                    packed.image_starts.append(pos)
-                    packed.image_sizes.append(piece.n)
-                    packed.doc_of_image.append(d)
-                    pos += piece.n
-                else:
-                    ids[r, pos : pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
-                    pos += len(piece)
-            doc_ids[r, start:pos] = d
+    # Documents are written in input order, whatever row first fit put them in, so image slot i
+    # is the i-th image of the input: callers pair slots with per-image tensors (latents,
+    # timesteps, condition flags) built in document order.
+    for d, (r, start) in enumerate(placed):
+        pos = start
+        for piece in documents[d]:
+            if isinstance(piece, ImageSlot):
+                image_ids[r, pos : pos + piece.n] = len(packed.image_rows)
+                packed.image_rows.append(r)
+                packed.image_starts.append(pos)
+                packed.image_sizes.append(piece.n)
+                packed.doc_of_image.append(d)
+                pos += piece.n
+            else:
+                ids[r, pos : pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
+                pos += len(piece)
+        doc_ids[r, start:pos] = d
     return packed
 
 
