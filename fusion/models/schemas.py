@@ -65,7 +65,7 @@ class TransfusionLossConfig:
     # backbone's max_seq_len). Attention never crosses documents, so the loss is the same for
     # any row length that fits the longest document; short rows only skip the masked-out
     # cross-document attention. transfusion_tiny packs ShapesWorld's <= 35-position captioned
-    # images two to a row of 64: ~17 % faster CPU steps than rows of 256 (docs/performance.md).
+    # images two to a row of 64: 11–19 % faster CPU steps than rows of 256 (docs/performance.md).
     pack_len: int | None = None
 
 
