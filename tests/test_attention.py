@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from fusion.models.attention import (
     AttentionLayout,
     attend,
+    call_backend,
     document_positions,
     layout_from_segments,
     reference_mask,
@@ -187,6 +188,35 @@ def test_backend_resolution_respects_the_compiled_flex_head_dim_floor():
     assert resolve_backend("flex", cpu, head_dim=8) == "flex"  # eager reference path
     with pytest.raises(ValueError, match="head_dim >= 16.*got 8"):
         resolve_backend("flex", cuda, head_dim=8)
+
+
+def test_cached_calls_run_auto_on_sdpa(monkeypatch):
+    """Under a KV cache (prefill, decoding, denoising steps) 'auto' means SDPA on every device,
+    since compiled flex failed to lower a cached Chameleon prefill on an H200; uncached passes
+    keep 'auto' (flex on CUDA) and an explicit backend is never overridden."""
+    assert call_backend("auto", cached=True) == "sdpa"
+    assert call_backend("auto", cached=False) == "auto"
+    assert call_backend("flex", cached=True) == "flex"
+    assert call_backend("sdpa", cached=True) == "sdpa"
+
+    import fusion.models.transformer as transformer
+
+    seen = []
+
+    def recording_attend(q, k, v, layout, backend="auto"):
+        seen.append(backend)
+        return attend(q, k, v, layout, "sdpa")
+
+    monkeypatch.setattr(transformer, "attend", recording_attend)
+    model = transformer.Transformer(transformer.TransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=16)).eval()
+    layout = layout_from_segments([[(0, "text", 3), (0, "image", 4)]])
+    with torch.no_grad():
+        model(torch.randn(1, 7, 32), layout)
+        assert seen == ["auto", "auto"]
+        seen.clear()
+        model(torch.randn(1, 7, 32), layout, cache=model.new_cache())
+    assert seen == ["sdpa", "sdpa"]
 
 
 @pytest.mark.gpu

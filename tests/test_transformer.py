@@ -260,3 +260,24 @@ def test_flex_and_sdpa_backends_agree_on_cuda():
     reference = micro_model(attn_backend="sdpa").cuda()
     x = torch.randn(2, 19, 32, device="cuda")
     torch.testing.assert_close(auto(x, layout), reference(x, layout))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cached_decoding_on_cuda_matches_the_compiled_flex_full_pass():
+    """The shape that broke cached sampling on an H200 (torch 2.11): a Chameleon editing
+    prefill, 192 rows (64 edits x 3 guidance streams) of 73 positions, fp32, GQA with 64-wide
+    heads, keys in a 448-slot cache. The cached prefill and the steps after it must run and
+    match the uncached pass, which 'auto' runs on compiled flex."""
+    model = Transformer(TransformerConfig(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                                          max_seq_len=448)).cuda().eval()
+    row = [(0, "text", 2), (0, "image", 64), (0, "text", 7 + 4)]
+    layout = layout_from_segments([row] * 192, device="cuda")
+    x = torch.randn(192, 77, 256, device="cuda")
+    full = model(x, layout)
+    cache = model.new_cache()
+    prefill = model(x[:, :73], sub_layout(layout, 0, 73), cache=cache)
+    steps = [model(x[:, i : i + 1], sub_layout(layout, i, i + 1), cache=cache)
+             for i in range(73, 77)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=2e-5, rtol=1e-4)

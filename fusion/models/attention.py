@@ -99,6 +99,21 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
+def call_backend(backend: str, cached: bool) -> str:
+    """The backend for one forward pass: ``'auto'`` under a KV cache (prompt prefill and every
+    decoding or denoising step) is SDPA with the dense mask, on every device.
+
+    Why not compiled flex there: each cached call has a new key length, so the compiled kernel
+    and a block mask are rebuilt per shape for a (B, S, K) mask that is small anyway, and the
+    keys are strided views into the preallocated cache. On an H200 (torch 2.11) Inductor failed
+    to lower flex for a Chameleon editing prefill (B=192, S=K=73, fp32, GQA, views of a 448-slot
+    cache) with NoValidChoicesError, so cached CUDA sampling could not run at all
+    (docs/performance.md, "GPU"). Training and uncached passes keep ``auto``'s choice, and an
+    explicit ``'flex'`` is respected.
+    """
+    return "sdpa" if cached and backend == "auto" else backend
+
+
 # Longest key range for which `attn_backend: auto` runs CPU training in bf16 on SDPA's
 # unfused math kernel instead of torch's CPU flash kernel, whose bf16 backward is slow on short
 # rows. Forward + backward, 4,096 query positions, H=4, Hkv=2, Dh=64, bf16, 2-core

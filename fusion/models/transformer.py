@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.models.attention import BACKENDS, AttentionLayout, attend
+from fusion.models.attention import BACKENDS, AttentionLayout, attend, call_backend
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, P + S, Dh)
-        out = attend(q, k, v, layout, self.backend)  # (B, H, S, Dh)
+        out = attend(q, k, v, layout, call_backend(self.backend, cache is not None))  # (B, H, S, Dh)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -388,7 +388,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{layout.key_len} positions exceed max_seq_len={self.cfg.max_seq_len}"
             )
-        layout.prepare(self.cfg.attn_backend, self.cfg.head_dim)
+        layout.prepare(call_backend(self.cfg.attn_backend, cache is not None), self.cfg.head_dim)
         rope = rope_angles(layout.rope_positions, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             x = layer(x, rope, layout, cache)
