@@ -266,3 +266,13 @@ def test_auto_and_sdpa_agree_in_bf16_training():
         results.append((out.float(), q.grad.float(), k.grad.float(), v.grad.float()))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_flex_probe_refuses_to_run_without_cuda():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "scripts/probe_flex.py", "--seq", "73"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "needs CUDA" in run.stderr
