@@ -103,13 +103,14 @@ def call_backend(backend: str, cached: bool) -> str:
     """The backend for one forward pass: ``'auto'`` under a KV cache (prompt prefill and every
     decoding or denoising step) is SDPA with the dense mask, on every device.
 
-    Why not compiled flex there: each cached call has a new key length, so the compiled kernel
-    and a block mask are rebuilt per shape for a (B, S, K) mask that is small anyway, and the
-    keys are strided views into the preallocated cache. On an H200 (torch 2.11) Inductor failed
-    to lower flex for a Chameleon editing prefill (B=192, S=K=73, fp32, GQA, views of a 448-slot
-    cache) with NoValidChoicesError, so cached CUDA sampling could not run at all
-    (docs/performance.md, "GPU"). Training and uncached passes keep ``auto``'s choice, and an
-    explicit ``'flex'`` is respected.
+    Why not compiled flex there: a prompt's length is whatever the prompt is, and on an H200
+    (torch 2.11) Inductor could not lower flex for a 73-position query at all
+    (NoValidChoicesError; contiguous or cached keys, fp32 or bf16 alike, while 25 positions
+    ran), so cached CUDA sampling of a Chameleon edit model crashed in its prefill
+    (docs/performance.md, "GPU"; `scripts/probe_flex.py` probes a shape). Each cached call also
+    has a new key length, so flex would rebuild a block mask per call for a (B, S, K) mask that
+    is small anyway. Training rows are padded to fixed lengths and keep ``auto``'s choice, as do
+    uncached passes; an explicit ``'flex'`` is respected.
     """
     return "sdpa" if cached and backend == "auto" else backend
 
