@@ -2,11 +2,13 @@
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from fusion.data.documents import Document, Image, Text
-from fusion.models.chameleon import Chameleon, ChameleonLoss
+from fusion.models.attention import AttentionLayout
+from fusion.models.chameleon import Chameleon, ChameleonLoss, image_cells
 from fusion.models.cm3 import CM3Tokens
 from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
 from fusion.models.transfusion import SpecialIds
@@ -24,11 +26,11 @@ def encode(pixels):
     return ((x + 1) / 2 * CODEBOOK).long().clamp(0, CODEBOOK - 1)
 
 
-def make(seed=0, **loss_kw):
+def make(seed=0, image_pos_embed=False, **loss_kw):
     torch.manual_seed(seed)
     model = Chameleon(ChameleonConfig(backbone_overrides=dict(
-        d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96, multiple_of=32)),
-        TEXT_VOCAB, CODEBOOK, codes_per_image=4)
+        d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96, multiple_of=32),
+        image_pos_embed=image_pos_embed), TEXT_VOCAB, CODEBOOK, codes_per_image=4)
     return model, ChameleonLoss(ChameleonLossConfig(**loss_kw), SPECIAL, TOKENS)
 
 
@@ -54,8 +56,9 @@ def test_image_positions_only_sample_image_codes_and_eoi_is_forced():
     assert codes.min() >= 0 and codes.max() < CODEBOOK
 
 
-def test_cached_and_uncached_sampling_give_the_same_tokens():
-    model, _ = make()
+@pytest.mark.parametrize("image_pos_embed", [False, True])
+def test_cached_and_uncached_sampling_give_the_same_tokens(image_pos_embed):
+    model, _ = make(image_pos_embed=image_pos_embed)
     out = []
     for use_cache in (True, False):
         s = ChameleonSampler(model, SPECIAL, (2, 2), use_cache=use_cache)
@@ -85,8 +88,10 @@ def test_captions_contain_no_image_codes():
                for t in c)
 
 
-def test_tiny_model_overfits_one_batch():
-    model, loss = make(cm3=False, caption_dropout=0.0, z_loss_weight=1e-5)
+@pytest.mark.parametrize("image_pos_embed", [False, True])
+def test_tiny_model_overfits_one_batch(image_pos_embed):
+    model, loss = make(image_pos_embed=image_pos_embed, cm3=False, caption_dropout=0.0,
+                       z_loss_weight=1e-5)
     batch = docs(4, image_first=True)  # every target determined by its context
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(100):
@@ -136,3 +141,71 @@ def test_pack_len_changes_the_rows_not_the_loss():
     assert rows[0][1] == 96 and rows[1][1] == 24 and rows[1][0] > rows[0][0]
     for part in ("loss", "lm_loss", "z_loss"):
         torch.testing.assert_close(losses[1][part], losses[0][part], atol=1e-5, rtol=1e-5)
+
+
+def test_image_cells_count_codes_from_the_latest_boi():
+    b, i, e, p = SPECIAL.bos, SPECIAL.boi, SPECIAL.eoi, SPECIAL.pad
+    c = TEXT_VOCAB  # first image code
+    ids = torch.tensor([[p, b, 20, i, c, c + 5, c, c + 1, e, 21, i, c + 2, c + 2, e, SPECIAL.eos]])
+    want = [-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, 0, 1, -1, -1]
+    assert image_cells(ids, SPECIAL.boi, TEXT_VOCAB).tolist() == [want]
+
+
+def test_cells_travel_with_cm3_spans():
+    """Every image has codes 0, 1, 2, 3 in its cells 0..3, so after CM3 has moved spans (out of
+    images, across captions, to the end) a code's cell must still equal the code."""
+    def distinct(pixels):
+        return torch.arange(CODEBOOK)[:4].view(1, 2, 2).repeat(len(pixels), 1, 1)
+
+    model, loss = make(image_pos_embed=True, cm3=True, cm3_rate=1.0, cm3_lambda=3.0)
+    moved = 0
+    for seed in range(40):
+        for pieces, cells in loss.documents_with_cells(model, docs(3, seed), distinct,
+                                                       random.Random(seed)):
+            ids = [t for p in pieces for t in p]
+            assert len(cells) == len(ids)
+            for t, cell in zip(ids, cells, strict=True):
+                assert cell == (t - TEXT_VOCAB if t >= TEXT_VOCAB else -1)
+            codes = [k for k, t in enumerate(ids) if t >= TEXT_VOCAB]
+            moved += codes != list(range(codes[0], codes[0] + 4))  # not one in-place run
+    assert moved > 10  # the check above met codes that CM3 moved
+
+
+def test_image_pos_embed_needs_cells_and_uses_them():
+    model, _ = make(image_pos_embed=True)
+    ids = torch.tensor([[SPECIAL.bos, 20, SPECIAL.boi] + [TEXT_VOCAB + 1] * 4 + [SPECIAL.eoi]])
+    layout = AttentionLayout(torch.zeros_like(ids), torch.full_like(ids, -1))
+    with pytest.raises(ValueError, match="image_pos_embed"):
+        model(ids, layout)
+    cells = image_cells(ids, SPECIAL.boi, TEXT_VOCAB)
+    reversed_cells = cells.clone()
+    reversed_cells[cells >= 0] = torch.tensor([3, 2, 1, 0])  # the same codes, other cells
+    with torch.no_grad():
+        a = model(ids, layout, cells=cells)
+        b = model(ids, layout, cells=reversed_cells)
+    same = model.embed(ids)
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(model.embed_tokens(ids, cells), same)
+    plain, _ = make(image_pos_embed=False)
+    assert plain.image_pos is None and torch.equal(plain.embed_tokens(ids), plain.embed(ids))
+
+
+def test_sampled_codes_are_the_full_pass_argmax_with_image_cells():
+    """Greedy codes drawn one at a time (each with the loop's cell) are the argmax of one
+    full teacher-forced pass whose cells come from image_cells: sampling and training place
+    the 2-D embedding on the same cells."""
+    model, _ = make(image_pos_embed=True)
+    with torch.no_grad():
+        model.image_pos.row.normal_(0, 1.0)  # make the cells matter to the argmax
+        model.image_pos.col.normal_(0, 1.0)
+    s = ChameleonSampler(model, SPECIAL, (2, 2))
+    prompt = [20, 21, 22]
+    codes = s.generate_images([prompt], guidance_scale=None,
+                              sampling=TokenSampling(temperature=0.0))[0].flatten()
+    seq = torch.tensor([[SPECIAL.bos, *prompt, SPECIAL.boi, *(codes + TEXT_VOCAB).tolist()]])
+    layout = AttentionLayout(torch.zeros_like(seq), torch.full_like(seq, -1))
+    with torch.no_grad():
+        logits = model(seq, layout, cells=image_cells(seq, SPECIAL.boi, TEXT_VOCAB))
+    start = len(prompt) + 1  # the <boi> position predicts the first code
+    greedy = logits[0, start:start + 4, TEXT_VOCAB:].argmax(-1)
+    assert torch.equal(greedy, codes)

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from fusion.models.attention import reference_mask
-from fusion.models.packing import ImageSlot, gather_images, pack, row_length, scatter_images
+from fusion.models.packing import (
+    ImageSlot,
+    gather_images,
+    pack,
+    per_position,
+    row_length,
+    scatter_images,
+)
 
 
 def test_pack_first_fit_ids_and_modality_map():
@@ -57,6 +64,16 @@ def test_pack_errors():
         pack([[[1, 2, 3], ImageSlot(2)]], max_len=4, pad_id=0)
     with pytest.raises(ValueError, match="at least one document"):
         pack([], max_len=4, pad_id=0)
+
+
+def test_per_position_follows_each_document_to_its_row():
+    docs = [[[1, 2, 3]], [[4, 5, 6, 7]], [[8]]]  # first fit puts the third into row 0
+    packed = pack(docs, max_len=4, pad_id=0)
+    values = [[10, 11, 12], [20, 21, 22, 23], [30]]
+    out = per_position(values, packed, fill=-1)
+    assert out.tolist() == [[10, 11, 12, 30], [20, 21, 22, 23]]
+    with pytest.raises(ValueError, match="document 1: 3 values for 4 packed positions"):
+        per_position([[10, 11, 12], [20, 21, 22], [30]], packed, fill=-1)
 
 
 def test_image_slots_follow_document_order_when_first_fit_reorders():

@@ -38,8 +38,8 @@ def test_linear_pair_is_the_identity_when_set_invertible():
     d = C * p * p
     lin = LinearPatchifier(C, S, d_model=d, patch_size=p)
     with torch.no_grad():
-        lin.pos_row.zero_()
-        lin.pos_col.zero_()
+        lin.pos.row.zero_()
+        lin.pos.col.zero_()
         lin.time_embedding.linear_2.weight.zero_()
         lin.time_embedding.linear_2.bias.zero_()
         w = torch.linalg.qr(torch.randn(d, d))[0] * 2.0  # well conditioned
@@ -124,3 +124,29 @@ def test_bad_arguments_fail_clearly():
         lin.patchify(torch.randn(2, C, S, S), torch.zeros(3))
     with pytest.raises(ValueError, match="hidden states"):
         lin.unpatchify(torch.randn(2, 5, 32), 0)
+
+
+def test_grid_position_table_is_row_plus_column_and_minus_one_is_zero():
+    from fusion.models.positions import GridPositionEmbedding
+
+    pos = GridPositionEmbedding((2, 3), 5)
+    table = pos.table()
+    assert table.shape == (6, 5)
+    torch.testing.assert_close(table[4], pos.row[1] + pos.col[1])  # cell 4 = row 1, column 1
+    out = pos(torch.tensor([[0, -1, 5]]))
+    assert out.shape == (1, 3, 5)
+    assert torch.equal(out[0, 1], torch.zeros(5))
+    assert torch.equal(out[0, 2], table[5])
+    with pytest.raises(ValueError, match="cell 6 is outside the 2x3 grid"):
+        pos(torch.tensor([6]))
+
+
+def test_linear_patchifier_loads_weights_saved_with_the_old_position_names():
+    torch.manual_seed(0)
+    lin = LinearPatchifier(C, S, d_model=32, patch_size=2)
+    old = {("pos_" + k[len("pos."):] if k.startswith("pos.") else k): v
+           for k, v in lin.state_dict().items()}
+    assert "pos_row" in old and "pos.row" not in old
+    fresh = LinearPatchifier(C, S, d_model=32, patch_size=2)
+    fresh.load_state_dict(old)  # strict: every key found under its new name
+    assert torch.equal(fresh.pos.row, lin.pos.row) and torch.equal(fresh.pos.col, lin.pos.col)

@@ -18,6 +18,14 @@ source codes and instruction are context, ``edit_loss="target"``); ``edit_loss="
 predicts every token. They never get CM3, and their conditions are dropped
 InstructPix2Pix-style (``fusion.data.documents.drop_edit_conditions``) for two-scale guidance.
 
+Image positions: the backbone's RoPE is 1-D over the sequence, so a code knows how far back
+its neighbours are but not which cell of the h×w grid it fills, and an edit's target code sits
+at a distance from its source cell that changes with the instruction's length. With
+``image_pos_embed`` the model adds a learned 2-D (row + column) embedding of the cell to every
+image code's token embedding, as Transfusion's linear patchifier does for patches
+(``fusion.models.positions``). Cells come from :func:`image_cells` (in-place images) or, for
+CM3 documents, travel with the moved spans (:func:`fusion.models.cm3.cm3_apply`).
+
 Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
 h/w = code grid.
 """
@@ -31,22 +39,48 @@ from torch import nn
 
 from fusion.data.documents import Document, Image, Text, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
-from fusion.models.cm3 import CM3Tokens, cm3_transform
-from fusion.models.packing import Context, next_token_loss, pack, row_length, target_mask
+from fusion.models.cm3 import CM3Tokens, cm3_apply, cm3_spans
+from fusion.models.packing import (
+    Context,
+    next_token_loss,
+    pack,
+    per_position,
+    row_length,
+    target_mask,
+)
+from fusion.models.positions import GridPositionEmbedding
 from fusion.models.schemas import EDIT_LOSSES, ChameleonConfig, ChameleonLossConfig
 from fusion.models.transformer import KVCache, Transformer, transformer_config
 from fusion.models.transfusion import SpecialIds
 
 
+def image_cells(ids: torch.Tensor, boi: int, text_vocab: int) -> torch.Tensor:
+    """ids (..., S) -> (..., S) int64: the grid cell of each image code (k for the k-th code
+    after the latest ``<boi>``, row-major), -1 at every other position.
+
+    Valid for images written in place (no CM3 span moved out of one); CM3 documents carry
+    their cells through the transform instead (ChameleonLoss)."""
+    is_code = ids >= text_vocab
+    count = is_code.long().cumsum(-1)
+    at_boi = torch.where(ids == boi, count, 0).cummax(-1).values
+    return torch.where(is_code, count - at_boi - 1, -1)
+
+
 class Chameleon(nn.Module):
-    """Token embedding over the unified vocabulary + shared transformer + LM head."""
+    """Token embedding over the unified vocabulary (+ optional 2-D image-cell embedding) +
+    shared transformer + LM head."""
 
     def __init__(self, cfg: ChameleonConfig, text_vocab: int, codebook_size: int,
-                 codes_per_image: int):
+                 codes_per_image: int, code_grid: tuple[int, int] | None = None):
         super().__init__()
         self.cfg = cfg
         self.text_vocab, self.codebook_size = text_vocab, codebook_size
         self.codes_per_image = codes_per_image
+        side = round(codes_per_image ** 0.5)
+        self.code_grid = tuple(code_grid) if code_grid is not None else (side, side)
+        if self.code_grid[0] * self.code_grid[1] != codes_per_image:
+            raise ValueError(f"code_grid {self.code_grid} does not hold {codes_per_image} codes; "
+                             "pass code_grid for a non-square image")
         self.vocab_size = text_vocab + codebook_size
         bb = transformer_config(cfg.backbone, **{"qk_norm": True, **cfg.backbone_overrides})
         self.embed = nn.Embedding(self.vocab_size, bb.d_model)
@@ -54,6 +88,8 @@ class Chameleon(nn.Module):
         self.lm_head = nn.Linear(bb.d_model, self.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
+        self.image_pos = (GridPositionEmbedding(self.code_grid, bb.d_model)
+                          if cfg.image_pos_embed else None)
 
     @property
     def max_seq_len(self) -> int:
@@ -65,11 +101,24 @@ class Chameleon(nn.Module):
         mask[self.text_vocab:] = True
         return mask
 
+    def embed_tokens(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, S) -> (B, S, D); with ``image_pos_embed``, + the embedding of each code's
+        grid cell ``cells`` (B, S) (:func:`image_cells`; -1 = not a code), which is then
+        required."""
+        x = self.embed(ids)
+        if self.image_pos is None:
+            return x
+        if cells is None:
+            raise ValueError("this Chameleon model embeds image-code positions "
+                             "(image_pos_embed); pass the grid cell of every position "
+                             "(fusion.models.chameleon.image_cells)")
+        return x + self.image_pos(cells).to(x.dtype)
+
     def forward(self, ids: torch.Tensor, layout: AttentionLayout, cache: KVCache | None = None,
-                commit: bool = True) -> torch.Tensor:
-        """ids (B, S) -> logits (B, S, V)."""
-        return self.lm_head(self.transformer(self.embed(ids), layout, cache=cache,
-                                             commit=commit))
+                commit: bool = True, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, S) (+ cells (B, S), see :meth:`embed_tokens`) -> logits (B, S, V)."""
+        return self.lm_head(self.transformer(self.embed_tokens(ids, cells), layout,
+                                             cache=cache, commit=commit))
 
 
 class ChameleonLoss:
@@ -107,12 +156,19 @@ class ChameleonLoss:
     def documents(self, model: Chameleon, docs: list[Document], encode,
                   rng: random.Random) -> list[list[list[int]]]:
         """Packing pieces per document: ``[<bos>], body..., [<eos>]``, the body
-        CM3-transformed or not.
+        CM3-transformed or not (:meth:`documents_with_cells` without the cells)."""
+        return [pieces for pieces, _ in self.documents_with_cells(model, docs, encode, rng)]
+
+    def documents_with_cells(self, model: Chameleon, docs: list[Document], encode,
+                             rng: random.Random) -> list[tuple[list[list[int]], list[int]]]:
+        """(pieces, cells) per document: the packing pieces ``[<bos>], body..., [<eos>]``
+        and the image-grid cell of each of their tokens (-1 = not an image code).
 
         CM3 runs on each document's body alone, so no span can cross a document boundary
-        even after packing. Editing documents first get condition dropout (one draw each, before
-        any other draw, so caption-only batches see the same random stream as before)."""
-        cfg, device = self.cfg, model.embed.weight.device
+        even after packing; the cells are moved with the spans. Editing documents first get
+        condition dropout (one draw each, before any other draw, so caption-only batches see
+        the same random stream as before)."""
+        cfg, device, s = self.cfg, model.embed.weight.device, self.special
         edits = [d.is_edit for d in docs]
         docs = [drop_edit_conditions(d, rng, cfg.edit_condition_dropout) if e else d
                 for d, e in zip(docs, edits, strict=True)]
@@ -130,11 +186,16 @@ class ChameleonLoss:
             body = self.document_pieces(doc, codes[k:k + n_img], model.text_vocab, drop,
                                         target_only)
             k += n_img
+            flat = [t for p in body for t in p]
+            cells = image_cells(torch.tensor(flat, dtype=torch.long), s.boi,
+                                model.text_vocab).tolist()
             if cfg.cm3 and not edit:
-                flat = [t for p in body for t in p]
-                body = [cm3_transform(flat, self.cm3_tokens, rng, cfg.cm3_lambda, cfg.cm3_rate)]
-            eos = Context([self.special.eos]) if target_only else [self.special.eos]
-            out.append([[self.special.bos], *body, eos])
+                spans = cm3_spans(len(flat), len(self.cm3_tokens.sentinels), rng,
+                                  cfg.cm3_lambda, cfg.cm3_rate)
+                body = [cm3_apply(flat, spans, self.cm3_tokens.sentinels, self.cm3_tokens.eoss)]
+                cells = cm3_apply(cells, spans, [-1] * len(spans), -1)
+            eos = Context([s.eos]) if target_only else [s.eos]
+            out.append(([[s.bos], *body, eos], [-1, *cells, -1]))
         return out
 
     def sequences(self, model: Chameleon, docs: list[Document], encode,
@@ -146,9 +207,11 @@ class ChameleonLoss:
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``encode``: pixels (I, 3, H, W) -> codes (I, h, w) int64, frozen (the VQ-GAN)."""
         cfg, device = self.cfg, model.embed.weight.device
-        pieces = self.documents(model, docs, encode, rng)
-        packed = pack(pieces, row_length(cfg.pack_len, model.max_seq_len), self.special.pad)
+        pieces, cells = zip(*self.documents_with_cells(model, docs, encode, rng), strict=True)
+        packed = pack(list(pieces), row_length(cfg.pack_len, model.max_seq_len),
+                      self.special.pad)
         ids = packed.ids.to(device)
         logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
-                                            packed.image_ids.to(device)))
-        return next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(pieces, packed))
+                                            packed.image_ids.to(device)),
+                       cells=per_position(list(cells), packed, fill=-1).to(device))
+        return next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(list(pieces), packed))

@@ -45,6 +45,34 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
+def cm3_spans(length: int, n_sentinels: int, rng: random.Random, poisson_lambda: float = 1.0,
+              rate: float = 1.0) -> list[tuple[int, int]]:
+    """Draw the spans ``[start, end)`` that CM3 moves out of a body of ``length`` tokens:
+    none for the share ``1 - rate`` of documents, else Poisson(λ) of them (module docstring)."""
+    if rate <= 0 or rng.random() >= rate or length < 2:
+        return []
+    n = min(_poisson(rng, poisson_lambda), n_sentinels, length // 2)
+    if n == 0:
+        return []
+    # 2n distinct cut points in 0..length give n non-overlapping, non-empty spans
+    # [c0, c1), [c2, c3), ...; uniform over all such choices.
+    cuts = sorted(rng.sample(range(length + 1), 2 * n))
+    return [(cuts[2 * i], cuts[2 * i + 1]) for i in range(n)]
+
+
+def cm3_apply(body: Sequence, spans: list[tuple[int, int]], sentinels: Sequence,
+              eoss) -> list:
+    """Move ``spans`` of ``body`` to the end: ``sentinels[i]`` in place of span i, then
+    ``sentinels[i] span eoss`` blocks in order. Works on any per-token sequence, so a stream
+    that runs alongside the ids (Chameleon's image-cell indices) is moved the same way."""
+    out, tail, prev = [], [], 0
+    for i, (start, end) in enumerate(spans):
+        out += list(body[prev:start]) + [sentinels[i]]
+        tail += [sentinels[i], *body[start:end], eoss]
+        prev = end
+    return out + list(body[prev:]) + tail
+
+
 def cm3_transform(body: Sequence[int], tokens: CM3Tokens, rng: random.Random,
                   poisson_lambda: float = 1.0, rate: float = 1.0) -> list[int]:
     """Mask spans of a document body (the tokens between <bos> and <eos>).
@@ -52,22 +80,8 @@ def cm3_transform(body: Sequence[int], tokens: CM3Tokens, rng: random.Random,
     Returns the new body: the body with sentinels in place of the spans, followed by the
     ``<sentinel:i> span <eoss>`` blocks. Same length + 2 tokens per span.
     """
-    body = list(body)
-    if rate <= 0 or rng.random() >= rate or len(body) < 2:
-        return body
-    n = min(_poisson(rng, poisson_lambda), len(tokens.sentinels), len(body) // 2)
-    if n == 0:
-        return body
-    # 2n distinct cut points in 0..len(body) give n non-overlapping, non-empty spans
-    # [c0, c1), [c2, c3), ...; uniform over all such choices.
-    cuts = sorted(rng.sample(range(len(body) + 1), 2 * n))
-    spans = [(cuts[2 * i], cuts[2 * i + 1]) for i in range(n)]
-    out, tail, prev = [], [], 0
-    for i, (start, end) in enumerate(spans):
-        out += body[prev:start] + [tokens.sentinels[i]]
-        tail += [tokens.sentinels[i]] + body[start:end] + [tokens.eoss]
-        prev = end
-    return out + body[prev:] + tail
+    spans = cm3_spans(len(body), len(tokens.sentinels), rng, poisson_lambda, rate)
+    return cm3_apply(body, spans, tokens.sentinels, tokens.eoss)
 
 
 def cm3_invert(transformed: Sequence[int], tokens: CM3Tokens) -> list[int]:

@@ -142,6 +142,19 @@ def pack(
     return packed
 
 
+def per_position(values: list[list[int]], packed: Packed, fill: int) -> torch.Tensor:
+    """(B, S) int64: document d's ``values[d]`` (one per position, in order) at its packed
+    positions, ``fill`` on padding. ``packed`` must be ``pack`` of documents of those lengths."""
+    out = torch.full_like(packed.ids, fill)
+    for d, doc_values in enumerate(values):
+        where = packed.doc_ids == d
+        if int(where.sum()) != len(doc_values):
+            raise ValueError(f"document {d}: {len(doc_values)} values for "
+                             f"{int(where.sum())} packed positions")
+        out[where] = torch.tensor(doc_values, dtype=out.dtype)
+    return out
+
+
 def target_mask(documents: list[list[Piece]], packed: Packed) -> torch.Tensor | None:
     """(B, S) bool, False at positions holding :class:`Context` tokens, which must not be
     predicted; None when no document has any (every text token is then a target).
@@ -150,12 +163,9 @@ def target_mask(documents: list[list[Piece]], packed: Packed) -> torch.Tensor | 
     document id, in order."""
     if not any(isinstance(p, Context) for doc in documents for p in doc):
         return None
-    mask = torch.ones_like(packed.ids, dtype=torch.bool)
-    for d, doc in enumerate(documents):
-        flags = [not isinstance(p, Context) for p in doc
-                 for _ in range(p.n if isinstance(p, ImageSlot) else len(p))]
-        mask[packed.doc_ids == d] = torch.tensor(flags)
-    return mask
+    flags = [[int(not isinstance(p, Context)) for p in doc
+              for _ in range(p.n if isinstance(p, ImageSlot) else len(p))] for doc in documents]
+    return per_position(flags, packed, fill=1).bool()
 
 
 def _slot_index(packed: Packed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

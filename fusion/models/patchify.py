@@ -48,6 +48,8 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_up_block
 from einops import rearrange
 from torch import nn
 
+from fusion.models.positions import GridPositionEmbedding
+
 Skips = tuple[torch.Tensor, ...]
 
 PATCHIFIER_KINDS = ("linear", "unet")
@@ -189,15 +191,21 @@ class LinearPatchifier(Patchifier):
         )  # DiT's 256 freqs
         gh, gw = self.grid
         self.proj_in = nn.Linear(patch_dim, d_model)
-        self.pos_row = nn.Parameter(torch.randn(gh, d_model) * 0.02)
-        self.pos_col = nn.Parameter(torch.randn(gw, d_model) * 0.02)
+        self.pos = GridPositionEmbedding((gh, gw), d_model)
         self.proj_out = nn.Linear(d_model, patch_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
     def position_embedding(self) -> torch.Tensor:
         """(N, D), row-major like the tokens."""
-        return (self.pos_row[:, None, :] + self.pos_col[None, :, :]).flatten(0, 1)
+        return self.pos.table()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Models saved before the table moved into GridPositionEmbedding named it pos_row/pos_col.
+        for old, new in (("pos_row", "pos.row"), ("pos_col", "pos.col")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def patchify(self, latent: torch.Tensor, t: torch.Tensor | float) -> tuple[torch.Tensor, Skips]:
         """latent (B, C, h, w), t (B,) -> tokens (B, N, D), ()"""

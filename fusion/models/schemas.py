@@ -82,6 +82,9 @@ class TransfusionModelConfig:
 class ChameleonConfig:
     backbone: str = "tiny"  # preset of fusion.models.transformer; QK-norm is on (sec. 2.3)
     backbone_overrides: dict = field(default_factory=dict)
+    # Add a learned 2-D (row + column) embedding of its grid cell to every image code
+    # (fusion.models.chameleon; off = Chameleon's paper setup, 1-D RoPE positions only).
+    image_pos_embed: bool = False
 
 
 @dataclass

@@ -97,15 +97,15 @@ class StreamSampler:
                     img += [k] * piece.shape[0]
                     k += 1
                 else:
-                    xs.append(self.model.embed(torch.tensor(piece, device=self.device)))
+                    xs.append(self._embed_ids(torch.tensor(piece, device=self.device)))
                     img += [-1] * len(piece)
             rows.append(torch.cat(xs))
             image_rows.append(img)
         longest = max(r.shape[0] for r in rows)
         pad = torch.tensor([longest - r.shape[0] for r in rows], device=self.device)
         # Left padding holds <pad>'s embedding (document id -1: never seen by real positions).
-        x = self.model.embed(torch.full((len(rows), longest), self.special.pad,
-                                        device=self.device))
+        x = self._embed_ids(torch.full((len(rows), longest), self.special.pad,
+                                       device=self.device))
         image_ids = torch.full((len(rows), longest), -1, device=self.device)
         for i, (r, img) in enumerate(zip(rows, image_rows, strict=True)):
             x[i, longest - r.shape[0]:] = r
@@ -150,9 +150,18 @@ class StreamSampler:
             state.length += x.shape[1]
         return h
 
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (..., n) -> (..., n, D). A family whose embedding needs more than the ids
+        (Chameleon's image-cell positions) overrides this."""
+        return self.model.embed(ids)
+
     def _append_tokens(self, state: Streams, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, n) -> logits at the last new position (B, V)."""
-        h = self._run(state, self.model.embed(tokens), image=False, commit=True)
+        return self._append_embeddings(state, self._embed_ids(tokens))
+
+    def _append_embeddings(self, state: Streams, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, n, D) of new text-attending positions -> logits at the last (B, V)."""
+        h = self._run(state, x, image=False, commit=True)
         return self.model.lm_head(h[:, -1])
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:

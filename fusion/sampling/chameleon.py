@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from fusion.models.chameleon import Chameleon
+from fusion.models.chameleon import Chameleon, image_cells
 from fusion.models.transfusion import SpecialIds
 from fusion.sampling.base import StreamSampler, combine_guidance, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
@@ -34,6 +34,11 @@ class ChameleonSampler(StreamSampler):
         self.code_grid = code_grid
         self.decode_codes, self.encode_images = decode_codes, encode_images
         self.image_sampling = image_sampling or TokenSampling(temperature=1.0)
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prompt ids hold whole images, so each code's cell follows from the ids."""
+        return self.model.embed_tokens(ids, image_cells(ids, self.special.boi,
+                                                        self.model.text_vocab))
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:
         return super()._text_allowed(vocab) & ~self.model.image_token_mask(self.device)
@@ -85,14 +90,16 @@ class ChameleonSampler(StreamSampler):
         g = torch.Generator(device=self.device).manual_seed(seed)
         h, w = self.code_grid
         codes = []
-        for _ in tqdm(range(h * w), desc="image codes", disable=not progress, leave=False):
+        for cell in tqdm(range(h * w), desc="image codes", disable=not progress, leave=False):
             logp = logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
             # -inf - -inf is nan outside the image range; keep those at -inf
             logp = torch.where(allowed, combine_guidance(logp, scales), float("-inf"))
             tok = sample_token(logp, sampling, allowed, g)  # (batch,)
             codes.append(tok)
-            step = tok.repeat(len(streams) // batch)
-            logits = self._append_tokens(state, step.unsqueeze(1))
+            step = tok.repeat(len(streams) // batch).unsqueeze(1)  # (streams, 1)
+            # one code at a time: its cell is the loop's, not derivable from the new id alone
+            logits = self._append_embeddings(
+                state, m.embed_tokens(step, torch.full_like(step, cell)))
         self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,
                                               device=self.device))
         grid = (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)

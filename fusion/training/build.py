@@ -73,7 +73,8 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
 
         cfg = to_dataclass(model_cfg, ChameleonModelConfig)
         h, w = image_tokenizer.latent_grid(image_size)
-        model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w)
+        model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w,
+                          code_grid=(h, w))
         row_length(cfg.loss.pack_len, model.max_seq_len)
         cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
         return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)

@@ -22,8 +22,7 @@ def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
     if isinstance(model, Chameleon):
         from fusion.sampling.chameleon import ChameleonSampler
 
-        side = int(round(model.codes_per_image ** 0.5))
-        return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), (side, side),
+        return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), model.code_grid,
                                 decode_codes=image_tokenizer.decode,
                                 encode_images=image_tokenizer.encode, use_cache=use_cache)
     raise TypeError(f"no sampler for {type(model).__name__}")
