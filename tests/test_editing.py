@@ -446,6 +446,12 @@ def test_mismatched_init_from_says_what_differs(artifacts, tmp_path):
     _saved_model(tmp_path / "c", c_run)
     with pytest.raises(InitFromError, match="family: the checkpoint is a 'chameleon'"):
         _init(t_run, tmp_path / "c")
+    # a Chameleon start model without the 2-D cell embedding, fine-tuned with it
+    with pytest.raises(InitFromError) as err:
+        _init([*c_run, "model.arch.image_pos_embed=true"], tmp_path / "c")
+    msg = str(err.value)
+    assert "image_pos.row" in msg
+    assert "model.arch.image_pos_embed: checkpoint False, this run True" in msg
 
 
 # -- end to end: fine-tune, edit, evaluate ----------------------------------------------------
