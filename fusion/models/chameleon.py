@@ -213,5 +213,7 @@ class ChameleonLoss:
         ids = packed.ids.to(device)
         logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
                                             packed.image_ids.to(device)),
-                       cells=per_position(list(cells), packed, fill=-1).to(device))
+                       # the (B, S) cell map is only built for a model that reads it
+                       cells=(per_position(list(cells), packed, fill=-1).to(device)
+                              if model.image_pos is not None else None))
         return next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(list(pieces), packed))
