@@ -176,6 +176,9 @@ class SamplingConfig:
         "a photo of a yellow star", "a photo of a purple diamond", "a photo of two circles",
         "a photo of a circle left of a square", "a photo of an orange star and a white circle"])
     guidance_scale: float | None = 3.0  # classifier-free guidance; null = unguided
+    # Editing only: guidance over the source image (InstructPix2Pix's s_I, 1.5 in their
+    # paper); null leaves the no-image stream out. guidance_scale is then over the instruction.
+    image_guidance_scale: float | None = 1.5
     diffusion_steps: int = 25  # Transfusion: DDIM/Euler steps (the paper uses 250 on GPU)
     temperature: float = 1.0  # Chameleon image codes; captions are decoded greedily
     top_k: int | None = None

@@ -184,7 +184,8 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
         # Sampled the way the recipe says (config.json "sampling"), as scripts/evaluate.py does.
         ecfg = ModelEvalConfig(images_per_tag=demo.eval_images_per_tag,
                                caption_images=demo.eval_caption_images, seed=cfg.seed,
-                               **recorded_sampling(meta))
+                               **{k: v for k, v in recorded_sampling(meta).items()
+                                  if k != "image_guidance_scale"})  # an editing setting
         res = evaluate_model(sampler, tok, meta["image_size"], ecfg, world_seed=data.seed,
                              grid_path=out / "samples.png")
         eval_path.write_text(json.dumps(res, indent=2) + "\n")
@@ -225,8 +226,10 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
             from fusion.training.samplers import family_sampler
 
             model, loss, tok, itok, meta = load_model(edit_model)
-            s = recorded_sampling(meta)  # the edit recipe's; guidance: EditEvalConfig's
+            s = recorded_sampling(meta)  # the edit recipe's, as scripts/evaluate.py uses
             ecfg = EditEvalConfig(per_kind=demo.edit_per_kind,
+                                  guidance_scale=s["guidance_scale"],
+                                  image_guidance_scale=s["image_guidance_scale"],
                                   diffusion_steps=s["diffusion_steps"],
                                   temperature=s["temperature"], top_k=s["top_k"],
                                   seed=cfg.seed)

@@ -3,13 +3,14 @@
     python scripts/edit.py model_dir=outputs/train/edit_transfusion_tiny/model \
         image=photo.png instruction="make the red circle blue"
     python scripts/edit.py model_dir=... edits=data/shapes/edits.jsonl    # a batch of triplets
-    python scripts/edit.py ... sampling.guidance_scale=3 image_guidance_scale=1.5
+    python scripts/edit.py ... sampling.guidance_scale=3 sampling.image_guidance_scale=1.5
 
 Single mode writes <output_dir>/edited.png; batch mode <output_dir>/NNNNN.png, edits.png
 (source | edited | target) and PSNR against the targets. Both write edits.jsonl.
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
@@ -21,11 +22,15 @@ register_edit_config()
 
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = run_editing(check_keys(cfg))
+    # Sampling settings not given here come from the model folder's recipe (run_editing).
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    given = {k.removeprefix("sampling.") for k in keys if k.startswith("sampling.")}
+    result = run_editing(check_keys(cfg), given=given)
     line = f"{result['count']} edit(s): {result['output']}"
     if "psnr" in result:
         line += f"   PSNR vs targets {result['psnr']:.2f} dB"
     print(line)
+    print("sampling: " + ", ".join(f"{k}={v}" for k, v in result["sampling"].items()))
 
 
 if __name__ == "__main__":

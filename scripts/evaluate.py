@@ -143,7 +143,8 @@ def _optional_float(text: str) -> float | None:
 # A non-string default, so argparse never runs it through `type`.
 FROM_MODEL = object()
 SAMPLING_OPTIONS = {"steps": "diffusion_steps", "temperature": "temperature", "top_k": "top_k",
-                    "guidance_scale": "guidance_scale"}  # option -> SamplingConfig field
+                    "guidance_scale": "guidance_scale",
+                    "image_guidance_scale": "image_guidance_scale"}  # option -> SamplingConfig field
 
 
 def _resolve_sampling(args, meta: dict) -> dict:
@@ -388,10 +389,12 @@ def main(argv: list[str] | None = None) -> dict:
                      help="score the true targets through this image tokenizer "
                           "(decode(encode(target))): the best a model using it can reach")
     e.add_argument("--per-kind", type=int, default=100, help="edits of each kind")
-    e.add_argument("--guidance-scale", type=_optional_float, default=3.0,
-                   help="guidance over the instruction ('none': off)")
-    e.add_argument("--image-guidance-scale", type=_optional_float, default=1.5,
-                   help="guidance over the source image ('none': off)")
+    e.add_argument("--guidance-scale", type=_optional_float, default=FROM_MODEL,
+                   help="guidance over the instruction ('none': off; default: the model's, "
+                        "else 3)")
+    e.add_argument("--image-guidance-scale", type=_optional_float, default=FROM_MODEL,
+                   help="guidance over the source image ('none': off; default: the model's, "
+                        "else 1.5)")
     e.add_argument("--start", type=int, default=1_000_000, help="first held-out scene")
     e.add_argument("--size", type=int, default=64, help="image size of the sanity checks")
     e.add_argument("--center-tol", type=float, help="pixels (default: image size / 16)")

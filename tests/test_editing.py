@@ -463,8 +463,9 @@ def test_edit_finetune_then_edit_and_evaluate(artifacts, tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", *run, "debug=default", f"output_dir={out}",
          f"init_from={tmp_path / 'pretrained'}", "logger=csv", "callbacks.progress_bar=none",
-         "sampling.diffusion_steps=2", "data.num_train=16", "data.num_val=8",
-         "trainer.max_steps=2", "trainer.limit_val_batches=1"],
+         "sampling.diffusion_steps=2", "sampling.image_guidance_scale=1.25",
+         "data.num_train=16", "data.num_val=8", "trainer.max_steps=2",
+         "trainer.limit_val_batches=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     meta = json.loads((out / "model" / "config.json").read_text())
@@ -488,10 +489,20 @@ def test_edit_finetune_then_edit_and_evaluate(artifacts, tmp_path):
                            f"instruction='{edit.instruction}'"])
     assert run_editing(cfg)["count"] == 1
     assert np.asarray(PILImage.open(tmp_path / "edits" / "edited.png")).shape == (64, 64, 3)
+    # scripts/edit.py's rule: sampling keys not given come from the model's recipe ...
+    assert meta["sampling"]["image_guidance_scale"] == 1.25
+    assert run_editing(cfg, given={"diffusion_steps"})["sampling"]["image_guidance_scale"] == 1.25
+    # ... and a key given wins over the recorded one
+    chosen = compose("edit", [*common, f"image={tmp_path / 'src.png'}", "instruction=x",
+                             "sampling.image_guidance_scale=2.0"])
+    used = run_editing(chosen, given={"diffusion_steps", "image_guidance_scale"})["sampling"]
+    assert used["image_guidance_scale"] == 2.0 and used["diffusion_steps"] == 2
+    with pytest.raises(ValueError, match="unknown sampling keys"):
+        run_editing(cfg, given={"guidance"})
     row = {"source": "src.png", "instruction": edit.instruction, "target": "tgt.png"}
     (tmp_path / "triplets.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
     result = run_editing(compose("edit", [*common, f"edits={tmp_path / 'triplets.jsonl'}",
-                                          "image_guidance_scale=null"]))
+                                          "sampling.image_guidance_scale=null"]))
     assert result["count"] == 2 and np.isfinite(result["psnr"])
     assert (tmp_path / "edits" / "00001.png").exists() and (tmp_path / "edits" / "edits.png").exists()
     # bad input: clear errors, before any sampling

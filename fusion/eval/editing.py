@@ -29,6 +29,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm.auto import tqdm
 
+from fusion.config import SamplingConfig
 from fusion.data.images import save_grid, to_tensor
 from fusion.data.shapes import EDIT_KINDS, ShapeObject, ShapesEdit, ShapesWorld, detect, render
 
@@ -36,8 +37,10 @@ from fusion.data.shapes import EDIT_KINDS, ShapeObject, ShapesEdit, ShapesWorld,
 @dataclass
 class EditEvalConfig:
     per_kind: int = 100  # held-out edits of each kind
-    guidance_scale: float | None = 3.0  # over the instruction
-    image_guidance_scale: float | None = 1.5  # over the source image (InstructPix2Pix's s_I)
+    # Over the instruction, and over the source image (InstructPix2Pix's s_I): SamplingConfig's
+    # defaults; scripts/evaluate.py passes the model's recorded ones.
+    guidance_scale: float | None = SamplingConfig.guidance_scale
+    image_guidance_scale: float | None = SamplingConfig.image_guidance_scale
     diffusion_steps: int = 25  # Transfusion
     temperature: float = 1.0  # Chameleon image codes
     top_k: int | None = None
@@ -169,13 +172,13 @@ def evaluate_editing(sampler, tokenizer, image_size: int, cfg: EditEvalConfig | 
                      world_seed: int = 0, progress: bool = True, grid_path=None) -> dict:
     """Edit held-out ShapesWorld scenes with a family sampler (its ``edit``) and score them:
     :func:`score_edits` of ``cfg.per_kind`` edits of each kind."""
-    from fusion.config import SamplingConfig
     from fusion.sampling.edit import edit_images
 
     cfg = cfg or EditEvalConfig()
     world = ShapesWorld(seed=world_seed, size=image_size)
     edits = shapes_edit_set(world, cfg.per_kind, cfg.heldout_start)
     sampling = SamplingConfig(guidance_scale=cfg.guidance_scale,
+                              image_guidance_scale=cfg.image_guidance_scale,
                               diffusion_steps=cfg.diffusion_steps, temperature=cfg.temperature,
                               top_k=cfg.top_k, seed=cfg.seed)
     outputs = []
@@ -184,7 +187,7 @@ def evaluate_editing(sampler, tokenizer, image_size: int, cfg: EditEvalConfig | 
         chunk = edits[start:start + cfg.batch_size]
         sources = torch.stack([to_tensor(render(e.source)) for e in chunk])
         outputs.append(edit_images(sampler, tokenizer, sources, [e.instruction for e in chunk],
-                                   sampling, cfg.image_guidance_scale, cfg.batch_size,
+                                   sampling, cfg.batch_size,
                                    seed_offset=start))
     outputs = np.concatenate(outputs)
     if grid_path is not None:

@@ -5,7 +5,7 @@ and the edit grids drawn during an editing fine-tune. The sampling itself is the
 sampler's ``edit`` (fusion.sampling.transfusion / .chameleon): the source image enters clean
 as context, the target is generated after the instruction, with two-scale classifier-free
 guidance over the instruction (``sampling.guidance_scale``) and the source image
-(``image_guidance_scale``) as in InstructPix2Pix (Brooks et al. 2023, arXiv:2211.09800).
+(``sampling.image_guidance_scale``) as in InstructPix2Pix (Brooks et al. 2023, arXiv:2211.09800).
 
 Images on disk are uint8 (H, W, 3); pixel tensors are float (B, 3, H, W) in [-1, 1].
 """
@@ -13,11 +13,13 @@ Images on disk are uint8 (H, W, 3); pixel tensors are float (B, 3, H, W) in [-1,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from fusion.config import SamplingConfig, resolve_path
@@ -38,13 +40,13 @@ class EditConfig:
     # relative to it; the folder format of fusion.data.sources.EditFolder) or its folder.
     edits: str | None = None
     output_dir: str = "outputs/edits"
-    # Guidance over the source image (InstructPix2Pix's s_I; 1.5 in their paper). null leaves
-    # the unconditional stream out; the instruction scale is sampling.guidance_scale.
-    image_guidance_scale: float | None = 1.5
     resize: str = "center_crop"  # how a source of another size is brought to the model's
     max_bad_share: float = 0.1  # batch: refuse a triplet file with more bad rows than this
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda
+    # scripts/edit.py samples with the settings the model folder recorded from its recipe
+    # (e.g. the edit recipe's image_guidance_scale, Chameleon's top_k); a sampling.* key given
+    # on the command line replaces the recorded one.
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -56,8 +58,7 @@ def register_edit_config() -> None:
 
 
 def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
-                instructions: list[str], sampling: SamplingConfig,
-                image_guidance_scale: float | None, batch_size: int = 16,
+                instructions: list[str], sampling: SamplingConfig, batch_size: int = 16,
                 seed_offset: int = 0) -> np.ndarray:
     """Sources (N, 3, H, W) + instructions -> edited uint8 (N, H, W, 3), in batches."""
     s = sampling
@@ -68,7 +69,7 @@ def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
         pixels = sampler.edit(sources[start:start + batch_size],
                               [tokenizer.encode(t) for t in chunk],
                               guidance_scale=s.guidance_scale,
-                              image_guidance_scale=image_guidance_scale,
+                              image_guidance_scale=s.image_guidance_scale,
                               steps=s.diffusion_steps, seed=s.seed + seed_offset + b,
                               sampling=token_sampling)
         out.append(to_uint8(pixels))
@@ -92,7 +93,9 @@ def make_edit_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss, reco
                 raise ValueError("the edit grid's captions must be its records' instructions")
             s = cfg.sampling
             edited = sampler.edit(sources, [tokenizer.encode(t) for t in instructions],
-                                  guidance_scale=s.guidance_scale, steps=s.diffusion_steps,
+                                  guidance_scale=s.guidance_scale,
+                                  image_guidance_scale=s.image_guidance_scale,
+                                  steps=s.diffusion_steps,
                                   seed=s.seed, sampling=TokenSampling.from_config(s))
             return torch.cat([sources.to(edited.device), edited.float(),
                               targets.to(edited.device)], dim=-1)
@@ -126,13 +129,17 @@ def _edit_folder(path: str, size: int, resize: str, max_bad_share: float):
     raise FileNotFoundError(f"edits file or folder not found: {path}")
 
 
-def run_editing(cfg) -> dict:
+def run_editing(cfg, given: Collection[str] | None = None) -> dict:
     """Single mode writes ``<output_dir>/edited.png``; batch mode ``<output_dir>/NNNNN.png``
     per triplet, ``edits.png`` (source | edited | target, captioned) and PSNR against the
-    targets. Both write ``edits.jsonl``."""
+    targets. Both write ``edits.jsonl``.
+
+    ``given``: the ``cfg.sampling`` keys set on purpose (scripts/edit.py passes those on its
+    command line); every other key takes the value the model folder recorded from its recipe.
+    None: use ``cfg.sampling`` as it is. The settings used are returned under "sampling"."""
     from fusion.eval.editing import psnr
     from fusion.sampling.run import pick_device
-    from fusion.training.build import load_model
+    from fusion.training.build import load_model, recorded_sampling
     from fusion.training.samplers import family_sampler
 
     single = cfg.image is not None or cfg.instruction is not None
@@ -145,6 +152,14 @@ def run_editing(cfg) -> dict:
         raise ValueError("a single edit needs both image=<file> and a non-empty "
                          "instruction='...'")
     model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
+    sampling = OmegaConf.to_object(cfg.sampling) if isinstance(cfg.sampling, DictConfig) \
+        else cfg.sampling
+    if given is not None:
+        unknown = set(given) - {f.name for f in fields(SamplingConfig)}
+        if unknown:
+            raise ValueError(f"unknown sampling keys {sorted(unknown)}")
+        sampling = replace(sampling, **{k: v for k, v in recorded_sampling(meta).items()
+                                        if k not in given})
     size = meta["image_size"]
     if single:  # check the input before the model goes to the device
         arrays, instructions = [read_source_image(cfg.image, size, cfg.resize)], [
@@ -161,8 +176,7 @@ def run_editing(cfg) -> dict:
     model.to(device), image_tok.to(device)
     sampler = family_sampler(model, loss, tok, image_tok)
     sources = torch.stack([to_tensor(a) for a in arrays])
-    edited = edit_images(sampler, tok, sources, instructions, cfg.sampling,
-                         cfg.image_guidance_scale, cfg.batch_size)
+    edited = edit_images(sampler, tok, sources, instructions, sampling, cfg.batch_size)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records_out = []
@@ -184,4 +198,6 @@ def run_editing(cfg) -> dict:
         result = {"count": len(edited), "psnr": float(np.mean(db)),
                   "output": str(out / "edits.png")}
     (out / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records_out))
+    result["sampling"] = {f.name: getattr(sampling, f.name) for f in fields(SamplingConfig)
+                          if f.name != "prompts"}
     return result

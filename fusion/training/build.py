@@ -128,7 +128,8 @@ def image_tokenizer_matches(recorded: str, path) -> bool:
             or image_tokenizer_fingerprint(path, legacy=True) == recorded)
 
 
-RECIPE_SAMPLING_KEYS = ("guidance_scale", "diffusion_steps", "temperature", "top_k", "top_p")
+RECIPE_SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "diffusion_steps", "temperature",
+                        "top_k", "top_p")
 
 
 def recipe_sampling(sampling_cfg) -> dict:
