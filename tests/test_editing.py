@@ -262,7 +262,7 @@ def test_transfusion_edit_prompt_matches_training_layout():
     assert torch.allclose(out, image_out[1:], atol=1e-5), (out - image_out[1:]).abs().max()
 
 
-@pytest.mark.parametrize("family", ["transfusion", "chameleon"])
+@pytest.mark.parametrize("family", ["transfusion", "chameleon", "chameleon_aligned"])
 def test_edit_sampling_cached_equals_uncached(family):
     from fusion.sampling.chameleon import ChameleonSampler
     from fusion.sampling.transfusion import TransfusionSampler
@@ -274,6 +274,10 @@ def test_edit_sampling_cached_equals_uncached(family):
         sources = torch.rand(2, 3, 16, 16) * 2 - 1
     else:
         model, _ = chameleon()
+        if family == "chameleon_aligned":
+            model, _ = aligned_chameleon()
+            with torch.no_grad():
+                model.source_proj.weight.normal_(0, 0.5)
         make = lambda c: ChameleonSampler(model, SPECIAL, (2, 2), encode_images=vq_encode,  # noqa: E731
                                           use_cache=c)
         sources = torch.rand(2, 3, 8, 8) * 2 - 1
@@ -594,3 +598,100 @@ def test_tokenizer_ceiling_scores_reconstructed_targets(artifacts):
     assert ceiling["edits"] == 4 and ceiling["psnr"] < 100  # an untrained VAE is lossy
     with pytest.raises(ValueError, match="needs image_tokenizer"):
         score_reference("tokenizer", per_kind=1)
+
+
+# -- Chameleon source alignment (fusion.models.chameleon.source_alignment) -------------------
+def aligned_chameleon(seed=0, source_alignment=True, **loss_kw):
+    torch.manual_seed(seed)
+    model = Chameleon(ChameleonConfig(backbone_overrides=SMALL,
+                                      source_alignment=source_alignment), VOCAB, CODEBOOK,
+                      codes_per_image=4)
+    return model, ChameleonLoss(ChameleonLossConfig(**loss_kw), SPECIAL, TOKENS)
+
+
+def test_source_alignment_marks_the_cell_each_target_position_predicts():
+    from fusion.models.chameleon import source_alignment
+
+    src, tgt = [40, 41, 42, 43], [50, 51, 52, 53]
+    doc = [1, 3, *src, 4, 20, 21, 3, *tgt, 4, 2]
+    got = source_alignment(doc, boi=3, eoi=4, text_vocab=VOCAB)
+    # <boi> (position 9) predicts cell 0, code k (10 + k) predicts k + 1, the last one <eoi>
+    assert got == [-1] * 9 + src + [-1] * 3
+    assert source_alignment(doc[:12], 3, 4, VOCAB) == got[:12]  # a sampling prefix
+    assert source_alignment([1, 3, *src, 4, 20, 2], 3, 4, VOCAB) == [-1] * 9  # one image
+    assert source_alignment([1, 3, *src, 3, *tgt], 3, 4, VOCAB) == [-1] * 11  # not closed
+
+
+def test_source_alignment_starts_as_the_plain_model_and_loads_its_weights():
+    from fusion.training.build import _weight_differences
+
+    plain, loss = aligned_chameleon(source_alignment=False, edit_condition_dropout=0.0)
+    aligned = Chameleon(ChameleonConfig(backbone_overrides=SMALL, source_alignment=True),
+                        VOCAB, CODEBOOK, codes_per_image=4)
+    assert _weight_differences(aligned, plain.state_dict()) == []  # init_from accepts it
+    aligned.load_state_dict(plain.state_dict(), strict=False)
+    batch = edit_docs(2, side=8)
+    a = loss(plain, batch, vq_encode, random.Random(0))["lm_loss"]
+    b = loss(aligned, batch, vq_encode, random.Random(0))["lm_loss"]
+    assert torch.equal(a, b)
+    # ... and the reverse is refused: the plain run lacks the projection
+    assert "lacks" in " ".join(_weight_differences(plain, aligned.state_dict()))
+
+
+def test_chameleon_edit_sampler_sees_what_training_saw_with_source_alignment(monkeypatch):
+    """Teacher-forced through the sampler, every target position gets the logits training
+    computed for it: same aligned source code at the same position."""
+    import fusion.sampling.chameleon as sampling
+    from fusion.sampling.chameleon import ChameleonSampler
+
+    model, loss = aligned_chameleon(edit_condition_dropout=0.0)
+    with torch.no_grad():
+        model.source_proj.weight.normal_(0, 0.5)
+    model.eval()
+    doc = edit_docs(1, side=8)[0]
+    captured = {}
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: captured.update(out=out))
+    with torch.no_grad():
+        loss(model, [doc], vq_encode, random.Random(0))
+    handle.remove()
+    # <bos> <boi> s×4 <eoi> instruction×3 <boi> t×4: positions 10..13 predict the 4 codes
+    trained = captured["out"][0, 10:14, VOCAB:].float().log_softmax(-1)
+    target = vq_encode(doc.images[1].pixels[None]).flatten()
+    seen = []
+
+    def forced(logp, sampling_, allowed, generator):
+        seen.append(logp[:, VOCAB:].log_softmax(-1))
+        return VOCAB + target[len(seen) - 1].repeat(logp.shape[0])
+    monkeypatch.setattr(sampling, "sample_token", forced)
+    s = ChameleonSampler(model, SPECIAL, (2, 2), encode_images=vq_encode)
+    s.edit(doc.images[0].pixels[None], [list(doc.texts[0].ids)], guidance_scale=None)
+    assert torch.allclose(torch.cat(seen), trained, atol=1e-4)
+
+
+def test_source_alignment_learns_to_copy_unseen_images():
+    """Identity edits (target = source) of random images behind instructions of random length:
+    with the aligned source code a tiny model copies images it never saw; without it, it has
+    to find the source at a distance that changes with the instruction."""
+    def identity_edits(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        blocks = torch.rand(n, 1, 2, 2, generator=g) * 2 - 1  # one random code per cell
+        pixels = F.interpolate(blocks, scale_factor=4).expand(n, 3, 8, 8)
+        # instructions of 1..8 ids: the source is a different distance back in each
+        lengths = torch.randint(1, 9, (n,), generator=g).tolist()
+        return [Document((Image(p, is_condition=True), Text(tuple(range(20, 20 + k))),
+                          Image(p))) for p, k in zip(pixels, lengths, strict=True)]
+
+    def heldout_loss(source_alignment):
+        model, loss = aligned_chameleon(source_alignment=source_alignment,
+                                        edit_condition_dropout=0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        for step in range(80):
+            out = loss(model, identity_edits(8, step), vq_encode, random.Random(step))
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        with torch.no_grad():
+            return loss(model, identity_edits(32, 999), vq_encode,
+                        random.Random(0))["lm_loss"].item()
+    aligned, plain = heldout_loss(True), heldout_loss(False)
+    assert plain > 1.5 and aligned < 0.25 * plain, (aligned, plain)

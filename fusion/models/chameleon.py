@@ -26,6 +26,15 @@ image code's token embedding, as Transfusion's linear patchifier does for patche
 (``fusion.models.positions``). Cells come from :func:`image_cells` (in-place images) or, for
 CM3 documents, travel with the moved spans (:func:`fusion.models.cm3.cm3_apply`).
 
+Source alignment (editing): a target code that copies its source cell must find that cell
+somewhere ~100 positions back. With ``source_alignment`` each position of the target span also
+receives the source's code at the cell that position predicts (the target's ``<boi>`` predicts
+cell 0, its code at cell k predicts cell k + 1), through a learned projection of that code's
+token embedding that starts at zero, so an unchanged cell is copied from the input at hand and
+attention is left to the instruction and the changed cells. This is the autoregressive form of
+what Transfusion gets from its patch grid: a target patch sits at the same 2-D position as its
+source patch. It is fusion's addition, not in the Chameleon paper (which does not edit).
+
 Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
 h/w = code grid.
 """
@@ -66,6 +75,27 @@ def image_cells(ids: torch.Tensor, boi: int, text_vocab: int) -> torch.Tensor:
     return torch.where(is_code, count - at_boi - 1, -1)
 
 
+def source_alignment(ids: list[int], boi: int, eoi: int, text_vocab: int) -> list[int]:
+    """One document's ids (S,) -> (S,): at the ``<boi>`` and codes of its second image, the
+    first image's code (an id of the unified vocabulary) at the cell that position predicts
+    (``<boi>`` -> cell 0, the code at cell k -> cell k + 1); -1 everywhere else, including the
+    last code (it predicts ``<eoi>``). A document with fewer than two images, or whose first
+    image is not closed by ``<eoi>``, is all -1. A prefix of a document works the same way."""
+    out = [-1] * len(ids)
+    bois = [i for i, t in enumerate(ids) if t == boi]
+    if len(bois) < 2:
+        return out
+    end = bois[0] + 1
+    while end < len(ids) and ids[end] >= text_vocab:
+        end += 1
+    if end >= len(ids) or ids[end] != eoi:
+        return out
+    source, start = ids[bois[0] + 1:end], bois[1]
+    for k in range(min(len(source), len(ids) - start)):
+        out[start + k] = source[k]
+    return out
+
+
 class Chameleon(nn.Module):
     """Token embedding over the unified vocabulary (+ optional 2-D image-cell embedding) +
     shared transformer + LM head."""
@@ -90,6 +120,11 @@ class Chameleon(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=0.02)
         self.image_pos = (GridPositionEmbedding(self.code_grid, bb.d_model)
                           if cfg.image_pos_embed else None)
+        self.source_proj = None
+        if cfg.source_alignment:
+            # zero at the start: a text->image model fine-tuned with it begins unchanged
+            self.source_proj = nn.Linear(bb.d_model, bb.d_model, bias=False)
+            nn.init.zeros_(self.source_proj.weight)
 
     @property
     def max_seq_len(self) -> int:
@@ -101,23 +136,29 @@ class Chameleon(nn.Module):
         mask[self.text_vocab:] = True
         return mask
 
-    def embed_tokens(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_tokens(self, ids: torch.Tensor, cells: torch.Tensor | None = None,
+                     source: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, S) -> (B, S, D); with ``image_pos_embed``, + the embedding of each code's
         grid cell ``cells`` (B, S) (:func:`image_cells`; -1 = not a code), which is then
-        required."""
+        required; with ``source_alignment``, + the projected embedding of the aligned source
+        code ``source`` (B, S) (:func:`source_alignment`; -1 or None = none)."""
         x = self.embed(ids)
-        if self.image_pos is None:
-            return x
-        if cells is None:
-            raise ValueError("this Chameleon model embeds image-code positions "
-                             "(image_pos_embed); pass the grid cell of every position "
-                             "(fusion.models.chameleon.image_cells)")
-        return x + self.image_pos(cells).to(x.dtype)
+        if self.image_pos is not None:
+            if cells is None:
+                raise ValueError("this Chameleon model embeds image-code positions "
+                                 "(image_pos_embed); pass the grid cell of every position "
+                                 "(fusion.models.chameleon.image_cells)")
+            x = x + self.image_pos(cells).to(x.dtype)
+        if self.source_proj is not None and source is not None:
+            aligned = self.source_proj(self.embed(source.clamp(min=0)))
+            x = x + torch.where((source >= 0).unsqueeze(-1), aligned, 0).to(x.dtype)
+        return x
 
     def forward(self, ids: torch.Tensor, layout: AttentionLayout, cache: KVCache | None = None,
-                commit: bool = True, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, S) (+ cells (B, S), see :meth:`embed_tokens`) -> logits (B, S, V)."""
-        return self.lm_head(self.transformer(self.embed_tokens(ids, cells), layout,
+                commit: bool = True, cells: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, S) (+ cells, source (B, S), see :meth:`embed_tokens`) -> logits (B, S, V)."""
+        return self.lm_head(self.transformer(self.embed_tokens(ids, cells, source), layout,
                                              cache=cache, commit=commit))
 
 
@@ -211,9 +252,17 @@ class ChameleonLoss:
         packed = pack(list(pieces), row_length(cfg.pack_len, model.max_seq_len),
                       self.special.pad)
         ids = packed.ids.to(device)
+        source = None
+        if model.source_proj is not None:  # editing documents only; -1 everywhere else
+            s = self.special
+            source = per_position(
+                [source_alignment([t for p in doc for t in p], s.boi, s.eoi, model.text_vocab)
+                 if d.is_edit else [-1] * sum(len(p) for p in doc)
+                 for doc, d in zip(pieces, docs, strict=True)], packed, fill=-1).to(device)
         logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
                                             packed.image_ids.to(device)),
                        # the (B, S) cell map is only built for a model that reads it
                        cells=(per_position(list(cells), packed, fill=-1).to(device)
-                              if model.image_pos is not None else None))
+                              if model.image_pos is not None else None),
+                       source=source)
         return next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(list(pieces), packed))

@@ -85,6 +85,11 @@ class ChameleonConfig:
     # Add a learned 2-D (row + column) embedding of its grid cell to every image code
     # (fusion.models.chameleon; off = Chameleon's paper setup, 1-D RoPE positions only).
     image_pos_embed: bool = False
+    # Editing: add a learned projection (zero at the start) of the source image's code at the
+    # cell each target position predicts (fusion.models.chameleon.source_alignment), so that
+    # copying an unchanged cell is a local step instead of a search through the sequence.
+    # No weight of a text->image model depends on it, so such a model starts a fine-tune.
+    source_alignment: bool = False
 
 
 @dataclass

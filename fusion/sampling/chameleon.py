@@ -10,7 +10,8 @@ Chameleon). Image -> text decodes after ``<bos> <boi> codes <eoi>`` with image c
 Editing (docs/editing.md) prompts with the source's codes, ``<bos> <boi> source codes <eoi>
 instruction <boi>``, and draws the target's codes with InstructPix2Pix's two-scale guidance
 (arXiv:2211.09800, eq. 3) on log-probabilities: streams [source + instruction; source;
-neither].
+neither]. A model with ``source_alignment`` also receives, at each target position, the
+source code of the cell it predicts (the streams that hold the source).
 
 Shape legend: B = prompts, h/w = code grid, V = vocabulary.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from fusion.models.chameleon import Chameleon, image_cells
+from fusion.models.chameleon import Chameleon, image_cells, source_alignment
 from fusion.models.transfusion import SpecialIds
 from fusion.sampling.base import StreamSampler, combine_guidance, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
@@ -36,9 +37,14 @@ class ChameleonSampler(StreamSampler):
         self.image_sampling = image_sampling or TokenSampling(temperature=1.0)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prompt ids hold whole images, so each code's cell follows from the ids."""
-        return self.model.embed_tokens(ids, image_cells(ids, self.special.boi,
-                                                        self.model.text_vocab))
+        """Prompt ids hold whole images, so each code's cell (and, for one prompt's ids (S,),
+        the aligned source code of an editing prompt's target ``<boi>``) follows from them."""
+        m, s = self.model, self.special
+        source = None
+        if m.source_proj is not None and ids.dim() == 1:
+            source = torch.tensor(source_alignment(ids.tolist(), s.boi, s.eoi, m.text_vocab),
+                                  device=ids.device)
+        return m.embed_tokens(ids, image_cells(ids, s.boi, m.text_vocab), source)
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:
         return super()._text_allowed(vocab) & ~self.model.image_token_mask(self.device)
@@ -76,13 +82,21 @@ class ChameleonSampler(StreamSampler):
             streams += [[s.bos, s.boi, *c, s.eoi, s.boi] for c in codes]
         if len(scales) == 2:
             streams += [[s.bos, s.boi]] * len(codes)
-        return self._image(streams, len(codes), scales, seed, progress, sampling)
+        source = None
+        if m.source_proj is not None:  # (streams, h·w): the source's codes where it is in
+            source = torch.full((len(streams), len(codes[0])), -1, device=self.device)
+            with_source = len(codes) * min(len(scales) + 1, 2)
+            source[:with_source] = torch.tensor(codes, device=self.device).repeat(
+                with_source // len(codes), 1)
+        return self._image(streams, len(codes), scales, seed, progress, sampling, source)
 
     def _image(self, streams: list[list[int]], batch: int, scales: tuple[float, ...],
-               seed: int, progress: bool, sampling: TokenSampling | None) -> torch.Tensor:
+               seed: int, progress: bool, sampling: TokenSampling | None,
+               source: torch.Tensor | None = None) -> torch.Tensor:
         """Draw h·w image codes after each stream (all ending in <boi>), guided over the
-        len(scales) + 1 stream groups; force <eoi>. Returns decoded images (batch, 3, H, W)
-        or codes (batch, h, w)."""
+        len(scales) + 1 stream groups; force <eoi>. ``source`` (streams, h·w): each stream's
+        source codes (-1: none) for a ``source_alignment`` model. Returns decoded images
+        (batch, 3, H, W) or codes (batch, h, w)."""
         m = self.model
         sampling = sampling or self.image_sampling
         state, logits = self._start(streams)
@@ -98,8 +112,11 @@ class ChameleonSampler(StreamSampler):
             codes.append(tok)
             step = tok.repeat(len(streams) // batch).unsqueeze(1)  # (streams, 1)
             # one code at a time: its cell is the loop's, not derivable from the new id alone
+            # ... and it predicts cell + 1, whose source code is aligned with it
+            aligned = (source[:, cell + 1:cell + 2] if source is not None and cell + 1 < h * w
+                       else None)
             logits = self._append_embeddings(
-                state, m.embed_tokens(step, torch.full_like(step, cell)))
+                state, m.embed_tokens(step, torch.full_like(step, cell), aligned))
         self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,
                                               device=self.device))
         grid = (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)

@@ -324,6 +324,11 @@ def _image_differences(meta: dict, run_path: str, image_size: int) -> list[str]:
     return out
 
 
+# Weights a fine-tune may add to its start model: they start at zero, so the start model's
+# function is unchanged (Chameleon's source_alignment projection).
+STARTS_AT_ZERO = ("source_proj.",)
+
+
 def _weight_differences(model, state: dict) -> list[str]:
     own = model.state_dict()
     # Tied weights are stored once (safetensors drops duplicates): a key missing from the file
@@ -332,7 +337,8 @@ def _weight_differences(model, state: dict) -> list[str]:
     for k, v in own.items():
         aliases.setdefault(v.data_ptr(), []).append(k)
     missing = [k for k, v in own.items()
-               if k not in state and not any(a in state for a in aliases[v.data_ptr()])]
+               if k not in state and not any(a in state for a in aliases[v.data_ptr()])
+               and not k.startswith(STARTS_AT_ZERO)]
     unexpected = [k for k in state if k not in own]
     differ = [k for k in own if k in state and state[k].shape != own[k].shape]
     out = []
