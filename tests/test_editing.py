@@ -695,3 +695,53 @@ def test_source_alignment_learns_to_copy_unseen_images():
                         random.Random(0))["lm_loss"].item()
     aligned, plain = heldout_loss(True), heldout_loss(False)
     assert plain > 1.5 and aligned < 0.25 * plain, (aligned, plain)
+
+
+# -- Chameleon local edit targets (fusion.models.chameleon.local_edit_codes) ------------------
+def test_local_edit_codes_take_the_target_only_near_the_change():
+    from fusion.models.chameleon import local_edit_codes
+
+    source = torch.zeros(1, 3, 32, 32)
+    target = source.clone()
+    target[:, 1, 2:5, 3:6] = 0.5  # pixels of cell (0, 0) only
+    src_codes, tgt_codes = torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 4, 4,
+                                                                              dtype=torch.long)
+    near = local_edit_codes(src_codes, tgt_codes, source, target)
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[:2, :2] = 1  # the changed cell and its neighbours
+    assert torch.equal(near[0], expected)
+    only = local_edit_codes(src_codes, tgt_codes, source, target, dilation=0)
+    assert int(only.sum()) == 1 and only[0, 0, 0] == 1
+    # a change below the tolerance (quantisation noise) keeps every source code
+    assert not local_edit_codes(src_codes, tgt_codes, source, source + 0.01).any()
+    with pytest.raises(ValueError, match="does not tile"):
+        local_edit_codes(src_codes, tgt_codes, source[..., :30], target[..., :30])
+
+
+def test_chameleon_local_edit_targets_keep_the_source_codes_away_from_the_edit():
+    """With a non-local tokenizer (every code shifts with the image's overall brightness), the
+    encoded target differs from the source everywhere; ``local`` keeps the source's codes
+    outside the edited corner."""
+    def global_encode(pixels):  # (I, 3, 16, 16) -> (I, 4, 4)
+        local = ((F.avg_pool2d(pixels.mean(1, keepdim=True), 4)[:, 0] + 1) * 4).long()
+        return (local + 5 * (pixels.sum((1, 2, 3)) > 0).long()[:, None, None]) % CODEBOOK
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(3, 16, 16, generator=g) * 0.15 - 0.1
+    target = source.clone()
+    target[:, 12:, 12:] = 1.0  # the bottom-right cell: the image's sum turns positive
+    doc = Document((Image(source, is_condition=True), Text(INSTR), Image(target)))
+    src, tgt = global_encode(torch.stack([source, target])).flatten(1)
+    assert (src != tgt).all()
+    spans = {}
+    for mode in ("encoded", "local"):
+        model, loss = chameleon(edit_condition_dropout=0.0, edit_target_codes=mode)
+        (pieces, _), = loss.documents_with_cells(model, [doc], global_encode, random.Random(0))
+        ids = [t for p in pieces for t in p]
+        spans[mode] = torch.tensor(ids[-18:-2]) - VOCAB  # <boi> 16 codes <eoi> <eos>
+    assert torch.equal(spans["encoded"], tgt)
+    near = torch.zeros(4, 4, dtype=torch.bool)
+    near[2:, 2:] = True  # the edited cell (3, 3) and its neighbours
+    assert torch.equal(spans["local"], torch.where(near.flatten(), tgt, src))
+    with pytest.raises(ValueError, match="edit_target_codes"):
+        chameleon(edit_target_codes="nearby")

@@ -44,6 +44,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fusion.data.documents import Document, Image, Text, drop_edit_conditions
@@ -58,7 +59,12 @@ from fusion.models.packing import (
     target_mask,
 )
 from fusion.models.positions import GridPositionEmbedding
-from fusion.models.schemas import EDIT_LOSSES, ChameleonConfig, ChameleonLossConfig
+from fusion.models.schemas import (
+    EDIT_LOSSES,
+    EDIT_TARGET_CODES,
+    ChameleonConfig,
+    ChameleonLossConfig,
+)
 from fusion.models.transformer import KVCache, Transformer, transformer_config
 from fusion.models.transfusion import SpecialIds
 
@@ -94,6 +100,28 @@ def source_alignment(ids: list[int], boi: int, eoi: int, text_vocab: int) -> lis
     for k in range(min(len(source), len(ids) - start)):
         out[start + k] = source[k]
     return out
+
+
+def local_edit_codes(source_codes: torch.Tensor, target_codes: torch.Tensor,
+                     source: torch.Tensor, target: torch.Tensor, dilation: int = 1,
+                     tol: float = 0.02) -> torch.Tensor:
+    """Codes (B, h, w) of a source and its edited target + their pixels (B, 3, H, W) in
+    [-1, 1] -> (B, h, w): the target's codes in the cells whose pixels change by more than
+    ``tol`` (or within ``dilation`` cells of one), the source's codes everywhere else.
+
+    Why: the VQ-GAN's codes depend on their surroundings (its encoder's receptive field and
+    mid-block attention span the image), so encoding an edited image changes ~60 % of the
+    codes of a ShapesWorld edit, most of them far from the edit, in ways no model can predict
+    from the source; keeping the source's codes there makes unchanged cells a copy. One cell of
+    dilation because a code also carries its neighbours' edges (docs/editing.md)."""
+    h, w = target_codes.shape[-2:]
+    if source.shape[-2] % h or source.shape[-1] % w:
+        raise ValueError(f"a {h}x{w} code grid does not tile {tuple(source.shape[-2:])} pixels")
+    changed = ((source - target).abs().amax(1, keepdim=True) > tol).float()
+    changed = F.max_pool2d(changed, (source.shape[-2] // h, source.shape[-1] // w))
+    if dilation:
+        changed = F.max_pool2d(changed, 2 * dilation + 1, 1, dilation)
+    return torch.where(changed[:, 0] > 0, target_codes, source_codes)
 
 
 class Chameleon(nn.Module):
@@ -169,6 +197,9 @@ class ChameleonLoss:
         if cfg.edit_loss not in EDIT_LOSSES:
             raise ValueError(f"unknown edit_loss {cfg.edit_loss!r}; expected one of "
                              f"{EDIT_LOSSES}")
+        if cfg.edit_target_codes not in EDIT_TARGET_CODES:
+            raise ValueError(f"unknown edit_target_codes {cfg.edit_target_codes!r}; expected "
+                             f"one of {EDIT_TARGET_CODES}")
         self.cfg, self.special, self.cm3_tokens = cfg, special, cm3_tokens
 
     def document_pieces(self, doc: Document, codes: list[list[int]], text_vocab: int,
@@ -217,7 +248,10 @@ class ChameleonLoss:
         codes = []
         if pixels:
             with torch.no_grad():
-                codes = encode(torch.stack(pixels).to(device)).flatten(1).tolist()
+                grids = encode(torch.stack(pixels).to(device))  # (I, h, w)
+                if cfg.edit_target_codes == "local":
+                    grids = self._local_targets(docs, grids, pixels)
+            codes = grids.flatten(1).tolist()
         out, k = [], 0
         for doc, edit in zip(docs, edits, strict=True):
             n_img = len(doc.images)
@@ -238,6 +272,26 @@ class ChameleonLoss:
             eos = Context([s.eos]) if target_only else [s.eos]
             out.append(([[s.bos], *body, eos], [-1, *cells, -1]))
         return out
+
+    @staticmethod
+    def _local_targets(docs: list[Document], grids: torch.Tensor,
+                       pixels: list[torch.Tensor]) -> torch.Tensor:
+        """``grids`` (I, h, w) of every image of ``docs`` in order -> the same, with the
+        target of each editing document that kept its source replaced by
+        :func:`local_edit_codes`."""
+        pairs, k = [], 0
+        for doc in docs:
+            if doc.is_edit and len(doc.images) == 2:  # source (condition), then target
+                pairs.append((k, k + 1))
+            k += len(doc.images)
+        if not pairs:
+            return grids
+        src, tgt = (list(x) for x in zip(*pairs, strict=True))
+        grids = grids.clone()
+        grids[tgt] = local_edit_codes(grids[src], grids[tgt],
+                                      torch.stack([pixels[i] for i in src]).to(grids.device),
+                                      torch.stack([pixels[i] for i in tgt]).to(grids.device))
+        return grids
 
     def sequences(self, model: Chameleon, docs: list[Document], encode,
                   rng: random.Random) -> list[list[int]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 OBJECTIVES = ("ddpm", "flow")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 EDIT_LOSSES = ("target", "all")  # Chameleon editing documents: which tokens are targets
+EDIT_TARGET_CODES = ("encoded", "local")  # Chameleon editing documents: the target's codes
 
 
 @dataclass
@@ -104,6 +105,10 @@ class ChameleonLossConfig:
     # every token of the document. Editing documents never get CM3 (it would move the source
     # or target span out of place).
     edit_loss: str = "target"
+    # The target image's codes: "encoded" = the VQ-GAN's codes of the target; "local" = those
+    # codes only in cells within one cell of a changed pixel, the source's codes everywhere
+    # else (fusion.models.chameleon.local_edit_codes; docs/editing.md).
+    edit_target_codes: str = "encoded"
     edit_condition_dropout: float = 0.05  # as TransfusionLossConfig.edit_condition_dropout
     pack_len: int | None = None  # as TransfusionLossConfig.pack_len
 
