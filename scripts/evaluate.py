@@ -170,11 +170,14 @@ def cmd_editing(args) -> dict:
         score_reference,
     )
 
+    if args.local_targets and not args.tokenizer_ceiling:
+        raise SystemExit("--local-targets only applies to --tokenizer-ceiling <VQ-GAN>")
     if args.ground_truth or args.unedited or args.tokenizer_ceiling:
         which = ("target" if args.ground_truth else "source" if args.unedited
                  else "tokenizer")
         summary = score_reference(which, args.size, args.per_kind, args.start, args.world_seed,
-                                  args.center_tol, image_tokenizer=args.tokenizer_ceiling)
+                                  args.center_tol, image_tokenizer=args.tokenizer_ceiling,
+                                  local_targets=args.local_targets)
     else:
         if not args.model:
             raise SystemExit("give --model <model folder>, or --ground-truth / --unedited / "
@@ -388,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref.add_argument("--tokenizer-ceiling", metavar="ARTIFACT",
                      help="score the true targets through this image tokenizer "
                           "(decode(encode(target))): the best a model using it can reach")
+    e.add_argument("--local-targets", action="store_true",
+                   help="with --tokenizer-ceiling <VQ-GAN>: the targets' codes as "
+                        "edit_target_codes=local trains them (source codes away from the edit)")
     e.add_argument("--per-kind", type=int, default=100, help="edits of each kind")
     e.add_argument("--guidance-scale", type=_optional_float, default=FROM_MODEL,
                    help="guidance over the instruction ('none': off; default: the model's, "

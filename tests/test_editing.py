@@ -600,6 +600,30 @@ def test_tokenizer_ceiling_scores_reconstructed_targets(artifacts):
         score_reference("tokenizer", per_kind=1)
 
 
+def test_local_target_ceiling_keeps_the_source_where_nothing_changed(artifacts):
+    from fusion.data.shapes import ShapesWorld, render
+    from fusion.eval.editing import score_reference, shapes_edit_set
+    from fusion.eval.reconstruction import reconstruct
+    from fusion.training.build import load_image_tokenizer
+
+    vq = load_image_tokenizer(artifacts["vq"])
+    edits = shapes_edit_set(ShapesWorld(), 1)
+    sources = np.stack([render(e.source) for e in edits])
+    targets = np.stack([render(e.target) for e in edits])
+    targets[0] = sources[0]  # an edit that changes nothing decodes the source's codes
+    local = reconstruct(vq, targets, progress=False, sources=sources)
+    plain = reconstruct(vq, targets, progress=False)
+    assert np.array_equal(local[0], plain[0])
+    assert local.shape == plain.shape
+    ceiling = score_reference("tokenizer", per_kind=1, image_tokenizer=artifacts["vq"],
+                              local_targets=True)
+    assert ceiling["edits"] == 4
+    with pytest.raises(ValueError, match="local_targets needs"):
+        score_reference("source", per_kind=1, local_targets=True)
+    with pytest.raises(ValueError, match="differ in shape"):
+        reconstruct(vq, targets, progress=False, sources=sources[:, :32])
+
+
 # -- Chameleon source alignment (fusion.models.chameleon.source_alignment) -------------------
 def aligned_chameleon(seed=0, source_alignment=True, **loss_kw):
     torch.manual_seed(seed)

@@ -202,12 +202,15 @@ def evaluate_editing(sampler, tokenizer, image_size: int, cfg: EditEvalConfig | 
 
 def score_reference(which: str, image_size: int = 64, per_kind: int = 100,
                     start: int = 1_000_000, world_seed: int = 0,
-                    center_tol: float | None = None, image_tokenizer=None) -> dict:
+                    center_tol: float | None = None, image_tokenizer=None,
+                    local_targets: bool = False) -> dict:
     """Reference scores on the same edits as a model's: ``which="target"`` scores the true
     targets (1.0: a check of the scorer), ``"source"`` the unedited sources (0.0), and
     ``"tokenizer"`` the targets passed through ``image_tokenizer`` (``decode(encode(x))``;
     a stage-1 artifact folder): the ceiling of a model that generates that tokenizer's
-    latents or codes perfectly, since the frozen tokenizer draws every output."""
+    latents or codes perfectly, since the frozen tokenizer draws every output.
+    ``local_targets`` (a VQ-GAN): the targets' codes as ``edit_target_codes=local`` trains
+    them, the source's codes away from the change."""
     if which not in ("target", "source", "tokenizer"):
         raise ValueError(f"which must be 'target', 'source' or 'tokenizer', got {which!r}")
     edits = shapes_edit_set(ShapesWorld(seed=world_seed, size=image_size), per_kind, start)
@@ -218,5 +221,9 @@ def score_reference(which: str, image_size: int = 64, per_kind: int = 100,
 
         if image_tokenizer is None:
             raise ValueError("which='tokenizer' needs image_tokenizer=<artifact folder>")
-        outputs = reconstruct(load_image_tokenizer(image_tokenizer), outputs, progress=False)
+        sources = [render(e.source) for e in edits] if local_targets else None
+        outputs = reconstruct(load_image_tokenizer(image_tokenizer), outputs, progress=False,
+                              sources=sources)
+    elif local_targets:
+        raise ValueError("local_targets needs which='tokenizer'")
     return score_edits(edits, outputs, center_tol)

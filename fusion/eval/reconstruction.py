@@ -42,20 +42,37 @@ def _stack(images: np.ndarray | Sequence[np.ndarray], name: str) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruct(tokenizer: torch.nn.Module, images: np.ndarray | Sequence[np.ndarray],
-                batch_size: int = 64, progress: bool = True) -> np.ndarray:
+                batch_size: int = 64, progress: bool = True,
+                sources: np.ndarray | Sequence[np.ndarray] | None = None) -> np.ndarray:
     """``decode(encode(x))`` of uint8 (N, H, W, 3) images, as uint8 (N, H, W, 3), in eval
-    mode on the tokenizer's device."""
+    mode on the tokenizer's device.
+
+    ``sources`` (a VQ-GAN only): the images are edits of these, and are decoded from the
+    codes a Chameleon model trained with ``edit_target_codes=local`` learns, the source's
+    codes away from the change (:func:`fusion.models.chameleon.local_edit_codes`)."""
     arr = _stack(images, "images")
+    src = None if sources is None else _stack(sources, "sources")
+    if src is not None and src.shape != arr.shape:
+        raise ValueError(f"sources {src.shape} and images {arr.shape} differ in shape")
     was_training = tokenizer.training
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
+
+    def pixels(a: np.ndarray, start: int) -> torch.Tensor:  # fusion's [-1, 1] pixels
+        x = torch.from_numpy(a[start:start + batch_size]).permute(0, 3, 1, 2)
+        return x.float().div(127.5).sub(1.0).to(device)
     out = []
     try:
         for start in tqdm(range(0, len(arr), batch_size), desc="reconstruct",
                           disable=not progress, leave=False):
-            x = torch.from_numpy(arr[start:start + batch_size]).permute(0, 3, 1, 2)
-            x = x.float().div(127.5).sub(1.0).to(device)  # fusion's [-1, 1] pixels
-            out.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
+            x = pixels(arr, start)
+            codes = tokenizer.encode(x)
+            if src is not None:
+                from fusion.models.chameleon import local_edit_codes
+
+                s = pixels(src, start)
+                codes = local_edit_codes(tokenizer.encode(s), codes, s, x)
+            out.append(to_uint8(tokenizer.decode(codes)))
     finally:
         tokenizer.train(was_training)
     return np.concatenate(out)
