@@ -172,6 +172,8 @@ def cmd_editing(args) -> dict:
 
     if args.local_targets and not args.tokenizer_ceiling:
         raise SystemExit("--local-targets only applies to --tokenizer-ceiling <VQ-GAN>")
+    if args.diagnose and not args.model:
+        raise SystemExit("--diagnose needs --model <Chameleon edit model folder>")
     if args.ground_truth or args.unedited or args.tokenizer_ceiling:
         which = ("target" if args.ground_truth else "source" if args.unedited
                  else "tokenizer")
@@ -187,6 +189,9 @@ def cmd_editing(args) -> dict:
         model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
         model.to(args.device), image_tok.to(args.device)
         _resolve_sampling(args, meta)
+        if args.diagnose:
+            return _diagnose_editing(args, _sampler(args, model, loss, tok, image_tok), tok,
+                                     image_tok, meta["image_size"])
         cfg = EditEvalConfig(per_kind=args.per_kind, guidance_scale=args.guidance_scale,
                              image_guidance_scale=args.image_guidance_scale,
                              diffusion_steps=args.steps, temperature=args.temperature,
@@ -200,6 +205,26 @@ def cmd_editing(args) -> dict:
     if not args.keep_results:
         summary.pop("results")
     return summary
+
+
+def _diagnose_editing(args, sampler, tok, image_tok, image_size: int) -> dict:
+    """``editing --diagnose``: copy cells vs changed cells, per kind
+    (fusion.eval.edit_diagnosis)."""
+    from fusion.data.shapes import EDIT_KINDS, ShapesWorld
+    from fusion.eval.edit_diagnosis import diagnose_chameleon_edits, format_diagnosis
+    from fusion.eval.editing import shapes_edit_set
+    from fusion.sampling.text import TokenSampling
+
+    world = ShapesWorld(seed=args.world_seed, size=image_size)
+    result = {"model": str(args.model), "heldout_start": args.start}
+    for kind in EDIT_KINDS:
+        edits = shapes_edit_set(world, args.per_kind, args.start, kinds=[kind])
+        result[kind] = diagnose_chameleon_edits(
+            sampler, tok, image_tok, edits, args.guidance_scale, args.image_guidance_scale,
+            TokenSampling(args.temperature, args.top_k), seed=args.seed,
+            batch_size=args.batch_size, center_tol=args.center_tol)
+        print(f"-- {kind}\n{format_diagnosis(result[kind])}")
+    return result
 
 
 def _sampler(args, model, loss, tok, image_tok):
@@ -394,6 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
     e.add_argument("--local-targets", action="store_true",
                    help="with --tokenizer-ceiling <VQ-GAN>: the targets' codes as "
                         "edit_target_codes=local trains them (source codes away from the edit)")
+    e.add_argument("--diagnose", action="store_true",
+                   help="with --model <Chameleon>: split its errors into the cells it should "
+                        "copy and the cells that change (teacher-forced and sampled)")
     e.add_argument("--per-kind", type=int, default=100, help="edits of each kind")
     e.add_argument("--guidance-scale", type=_optional_float, default=FROM_MODEL,
                    help="guidance over the instruction ('none': off; default: the model's, "

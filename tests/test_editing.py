@@ -262,7 +262,8 @@ def test_transfusion_edit_prompt_matches_training_layout():
     assert torch.allclose(out, image_out[1:], atol=1e-5), (out - image_out[1:]).abs().max()
 
 
-@pytest.mark.parametrize("family", ["transfusion", "chameleon", "chameleon_aligned"])
+@pytest.mark.parametrize("family", ["transfusion", "chameleon", "chameleon_aligned",
+                                    "chameleon_copy"])
 def test_edit_sampling_cached_equals_uncached(family):
     from fusion.sampling.chameleon import ChameleonSampler
     from fusion.sampling.transfusion import TransfusionSampler
@@ -274,10 +275,9 @@ def test_edit_sampling_cached_equals_uncached(family):
         sources = torch.rand(2, 3, 16, 16) * 2 - 1
     else:
         model, _ = chameleon()
-        if family == "chameleon_aligned":
-            model, _ = aligned_chameleon()
-            with torch.no_grad():
-                model.source_proj.weight.normal_(0, 0.5)
+        if family in ("chameleon_aligned", "chameleon_copy"):
+            model, _ = aligned_chameleon(source_copy=family == "chameleon_copy")
+            randomise_edit_weights(model)
         make = lambda c: ChameleonSampler(model, SPECIAL, (2, 2), encode_images=vq_encode,  # noqa: E731
                                           use_cache=c)
         sources = torch.rand(2, 3, 8, 8) * 2 - 1
@@ -625,12 +625,21 @@ def test_local_target_ceiling_keeps_the_source_where_nothing_changed(artifacts):
 
 
 # -- Chameleon source alignment (fusion.models.chameleon.source_alignment) -------------------
-def aligned_chameleon(seed=0, source_alignment=True, **loss_kw):
+def aligned_chameleon(seed=0, source_alignment=True, source_copy=False, **loss_kw):
     torch.manual_seed(seed)
-    model = Chameleon(ChameleonConfig(backbone_overrides=SMALL,
-                                      source_alignment=source_alignment), VOCAB, CODEBOOK,
+    model = Chameleon(ChameleonConfig(backbone_overrides=SMALL, source_alignment=source_alignment,
+                                      source_copy=source_copy), VOCAB, CODEBOOK,
                       codes_per_image=4)
     return model, ChameleonLoss(ChameleonLossConfig(**loss_kw), SPECIAL, TOKENS)
+
+
+def randomise_edit_weights(model):
+    """The editing additions start at zero; give them weights that matter to the output."""
+    with torch.no_grad():
+        model.source_proj.weight.normal_(0, 0.5)
+        if model.copy_gate is not None:
+            model.copy_gate.weight.normal_(0, 0.5)
+            model.copy_gate.bias.fill_(0.3)
 
 
 def test_source_alignment_marks_the_cell_each_target_position_predicts():
@@ -662,19 +671,21 @@ def test_source_alignment_starts_as_the_plain_model_and_loads_its_weights():
     assert "lacks" in " ".join(_weight_differences(plain, aligned.state_dict()))
 
 
-def test_chameleon_edit_sampler_sees_what_training_saw_with_source_alignment(monkeypatch):
+@pytest.mark.parametrize("source_copy", [False, True])
+def test_chameleon_edit_sampler_sees_what_training_saw_with_source_alignment(monkeypatch,
+                                                                            source_copy):
     """Teacher-forced through the sampler, every target position gets the logits training
-    computed for it: same aligned source code at the same position."""
+    computed for it: same aligned source code at the same position (and, with
+    ``source_copy``, the same copy mixture at the output)."""
     import fusion.sampling.chameleon as sampling
     from fusion.sampling.chameleon import ChameleonSampler
 
-    model, loss = aligned_chameleon(edit_condition_dropout=0.0)
-    with torch.no_grad():
-        model.source_proj.weight.normal_(0, 0.5)
+    model, loss = aligned_chameleon(edit_condition_dropout=0.0, source_copy=source_copy)
+    randomise_edit_weights(model)
     model.eval()
     doc = edit_docs(1, side=8)[0]
     captured = {}
-    handle = model.lm_head.register_forward_hook(lambda m, a, out: captured.update(out=out))
+    handle = model.register_forward_hook(lambda m, a, out: captured.update(out=out))
     with torch.no_grad():
         loss(model, [doc], vq_encode, random.Random(0))
     handle.remove()
@@ -692,10 +703,46 @@ def test_chameleon_edit_sampler_sees_what_training_saw_with_source_alignment(mon
     assert torch.allclose(torch.cat(seen), trained, atol=1e-4)
 
 
+def test_source_copy_mixes_the_aligned_code_into_a_distribution():
+    """Pointer-generator output: where a source code is aligned, a normalised mixture of
+    copying it (weight g) and the LM head's softmax (1 - g); elsewhere the plain logits."""
+    model, _ = aligned_chameleon(source_copy=True)
+    hidden = torch.randn(2, 3, model.embed.weight.shape[1])
+    source = torch.tensor([[VOCAB + 1, -1, VOCAB + 2], [-1, VOCAB + 3, VOCAB + 3]])
+    with torch.no_grad():
+        plain = model.lm_head(hidden)
+        out = model.head(hidden, source)  # g = 0.5 at the start (zero gate)
+        aligned = source >= 0
+        assert torch.allclose(out[~aligned], plain[~aligned])
+        assert torch.allclose(out[aligned].logsumexp(-1), torch.zeros(4), atol=1e-5)
+        probs = out[aligned].exp()
+        expected = 0.5 * plain[aligned].softmax(-1)
+        expected[torch.arange(4), source[aligned]] += 0.5
+        assert torch.allclose(probs, expected, atol=1e-5)
+        model.copy_gate.bias.fill_(30.0)  # g -> 1: the source's code, surely
+        picked = model.head(hidden, source)[aligned].argmax(-1)
+        assert torch.equal(picked, source[aligned])
+        model.copy_gate.bias.fill_(-30.0)  # g -> 0: the LM head alone
+        assert torch.allclose(model.head(hidden, source)[aligned],
+                              plain[aligned].log_softmax(-1), atol=1e-5)
+    assert torch.equal(model.head(hidden), plain)  # nothing aligned (text->image, captions)
+
+
+def test_source_copy_needs_source_alignment_and_loads_a_plain_model():
+    from fusion.training.build import _weight_differences
+
+    with pytest.raises(ValueError, match="source_copy .* needs source_alignment"):
+        aligned_chameleon(source_alignment=False, source_copy=True)
+    plain, _ = aligned_chameleon(source_alignment=False)
+    copying, _ = aligned_chameleon(source_copy=True)
+    assert _weight_differences(copying, plain.state_dict()) == []  # init_from accepts it
+
+
 def test_source_alignment_learns_to_copy_unseen_images():
     """Identity edits (target = source) of random images behind instructions of random length:
     with the aligned source code a tiny model copies images it never saw; without it, it has
-    to find the source at a distance that changes with the instruction."""
+    to find the source at a distance that changes with the instruction. With the copy gate
+    (``source_copy``) it only has to learn to open the gate."""
     def identity_edits(n, seed):
         g = torch.Generator().manual_seed(seed)
         blocks = torch.rand(n, 1, 2, 2, generator=g) * 2 - 1  # one random code per cell
@@ -705,9 +752,9 @@ def test_source_alignment_learns_to_copy_unseen_images():
         return [Document((Image(p, is_condition=True), Text(tuple(range(20, 20 + k))),
                           Image(p))) for p, k in zip(pixels, lengths, strict=True)]
 
-    def heldout_loss(source_alignment):
+    def heldout_loss(source_alignment, source_copy=False):
         model, loss = aligned_chameleon(source_alignment=source_alignment,
-                                        edit_condition_dropout=0.0)
+                                        source_copy=source_copy, edit_condition_dropout=0.0)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         for step in range(80):
             out = loss(model, identity_edits(8, step), vq_encode, random.Random(step))
@@ -719,6 +766,9 @@ def test_source_alignment_learns_to_copy_unseen_images():
                         random.Random(0))["lm_loss"].item()
     aligned, plain = heldout_loss(True), heldout_loss(False)
     assert plain > 1.5 and aligned < 0.25 * plain, (aligned, plain)
+    # the copy gate makes it a yes/no question: lower still
+    copying = heldout_loss(True, source_copy=True)
+    assert copying < 0.5 * aligned, (copying, aligned)
 
 
 # -- Chameleon local edit targets (fusion.models.chameleon.local_edit_codes) ------------------
@@ -769,3 +819,52 @@ def test_chameleon_local_edit_targets_keep_the_source_codes_away_from_the_edit()
     assert torch.equal(spans["local"], torch.where(near.flatten(), tgt, src))
     with pytest.raises(ValueError, match="edit_target_codes"):
         chameleon(edit_target_codes="nearby")
+
+
+# -- Chameleon edit diagnosis (fusion.eval.edit_diagnosis) -------------------------------------
+def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts):
+    """A model whose copy gate is forced open copies every cell: right on every copy cell and
+    wrong on every changed one, teacher-forced and sampled alike, and its grid with the true
+    changed cells put back is the true grid."""
+    from fusion.config import compose, resolve_path
+    from fusion.data.shapes import ShapesWorld
+    from fusion.data.text import TextTokenizer
+    from fusion.eval.edit_diagnosis import diagnose_chameleon_edits, format_diagnosis
+    from fusion.eval.editing import shapes_edit_set
+    from fusion.sampling.text import TokenSampling
+    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.training.samplers import family_sampler
+
+    cfg = compose("train", ["experiment=edit_chameleon_tiny", f"image_tokenizer={artifacts['vq']}",
+                            "debug=default"])
+    tok = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
+    image_tok = load_image_tokenizer(cfg.image_tokenizer)
+    model, loss = build_family(cfg.model, tok, image_tok, 64)
+    assert model.copy_gate is not None  # the recipe copies
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(40.0)
+    edits = shapes_edit_set(ShapesWorld(seed=0, size=64), 3, 1_000_000, kinds=["move"])
+    sampler = family_sampler(model, loss, tok, image_tok)
+    d = diagnose_chameleon_edits(sampler, tok, image_tok, edits, 3.0, 1.5,
+                                 TokenSampling(top_k=8), batch_size=2)
+    assert d["edits"] == 3 and d["changed_cells_per_edit"] > 0
+    assert d["teacher_forced_accuracy"] == {"copy": 1.0, "changed": 0.0}
+    assert d["teacher_forced_nll"]["copy"] < 1e-6 and d["teacher_forced_nll"]["changed"] > 10
+    assert d["sampled_code_match"] == {"copy": 1.0, "changed": 0.0}
+    assert d["edits_with_every_copy_cell_right"] == 1.0
+    acc = d["edit_accuracy"]
+    assert acc["true_changed_cells"] == acc["true_grid"]
+    assert acc["sampled"] == acc["true_copy_cells"]  # its copy cells were already right
+    assert "changed cells" in format_diagnosis(d)
+    assert sampler.decode_codes is not None  # handed back after drawing codes
+
+    with pytest.raises(ValueError, match="Chameleon models only"):
+        diagnose_chameleon_edits(type("S", (), {"model": torch.nn.Linear(1, 1)})(), tok,
+                                 image_tok, edits, 3.0, None, TokenSampling())
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    with pytest.raises(SystemExit, match="--diagnose needs --model"):
+        ev.main(["editing", "--diagnose"])

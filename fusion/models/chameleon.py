@@ -35,6 +35,13 @@ attention is left to the instruction and the changed cells. This is the autoregr
 what Transfusion gets from its patch grid: a target patch sits at the same 2-D position as its
 source patch. It is fusion's addition, not in the Chameleon paper (which does not edit).
 
+Copying the source (editing, ``source_copy``): even so, the LM head has to turn that input back
+into one of ~1,000 code ids, and a model that copies 97 % of unchanged cells right under
+teacher forcing still gets one or two of ~47 wrong per image, which then derail the cells
+after them (docs/results.md, session 12). A pointer-generator output (See et al. 2017,
+arXiv:1704.04368) makes the copy a single learned gate: p = g·onehot(aligned source code) +
+(1 - g)·softmax(logits), so the logits only have to model the changed cells (also fusion's).
+
 Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
 h/w = code grid.
 """
@@ -153,6 +160,16 @@ class Chameleon(nn.Module):
             # zero at the start: a text->image model fine-tuned with it begins unchanged
             self.source_proj = nn.Linear(bb.d_model, bb.d_model, bias=False)
             nn.init.zeros_(self.source_proj.weight)
+        self.copy_gate = None
+        if cfg.source_copy:
+            if not cfg.source_alignment:
+                raise ValueError("source_copy copies the aligned source code: it needs "
+                                 "source_alignment=true")
+            # zero weight and bias: g = 0.5 everywhere at the start, so a fine-tune begins
+            # with half of every target position's mass on the source's code
+            self.copy_gate = nn.Linear(bb.d_model, 1)
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.zeros_(self.copy_gate.bias)
 
     @property
     def max_seq_len(self) -> int:
@@ -182,12 +199,28 @@ class Chameleon(nn.Module):
             x = x + torch.where((source >= 0).unsqueeze(-1), aligned, 0).to(x.dtype)
         return x
 
+    def head(self, hidden: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (..., D) -> logits (..., V). With ``source_copy``, positions whose aligned
+        source code ``source`` (...) is >= 0 get normalised log-probabilities of the
+        pointer-generator mixture g·onehot(source) + (1 - g)·softmax(logits) instead (fp32);
+        cross-entropy and sampling treat both alike, since log_softmax leaves them unchanged."""
+        logits = self.lm_head(hidden)
+        if self.copy_gate is None or source is None:
+            return logits
+        gate = self.copy_gate(hidden).float()  # (..., 1), the copy's logit
+        mixed = logits.float().log_softmax(-1) + F.logsigmoid(-gate)
+        index = source.clamp(min=0).unsqueeze(-1)
+        copied = torch.logaddexp(mixed.gather(-1, index), F.logsigmoid(gate))
+        mixed = mixed.scatter(-1, index, copied)
+        return torch.where((source >= 0).unsqueeze(-1), mixed, logits.float())
+
     def forward(self, ids: torch.Tensor, layout: AttentionLayout, cache: KVCache | None = None,
                 commit: bool = True, cells: torch.Tensor | None = None,
                 source: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, S) (+ cells, source (B, S), see :meth:`embed_tokens`) -> logits (B, S, V)."""
-        return self.lm_head(self.transformer(self.embed_tokens(ids, cells, source), layout,
-                                             cache=cache, commit=commit))
+        """ids (B, S) (+ cells, source (B, S), see :meth:`embed_tokens`) -> logits (B, S, V)
+        (see :meth:`head`)."""
+        return self.head(self.transformer(self.embed_tokens(ids, cells, source), layout,
+                                          cache=cache, commit=commit), source)
 
 
 class ChameleonLoss:

@@ -91,6 +91,12 @@ class ChameleonConfig:
     # copying an unchanged cell is a local step instead of a search through the sequence.
     # No weight of a text->image model depends on it, so such a model starts a fine-tune.
     source_alignment: bool = False
+    # Editing, with source_alignment: a pointer-generator output (See et al. 2017, "Get To The
+    # Point", arXiv:1704.04368). Each target position's distribution is
+    # g·onehot(aligned source code) + (1 - g)·softmax(logits), g = sigmoid(learned linear of
+    # the hidden state), so an unchanged cell is copied exactly and the logits only model the
+    # changed cells (fusion.models.chameleon; docs/editing.md, "Copying the source").
+    source_copy: bool = False
 
 
 @dataclass

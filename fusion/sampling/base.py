@@ -114,7 +114,7 @@ class StreamSampler:
         state = Streams(cache, pad, 0)
         h = self._run(state, x, image=False, commit=True, image_ids=image_ids)
         state.images_so_far = int(image_ids.max()) + 1
-        return state, self.model.lm_head(h[:, -1])
+        return state, self._logits(h[:, -1])
 
     def _layout(self, state: Streams, n: int, image: bool,
                 image_ids: torch.Tensor | None = None) -> AttentionLayout:
@@ -162,7 +162,12 @@ class StreamSampler:
     def _append_embeddings(self, state: Streams, x: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, n, D) of new text-attending positions -> logits at the last (B, V)."""
         h = self._run(state, x, image=False, commit=True)
-        return self.model.lm_head(h[:, -1])
+        return self._logits(h[:, -1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, D) of the streams' last positions -> next-token logits (B, V).
+        A family with more than an LM head (Chameleon's source copy) overrides this."""
+        return self.model.lm_head(hidden)
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:
         """Tokens a text continuation may contain: not <pad>, <boi>, <eoi> (subclasses also

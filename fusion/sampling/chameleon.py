@@ -35,6 +35,12 @@ class ChameleonSampler(StreamSampler):
         self.code_grid = code_grid
         self.decode_codes, self.encode_images = decode_codes, encode_images
         self.image_sampling = image_sampling or TokenSampling(temperature=1.0)
+        # (streams,) aligned source code of the position whose logits come next (-1: none),
+        # for a source_copy model's output; set by _image only while it draws an edit
+        self._copy_source: torch.Tensor | None = None
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(hidden, self._copy_source)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Prompt ids hold whole images, so each code's cell (and, for one prompt's ids (S,),
@@ -97,8 +103,19 @@ class ChameleonSampler(StreamSampler):
         len(scales) + 1 stream groups; force <eoi>. ``source`` (streams, h·w): each stream's
         source codes (-1: none) for a ``source_alignment`` model. Returns decoded images
         (batch, 3, H, W) or codes (batch, h, w)."""
-        m = self.model
         sampling = sampling or self.image_sampling
+        # the prompt's last position (the target's <boi>) predicts cell 0
+        self._copy_source = source[:, 0] if source is not None else None
+        try:
+            return self._draw_codes(streams, batch, scales, seed, progress, sampling, source)
+        finally:
+            self._copy_source = None
+
+    def _draw_codes(self, streams: list[list[int]], batch: int, scales: tuple[float, ...],
+                    seed: int, progress: bool, sampling: TokenSampling,
+                    source: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_image`'s loop, with ``_copy_source`` kept in step with each position."""
+        m = self.model
         state, logits = self._start(streams)
         allowed = m.image_token_mask(self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -115,6 +132,7 @@ class ChameleonSampler(StreamSampler):
             # ... and it predicts cell + 1, whose source code is aligned with it
             aligned = (source[:, cell + 1:cell + 2] if source is not None and cell + 1 < h * w
                        else None)
+            self._copy_source = None if aligned is None else aligned[:, 0]
             logits = self._append_embeddings(
                 state, m.embed_tokens(step, torch.full_like(step, cell), aligned))
         self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,

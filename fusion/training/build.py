@@ -324,9 +324,10 @@ def _image_differences(meta: dict, run_path: str, image_size: int) -> list[str]:
     return out
 
 
-# Weights a fine-tune may add to its start model: they start at zero, so the start model's
-# function is unchanged (Chameleon's source_alignment projection).
-STARTS_AT_ZERO = ("source_proj.",)
+# Weights a fine-tune may add to its start model, initialised to zero (Chameleon's
+# source_alignment projection, which leaves the start model's function unchanged, and its
+# source_copy gate, which only acts on editing targets).
+STARTS_AT_ZERO = ("source_proj.", "copy_gate.")
 
 
 def _weight_differences(model, state: dict) -> list[str]:
