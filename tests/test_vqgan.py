@@ -52,11 +52,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny(kind: str = "fsq", seed: int = 0, attention: bool = False) -> VQTokenizer:
+def tiny(kind: str = "fsq", seed: int = 0, attention: bool = False,
+         norm: str = "group") -> VQTokenizer:
     """f4 (32 px -> 8×8 codes), 16 latent channels, ~0.25 M parameters."""
     torch.manual_seed(seed)
     ae = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8, "latent_channels": 16,
-          "mid_block_add_attention": attention}
+          "mid_block_add_attention": attention, "norm": norm}
     return VQTokenizer(ae, QUANTIZERS[kind]).eval()
 
 
@@ -328,3 +329,56 @@ def test_shipped_artifact_reconstructs_and_its_codes_are_stable():
     again = tok.encode(recon)
     assert (again == codes).float().mean() > 0.5
     assert torch.equal(tok.encode(recon), again)
+
+
+# -- local codes (autoencoder.norm=batch, conf/tokenizer/vqgan_local.yaml) -------------------
+@torch.no_grad()
+def test_running_norm_makes_codes_local():
+    """Change one corner of a 128-px image (32×32 codes at f4): with batch norms (fixed
+    statistics when encoding) and no attention, the encoder's features outside that corner's
+    receptive field are bit-for-bit unchanged; with GroupNorm (statistics over the whole
+    image) they all move."""
+    x = images(2, size=128)
+    edited = x.clone()
+    edited[:, :, :8, :8] = 1.0  # a white top-left corner
+    far = (slice(None), slice(None), slice(16, None), slice(16, None))  # codes 16.. of 32
+    local = tiny(norm="batch")
+    assert torch.equal(local.encoder(x)[far], local.encoder(edited)[far])
+    assert torch.equal(local.encode(x)[:, 16:, 16:], local.encode(edited)[:, 16:, 16:])
+    grouped = tiny()
+    moved = (grouped.encoder(x)[far] - grouped.encoder(edited)[far]).abs()
+    assert (moved > 0).float().mean() > 0.9
+
+
+def test_running_norm_trains_on_batch_statistics_and_round_trips(tmp_path):
+    from fusion.image.vqgan import RunningNorm
+
+    norm = RunningNorm(6)
+    x = torch.randn(4, 6, 5, 7) * 3 + 1
+    y = norm(x)  # train mode: per channel over (batch, positions)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(norm.running_mean, 0.1 * x.mean((0, 2, 3)), atol=1e-5)
+    assert norm(torch.randn(2, 6, 9)).shape == (2, 6, 9)  # attention's (B, C, L) too
+    with pytest.raises(ValueError, match="expects \\(B, C, ...\\) feature maps"):
+        norm(torch.randn(2, 6))
+    tok, x = tiny(norm="batch"), images(3)
+    tok.train()
+    tok(x)  # moves the running statistics: they are part of the artifact
+    tok.eval()
+    assert not torch.equal(tok.encoder.conv_norm_out.running_mean,
+                           torch.zeros_like(tok.encoder.conv_norm_out.running_mean))
+    tok.save_pretrained(tmp_path / "local")
+    loaded = VQTokenizer.from_pretrained(tmp_path / "local")
+    assert loaded.autoencoder_config["norm"] == "batch"
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    assert torch.equal(loaded.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+    with pytest.raises(ValueError, match="unknown autoencoder norm 'layer'"):
+        tiny(norm="layer")
+
+
+def test_local_config_composes_without_groupnorm_in_the_encoder():
+    cfg = compose("train_tokenizer", ["tokenizer=vqgan_local"])
+    tok = build_vqgan_tokenizer(cfg.tokenizer)
+    assert cfg.tokenizer.name == "shapes-vqgan-local"
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in tok.encoder.modules())
+    assert tok.autoencoder_config["mid_block_add_attention"] is False

@@ -109,6 +109,12 @@ class VQAutoencoderConfig:
     latent_channels: int = 32
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
+    # "group": diffusers' GroupNorm; "batch": the encoder's norms become batch norms
+    # (fusion.image.vqgan.RunningNorm), fixed statistics when encoding. With "batch" and no
+    # mid-block attention nothing in the encoder spans the image, so editing a region leaves
+    # the codes far from it unchanged (docs/tokenizers.md, "Local codes";
+    # conf/tokenizer/vqgan_local.yaml).
+    norm: str = "group"
 
 
 @dataclass

@@ -58,7 +58,33 @@ KIND = "vqgan"
 QUANTIZERS = ("vq", "fsq", "lfq")
 AUTOENCODER_DEFAULTS = {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1,
                         "latent_channels": 32, "norm_num_groups": 32,
-                        "mid_block_add_attention": True}
+                        "mid_block_add_attention": True, "norm": "group"}
+NORMS = ("group", "batch")
+
+
+class RunningNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation (Ioffe & Szegedy 2015, arXiv:1502.03167) over (batch, positions)
+    per channel, for inputs (B, C, ...) of any rank, with GroupNorm's affine parameters.
+
+    Why: GroupNorm's mean and variance span the whole image, so changing a few pixels shifts
+    every feature a little and flips codes that sit near an FSQ rounding boundary anywhere in
+    the grid. In eval mode (how a frozen tokenizer encodes) this norm uses running statistics
+    instead, fixed numbers, so a code depends only on the pixels in its encoder's receptive
+    field (docs/tokenizers.md, "Local codes"). Training still normalises with batch
+    statistics."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 3:
+            raise ValueError(f"RunningNorm expects (B, C, ...) feature maps, got {x.dim()}-D")
+
+
+def use_running_norm(module: nn.Module) -> None:
+    """Replace every ``nn.GroupNorm`` inside ``module`` by a :class:`RunningNorm` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, RunningNorm(child.num_channels, eps=child.eps))
+        else:
+            use_running_norm(child)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +171,9 @@ class VQTokenizer(nn.Module):
     Args:
         autoencoder: ``VQAutoencoderConfig`` fields (``block_out_channels``,
             ``layers_per_block``, ``latent_channels``, ``norm_num_groups``,
-            ``mid_block_add_attention``); missing ones take :data:`AUTOENCODER_DEFAULTS`.
+            ``mid_block_add_attention``, ``norm``); missing ones take
+            :data:`AUTOENCODER_DEFAULTS` (so artifacts saved before ``norm`` existed load
+            with GroupNorm, as they were trained).
         quantizer: ``{"kind": "vq" | "fsq" | "lfq", **that quantiser's arguments}`` (the
             fields of ``VQConfig`` / ``FSQConfig`` / ``LFQConfig``).
         info: provenance and held-out figures, saved in ``config.json``.
@@ -160,8 +188,10 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"unknown autoencoder arguments {sorted(unknown)}; expected "
                              f"{sorted(AUTOENCODER_DEFAULTS)}")
         ae["block_out_channels"] = [int(c) for c in ae["block_out_channels"]]
+        if ae["norm"] not in NORMS:
+            raise ValueError(f"unknown autoencoder norm {ae['norm']!r}; expected one of {NORMS}")
         bad = [c for c in ae["block_out_channels"] if c % ae["norm_num_groups"]]
-        if bad:
+        if bad and ae["norm"] == "group":
             raise ValueError(f"block_out_channels {ae['block_out_channels']}: {bad} not "
                              f"divisible by norm_num_groups={ae['norm_num_groups']} (GroupNorm)")
         quantizer = dict(quantizer or {"kind": "fsq", "levels": [8, 5, 5, 5]})
@@ -177,6 +207,8 @@ class VQTokenizer(nn.Module):
         self.quantizer = Quantizer(c, **quantizer)
         self.decoder = Decoder(in_channels=c, out_channels=3,
                                up_block_types=("UpDecoderBlock2D",) * levels, **common)
+        if ae["norm"] == "batch":  # diffusers builds GroupNorms; swap the encoder's (the
+            use_running_norm(self.encoder)  # codes' locality is the encoder's alone)
         # Codes chosen in training forward passes since the last pop_code_stats(): a running
         # histogram for the usage/perplexity logs (not saved; no effect on the model).
         self.register_buffer("code_counts", torch.zeros(self.codebook_size, dtype=torch.long),
