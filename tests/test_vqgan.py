@@ -310,25 +310,49 @@ def test_train_tokenizer_script_debug_end_to_end(tmp_path):
     assert tok.encode(images(1)).shape == (1, 8, 8)
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="tokenizers/shapes-vqgan not trained yet")
+# PSNR floors a few dB under what each shipped artifact gives on these 16 held-out scenes
+# (33.5 dB / 37.3 dB; their cards: 35.5 / 39.4 dB on 512).
+@pytest.mark.parametrize("name, min_psnr", [("shapes-vqgan", 31.0), ("shapes-vqgan-local", 35.0)])
 @torch.no_grad()
-def test_shipped_artifact_reconstructs_and_its_codes_are_stable():
+def test_shipped_artifact_reconstructs_and_its_codes_are_stable(name, min_psnr):
     from fusion.training.build import load_image_tokenizer
 
-    tok = load_image_tokenizer("tokenizers/shapes-vqgan")  # what the Chameleon family calls
+    if not (SHIPPED.parent / name).exists():
+        pytest.skip(f"tokenizers/{name} not trained yet")
+    tok = load_image_tokenizer(f"tokenizers/{name}")  # what the Chameleon family calls
     assert isinstance(tok, VQTokenizer) and not tok.training
     assert tok.codebook_size <= 1024 and tok.latent_grid(64) == (8, 8)
     x = images(16, size=64, offset=20000)  # held-out scenes
     codes = tok.encode(x)
     recon = tok.decode(codes).clamp(-1, 1)
     psnr = -10 * torch.log10(((recon - x) / 2).square().mean())
-    assert psnr > 25, float(psnr)  # 26.5 dB on these 16; 28.0 on the 512 of the card
-    # Re-encoding a reconstruction gives back most of its codes (68 % over 512 held-out
-    # images: the codes of background cells also carry their neighbours' objects, which the
+    assert psnr > min_psnr, float(psnr)
+    # Re-encoding a reconstruction gives back most of its codes (81-82 % on these 16: the
+    # codes of background cells also carry their neighbours' objects, which the
     # reconstruction only approximates), and does so deterministically.
     again = tok.encode(recon)
-    assert (again == codes).float().mean() > 0.5
+    assert (again == codes).float().mean() > 0.7
     assert torch.equal(tok.encode(recon), again)
+
+
+@torch.no_grad()
+def test_shipped_local_artifact_keeps_codes_beyond_its_receptive_field():
+    """The GPU-trained `vqgan_local` artifact: a white 8-px corner on a 128-px image (16×16
+    codes) leaves every code from the fourth cell on bit for bit (its encoder's receptive
+    field reaches three cells), which is what a Chameleon edit model relies on."""
+    from fusion.training.build import load_image_tokenizer
+
+    if not (SHIPPED.parent / "shapes-vqgan-local").exists():
+        pytest.skip("tokenizers/shapes-vqgan-local not trained yet")
+    tok = load_image_tokenizer("tokenizers/shapes-vqgan-local")
+    assert tok.autoencoder_config["norm"] == "batch"
+    x = images(2, size=128)
+    edited = x.clone()
+    edited[:, :, :8, :8] = 1.0
+    before, after = tok.encode(x), tok.encode(edited)
+    assert before.shape == (2, 16, 16)
+    assert torch.equal(before[:, 4:, 4:], after[:, 4:, 4:])
+    assert not torch.equal(before[:, :2, :2], after[:, :2, :2])  # the edit itself is seen
 
 
 # -- local codes (autoencoder.norm=batch, conf/tokenizer/vqgan_local.yaml) -------------------
