@@ -310,16 +310,21 @@ def test_train_tokenizer_script_debug_end_to_end(tmp_path):
     assert tok.encode(images(1)).shape == (1, 8, 8)
 
 
+def load_shipped(name: str) -> VQTokenizer:
+    """A committed artifact under tokenizers/, loaded as the Chameleon family loads it."""
+    from fusion.training.build import load_image_tokenizer
+
+    if not (SHIPPED.parent / name).exists():
+        pytest.skip(f"tokenizers/{name} not trained yet")
+    return load_image_tokenizer(f"tokenizers/{name}")
+
+
 # PSNR floors a few dB under what each shipped artifact gives on these 16 held-out scenes
 # (33.5 dB / 37.3 dB; their cards: 35.5 / 39.4 dB on 512).
 @pytest.mark.parametrize("name, min_psnr", [("shapes-vqgan", 31.0), ("shapes-vqgan-local", 35.0)])
 @torch.no_grad()
 def test_shipped_artifact_reconstructs_and_its_codes_are_stable(name, min_psnr):
-    from fusion.training.build import load_image_tokenizer
-
-    if not (SHIPPED.parent / name).exists():
-        pytest.skip(f"tokenizers/{name} not trained yet")
-    tok = load_image_tokenizer(f"tokenizers/{name}")  # what the Chameleon family calls
+    tok = load_shipped(name)
     assert isinstance(tok, VQTokenizer) and not tok.training
     assert tok.codebook_size <= 1024 and tok.latent_grid(64) == (8, 8)
     x = images(16, size=64, offset=20000)  # held-out scenes
@@ -340,11 +345,7 @@ def test_shipped_local_artifact_keeps_codes_beyond_its_receptive_field():
     """The GPU-trained `vqgan_local` artifact: a white 8-px corner on a 128-px image (16×16
     codes) leaves every code from the fourth cell on bit for bit (its encoder's receptive
     field reaches three cells), which is what a Chameleon edit model relies on."""
-    from fusion.training.build import load_image_tokenizer
-
-    if not (SHIPPED.parent / "shapes-vqgan-local").exists():
-        pytest.skip("tokenizers/shapes-vqgan-local not trained yet")
-    tok = load_image_tokenizer("tokenizers/shapes-vqgan-local")
+    tok = load_shipped("shapes-vqgan-local")
     assert tok.autoencoder_config["norm"] == "batch"
     x = images(2, size=128)
     edited = x.clone()
