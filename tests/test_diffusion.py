@@ -96,3 +96,32 @@ def test_logit_normal_timesteps_concentrate_on_middle_noise_levels():
         Diffusion(DiffusionConfig(timestep_sampling="beta"))
     with pytest.raises(ValueError, match="logit_std must be > 0"):
         Diffusion(DiffusionConfig(timestep_sampling="logit_normal", logit_std=0.0))
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_bf16_latents_get_the_scheduled_noise_under_autocast(objective):
+    """The frozen VAE returns bf16 latents under bf16 autocast. The noised latents must still
+    be x_t = a_t·x0 + b_t·ε with the schedule's float32 a_t, b_t at every t (in bf16,
+    1 - ᾱ_t rounds to 0 for t <= 20 and σ(998) = σ(999) = 1)."""
+    diff = Diffusion(DiffusionConfig(objective=objective))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1000, 4, 4, 4, generator=g).bfloat16()
+    eps = torch.randn(1000, 4, 4, 4, generator=g)
+    t = torch.arange(1000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xt = diff.add_noise(x0, eps, t)
+        target = diff.target(x0, eps)
+    assert xt.dtype == torch.float32 and target.dtype == torch.float32
+    if objective == "ddpm":
+        abar = diff.ddpm.alphas_cumprod.double()
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+    else:
+        b = t.double() / 1000
+        a = 1 - b
+    expected = a.view(-1, 1, 1, 1) * x0.double() + b.view(-1, 1, 1, 1) * eps.double()
+    assert torch.allclose(xt.double(), expected, atol=1e-5)
+    # the noise each image carries has the scheduled std, small t included
+    residual = (xt.double() - a.view(-1, 1, 1, 1) * x0.double()).flatten(1).std(1)
+    for step in (1, 10, 20, 500, 998, 999):
+        assert abs(residual[step] / b[step] - 1) < 0.3, (step, residual[step], b[step])
+    assert torch.equal(target, eps if objective == "ddpm" else eps - x0.float())

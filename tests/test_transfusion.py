@@ -252,3 +252,29 @@ def test_pack_len_changes_the_rows_not_the_loss():
     _, too_short = make_model(pack_len=20)
     with pytest.raises(ValueError, match="32 positions, more than max_len=20"):
         too_short(model, batch, encode, random.Random(0))
+
+
+def test_bf16_encoder_output_is_noised_by_the_schedule_in_the_loss():
+    """What TransfusionLoss feeds the model under bf16 autocast: with the VAE's latents in
+    bf16 and t = 10 (cosine DDPM, √(1-ᾱ) = 0.027), each image carries noise of that std
+    around √ᾱ·x0, and the diffusion loss is computed in float32."""
+    model, loss = make_model(caption_dropout=0.0, clean_image_share=0.0)
+    diff = loss.diffusion
+    diff.sample_timesteps = lambda n, *a, **kw: torch.full((n,), 10, dtype=torch.long)
+    batch = docs(4)
+    seen = {}
+    original = model.forward
+
+    def spy(ids, layout, packed=None, latents=None, t=None, **kw):
+        seen["latents"] = latents
+        return original(ids, layout, packed, latents, t, **kw)
+    model.forward = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(model, batch, lambda px: encode(px).bfloat16(), random.Random(0))
+    abar = diff.ddpm.alphas_cumprod[10]
+    pixels = torch.stack([s.pixels for d in batch for s in d.segments if isinstance(s, Image)])
+    x0 = encode(pixels).bfloat16().float()
+    residual = (seen["latents"] - abar.sqrt() * x0).flatten(1).std(1)
+    assert seen["latents"].dtype == torch.float32
+    assert torch.allclose(residual, (1 - abar).sqrt().expand(4), rtol=0.2), residual
+    assert out["diffusion_loss"].dtype == torch.float32

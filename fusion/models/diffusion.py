@@ -76,15 +76,23 @@ class Diffusion:
         return (u * limit).long().clamp(max=self.T - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0, noise (B, C, h, w); t (B,) -> x_t (B, C, h, w)."""
+        """x0, noise (B, C, h, w); t (B,) -> x_t (B, C, h, w), float32.
+
+        Computed in float32 whatever the inputs' dtype: under bf16 autocast the frozen VAE
+        returns bf16 latents, and diffusers casts ᾱ_t to the sample's dtype, where 1 − ᾱ_t
+        rounds to 0 for t ≤ 20 of the cosine schedule (clean images labelled as noised), and
+        σ = t/T rounds to the nearest 1/128 near 1."""
+        x0, noise = x0.float(), noise.float()
         if self.cfg.objective == "ddpm":
             return self.ddpm.add_noise(x0, noise, t)
         sigma = self._sigma(t, x0)
         return (1 - sigma) * x0 + sigma * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the model regresses: ε (ddpm) or the velocity ε - x0 (flow)."""
-        return noise if self.cfg.objective == "ddpm" else noise - x0
+        """What the model regresses: ε (ddpm) or the velocity ε - x0 (flow), float32 (as
+        :meth:`add_noise`)."""
+        noise = noise.float()
+        return noise if self.cfg.objective == "ddpm" else noise - x0.float()
 
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (t.to(like.dtype) / self.T).view(-1, *([1] * (like.dim() - 1)))

@@ -186,7 +186,8 @@ class TransfusionLoss:
         latents = t = target = None
         if images:
             with torch.no_grad():
-                x0 = encode(torch.stack(images).to(device))
+                # float32: noise and targets must not inherit bf16 from an autocast encoder.
+                x0 = encode(torch.stack(images).to(device)).float()
             n = x0.shape[0]
             max_t = torch.tensor(
                 [cfg.clean_image_max_t if c else self.diffusion.T for c in clean_share_mask],
@@ -203,7 +204,7 @@ class TransfusionLoss:
         _, logits, image_out = model(ids, layout, packed, latents, t)
         out = next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(pieces, packed))
         if image_out is not None:
-            per_image = (image_out - target).pow(2).flatten(1).mean(1)
+            per_image = (image_out.float() - target).pow(2).flatten(1).mean(1)
             keep = ~torch.tensor(is_condition, device=device)
             diff = per_image[keep].mean() if keep.any() else per_image.sum() * 0
             out["diffusion_loss"] = diff
