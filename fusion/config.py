@@ -148,6 +148,8 @@ class AdamWConfig:
     (:class:`OptimConfig` here; fusion.image.schemas.TokenizerOptimConfig for stage 1)."""
 
     lr: float = 1e-3
+    # Stage 2 decays only linear and convolution weights: not norms, biases or embeddings
+    # (fusion.training.fusion_module.weight_decay_groups).
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -262,3 +262,60 @@ def test_a_model_refuses_a_retrained_image_tokenizer_at_its_recorded_path(tmp_pa
     with pytest.raises(ValueError, match="holds a different artifact.*--image-tokenizer"):
         load_model(tmp_path / "model")
     load_model(tmp_path / "model", image_tokenizer=str(original))  # a copy of the original
+
+
+def _small_models():
+    from fusion.models.chameleon import Chameleon
+    from fusion.models.schemas import ChameleonConfig, TransfusionConfig
+    from fusion.models.transfusion import Transfusion
+
+    small = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64, multiple_of=16)
+    chameleon = Chameleon(ChameleonConfig(backbone_overrides=small, image_pos_embed=True,
+                                          source_alignment=True, source_copy=True),
+                          24, 16, 4, (2, 2))
+    transfusion = Transfusion(TransfusionConfig(
+        backbone_overrides=small, patchifier="unet", patch_size=2, latent_channels=4,
+        latent_size=8, tie_embeddings=True,
+        patchifier_args=dict(block_out_channels=(16, 32), layers_per_block=1,
+                             norm_num_groups=8)), 24)
+    return {"chameleon": chameleon, "transfusion": transfusion}
+
+
+@pytest.mark.parametrize("family", ["chameleon", "transfusion"])
+def test_weight_decay_reaches_layer_weights_only(family):
+    """Decayed: linear and convolution weights. Not: norms (QK-norm's (H, 1, Dh) gains
+    included), biases, embeddings (a tied LM head too), position tables. An AdamW step with
+    zero gradients then shrinks exactly the decayed tensors."""
+    from torch import nn
+
+    from fusion.training.fusion_module import weight_decay_groups
+
+    model = _small_models()[family]
+    decay, keep = weight_decay_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    kept = {id(p) for p in keep["params"]}
+    assert not decayed & kept
+    assert decayed | kept == {id(p) for p in model.parameters()}  # every parameter, once
+    names = {id(p): n for n, p in model.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}"
+            layer = isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+            assert (id(p) in decayed) == (layer and id(p) not in embeddings), full
+    kept_names = [names[i] for i in kept]
+    if family == "chameleon":  # QK-norm, 2-D cell positions, the copy gate's bias
+        assert any("q_norm.weight" in n for n in kept_names)
+        assert any("k_norm.bias" in n for n in kept_names)
+        assert any("image_pos" in n for n in kept_names)
+    else:  # tied: the LM head is the embedding table, not decayed
+        assert model.lm_head.weight is model.embed.weight and id(model.embed.weight) in kept
+        assert any("norm" in n and "patchifier" in n for n in kept_names)  # GroupNorm
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([decay, keep], lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        shrunk = not torch.equal(p, before[n])
+        assert shrunk == (id(p) in decayed and bool(before[n].any())), n

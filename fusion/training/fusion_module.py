@@ -2,7 +2,8 @@
 
 The family supplies a plain ``nn.Module`` (the model) and a loss callable
 ``loss_fn(model, documents, encode, rng) -> {"loss": ..., <parts>...}``; this module adds what
-is the same for both: AdamW with decoupled weight decay on matrices only, linear warm-up and
+is the same for both: AdamW with decoupled weight decay on layer weights only
+(:func:`weight_decay_groups`), linear warm-up and
 cosine decay, an optional EMA of the weights, logging of every loss part, and a frozen image
 tokenizer whose ``encode`` turns pixels into what the family consumes.
 """
@@ -33,6 +34,46 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
         progress = (step - warmup) / max(1, total - warmup)
     progress = min(1.0, max(0.0, progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# Layers whose ``weight`` is decayed: the projections and kernels that carry the model's
+# capacity. Everything else is left alone (see weight_decay_groups).
+DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                  nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups, chosen by the kind of layer a parameter belongs to.
+
+    Decayed: the ``weight`` of linear and convolution layers (:data:`DECAYED_LAYERS`).
+    Not decayed:
+
+    * norm gains and biases (RMSNorm, LayerNorm, GroupNorm, the per-head QK-norm of
+      Chameleon): decay pulls a gain toward 0, which is not a prior on the function but a
+      rescaling the next layer must undo (QK-norm's gains set the attention temperature);
+    * every bias;
+    * embedding tables (``nn.Embedding``, learned position tables), tied output heads
+      included: decoupled decay shrinks every row every step, so rows of rare tokens (or
+      image codes) that seldom get a gradient decay toward zero;
+    * any other free parameter (gates, scales), for the same reason as norms.
+
+    The kind of layer, not the tensor's rank, decides: a QK-norm gain has shape (H, 1, Dh),
+    a rank the old ``p.dim() >= 2`` rule decayed. Tied parameters are placed once; a tensor
+    owned by an embedding is never decayed. Returns ``[decay group, no-decay group]``."""
+    decay: dict[int, nn.Parameter] = {}
+    keep: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, DECAYED_LAYERS) and name == "weight":
+                decay.setdefault(id(p), p)
+            else:
+                keep[id(p)] = p
+    for key in keep:  # tied to an embedding (or any non-decayed owner): not decayed
+        decay.pop(key, None)
+    return [{"params": list(decay.values()), "weight_decay": weight_decay},
+            {"params": list(keep.values()), "weight_decay": 0.0}]
 
 
 class CosineClock:
@@ -158,12 +199,8 @@ class FusionModule(L.LightningModule):
             self.trainer.should_stop = True  # the cosine has reached its end
 
     def configure_optimizers(self):
-        # No weight decay on norms, biases and embeddings' 1-D params (standard LLM practice).
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         o = self.optim
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=o.lr,
+        opt = torch.optim.AdamW(weight_decay_groups(self.model, o.weight_decay), lr=o.lr,
                                 betas=(o.beta1, o.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: self.clock.multiplier(s, self.max_steps))
