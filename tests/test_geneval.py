@@ -32,6 +32,7 @@ from fusion.eval.geneval import (
 )
 
 GENEVAL = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL_NAMES_FILE = GENEVAL.with_name("object_names.txt")
 needs_geneval = pytest.mark.skipif(not GENEVAL.exists(),
                                    reason=f"GenEval metadata not found at {GENEVAL}")
 
@@ -243,6 +244,63 @@ def test_mask2former_adapter_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown detector"):
         build_detector("yolo")
 
+
+
+def _stub_detector_packages(monkeypatch, mmdet_classes):
+    """Stand-ins for mmdet.apis and open_clip that record how the adapter builds them."""
+    import types
+
+    calls = {}
+    apis = types.ModuleType("mmdet.apis")
+    apis.init_detector = lambda cfg, ckpt, device: types.SimpleNamespace(CLASSES=mmdet_classes)
+    apis.inference_detector = lambda model, image: None
+    clip = types.ModuleType("open_clip")
+
+    def create(arch, pretrained, device):
+        calls["arch"], calls["pretrained"] = arch, pretrained
+        return types.SimpleNamespace(eval=lambda: None), None, None
+    clip.create_model_and_transforms = create
+    clip.get_tokenizer = lambda arch: calls.setdefault("tokenizer", arch)
+    monkeypatch.setitem(sys.modules, "mmdet", types.ModuleType("mmdet"))
+    monkeypatch.setitem(sys.modules, "mmdet.apis", apis)
+    monkeypatch.setitem(sys.modules, "open_clip", clip)
+    return calls
+
+
+def test_mask2former_adapter_builds_geneval_clip_and_class_names(tmp_path, monkeypatch):
+    """GenEval's colour classifier is open_clip ViT-L-14 with pretrained="openai", which
+    open_clip builds with QuickGELU; loaded from a file the adapter must ask for that
+    architecture by name. Without object_names_path the classes are GenEval's names, in
+    Mask2Former's order, not mmdet's ("mouse", "remote", "keyboard")."""
+    from fusion.eval.detectors import GENEVAL_CLIP_ARCH, GENEVAL_OBJECT_NAMES
+
+    files = [tmp_path / n for n in ("cfg.py", "ckpt.pth", "clip.pt")]
+    for f in files:
+        f.write_text("")
+    mmdet_names = tuple({"computer mouse": "mouse", "tv remote": "remote",
+                         "computer keyboard": "keyboard"}.get(n, n) for n in GENEVAL_OBJECT_NAMES)
+    calls = _stub_detector_packages(monkeypatch, mmdet_names)
+    detector = build_detector("mask2former", config_path=files[0], checkpoint_path=files[1],
+                              clip_weights_path=files[2], device="cpu")
+    assert calls["arch"] == calls["tokenizer"] == GENEVAL_CLIP_ARCH == "ViT-L-14-quickgelu"
+    assert calls["pretrained"] == str(files[2])
+    assert detector.classes == GENEVAL_OBJECT_NAMES and len(detector.classes) == 80
+    for name in ("computer mouse", "tv remote", "computer keyboard"):
+        assert detector.classes[mmdet_names.index(name.split()[-1])] == name
+    if GENEVAL_NAMES_FILE.exists():  # GenEval's own file, where the checkout has it
+        official = [n.strip() for n in GENEVAL_NAMES_FILE.read_text().splitlines() if n.strip()]
+        assert list(GENEVAL_OBJECT_NAMES) == official
+    # every object a GenEval prompt names is a class the adapter can report
+    if GENEVAL.exists():
+        named = {inc["class"] for r in map(json.loads, GENEVAL.read_text().splitlines())
+                 for inc in r.get("include", [])}
+        assert named <= set(GENEVAL_OBJECT_NAMES), named - set(GENEVAL_OBJECT_NAMES)
+    # a class list that does not match the detector's is refused, naming both counts
+    short = tmp_path / "names.txt"
+    short.write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match="2 class names for a detector with 80 classes"):
+        build_detector("mask2former", config_path=files[0], checkpoint_path=files[1],
+                       clip_weights_path=files[2], object_names_path=short, device="cpu")
 
 # --------------------------------------------------------------------------------------------
 # Layout and end-to-end scoring

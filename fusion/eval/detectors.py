@@ -33,6 +33,29 @@ from fusion.data.shapes import COLORS, SHAPES, detect
 # GenEval's colour names, in the order of its COLORS list (evaluate_images.py).
 GENEVAL_COLORS: tuple[str, ...] = tuple(COLORS)
 
+# GenEval's object_names.txt (MIT licence, Ghosh et al. 2023): COCO's 80 classes in the order
+# of Mask2Former's outputs, under the names GenEval's prompts use ("computer mouse", "tv
+# remote", ...; mmdet calls them "mouse", "remote", ...). Mask2Former's i-th class list is the
+# i-th name here.
+GENEVAL_OBJECT_NAMES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse",
+    "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+# The colour classifier GenEval builds: open_clip.create_model_and_transforms("ViT-L-14",
+# pretrained="openai"). open_clip builds OpenAI's CLIP with QuickGELU, the activation it was
+# trained with; the same weights loaded from a file under "ViT-L-14" get nn.GELU and classify
+# colours differently. "ViT-L-14-quickgelu" is that architecture under a name that takes a path.
+GENEVAL_CLIP_ARCH = "ViT-L-14-quickgelu"
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -94,15 +117,16 @@ class Mask2FormerDetector:
 
     Everything is local: ``config_path`` (the mmdet config), ``checkpoint_path``
     (``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth``), ``clip_weights_path`` (open_clip
-    ViT-L-14 OpenAI weights) and ``object_names_path`` (GenEval's ``object_names.txt``; the
-    detector's own class list when omitted). It needs a CUDA-capable install of mmdet and
+    ViT-L-14 OpenAI weights, built as :data:`GENEVAL_CLIP_ARCH`) and ``object_names_path``
+    (a class list, one name per line, in the detector's output order; GenEval's own,
+    :data:`GENEVAL_OBJECT_NAMES`, when omitted). It needs a CUDA-capable install of mmdet and
     open_clip (``pip install "fusion[geneval]"`` plus ``mim install mmdet==2.27.0``) and cannot
     run on fusion's CPU test machines; only its error paths are tested there.
     """
 
     def __init__(self, config_path: str | Path, checkpoint_path: str | Path,
                  clip_weights_path: str | Path, object_names_path: str | Path | None = None,
-                 device: str = "cuda", clip_arch: str = "ViT-L-14", min_score: float = 0.3,
+                 device: str = "cuda", clip_arch: str = GENEVAL_CLIP_ARCH, min_score: float = 0.3,
                  max_objects: int = 16):
         paths = {"config_path": config_path, "checkpoint_path": checkpoint_path,
                  "clip_weights_path": clip_weights_path}
@@ -126,9 +150,12 @@ class Mask2FormerDetector:
             names = Path(object_names_path).read_text().splitlines()
             self.classes = tuple(n.strip() for n in names if n.strip())
         else:
-            self.classes = tuple(getattr(self.model, "CLASSES", ()) or ())
-        if not self.classes:
-            raise ValueError("Mask2FormerDetector: no class names (give object_names_path)")
+            self.classes = GENEVAL_OBJECT_NAMES
+        detector_classes = getattr(self.model, "CLASSES", None)
+        if not self.classes or (detector_classes and len(detector_classes) != len(self.classes)):
+            raise ValueError(f"Mask2FormerDetector: {len(self.classes)} class names for a "
+                             f"detector with {len(detector_classes or ())} classes "
+                             f"(object_names_path {object_names_path!r})")
         self.clip, _, self.transform = open_clip.create_model_and_transforms(
             clip_arch, pretrained=str(clip_weights_path), device=device)
         self.clip.eval()
