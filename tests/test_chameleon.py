@@ -1,6 +1,7 @@
 """Chameleon family: image-code restriction, CFG, cache equivalence, overfitting."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,15 +78,31 @@ def test_guidance_scale_one_equals_unguided():
     assert torch.equal(a, b)
 
 
-def test_captions_contain_no_image_codes():
+@pytest.mark.parametrize("tempt", ["image code", "sentinel", "eoss", "bos"])
+def test_captions_contain_no_image_codes_nor_control_tokens(tempt):
+    """Captions and text continuations never hold an image code, <boi>/<eoi>/<pad>, <bos>,
+    a CM3 sentinel or <eoss>, however strongly the model prefers one."""
     model, _ = make()
+    special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, cm3=(*TOKENS.sentinels, TOKENS.eoss))
+    token = {"image code": TEXT_VOCAB + 3, "sentinel": TOKENS.sentinels[2], "eoss": TOKENS.eoss,
+             "bos": special.bos}[tempt]
     with torch.no_grad():
-        model.lm_head.weight[TEXT_VOCAB + 3] += 5.0  # tempt it with an image code
-    s = ChameleonSampler(model, SPECIAL, (2, 2), encode_images=encode)
-    caps = s.caption(torch.rand(3, 3, 8, 8) * 2 - 1, max_new_tokens=5,
+        model.lm_head.weight[token] += 5.0  # tempt it
+    s = ChameleonSampler(model, special, (2, 2), encode_images=encode)
+    caps = s.caption(torch.rand(3, 3, 8, 8) * 2 - 1, max_new_tokens=6,
                      sampling=TokenSampling(1.0))
-    assert all(0 <= t < TEXT_VOCAB and t not in (SPECIAL.boi, SPECIAL.eoi) for c in caps
-               for t in c)
+    caps += s.generate_text([[20, 21], [22]], max_new_tokens=6, sampling=TokenSampling(1.0))
+    forbidden = {0, 1, 3, 4, *special.cm3}
+    assert all(0 <= t < TEXT_VOCAB and t not in forbidden for c in caps for t in c), caps
+    assert sum(len(c) for c in caps) > 0
+
+
+def test_special_ids_from_the_tokenizer_hold_the_cm3_tokens():
+    from fusion.data.text import TextTokenizer
+
+    tok = TextTokenizer.from_file(Path(__file__).resolve().parents[1] / "tokenizers/shapes-bpe")
+    special = SpecialIds.from_tokenizer(tok)
+    assert special.cm3 == (*tok.sentinel_ids(), tok.eoss_id) and len(special.cm3) == 9
 
 
 @pytest.mark.parametrize("image_pos_embed", [False, True])

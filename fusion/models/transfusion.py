@@ -60,10 +60,13 @@ class SpecialIds:
     eos: int
     boi: int
     eoi: int
+    # CM3's <sentinel:i> and <eoss>: infilling markers that generated text never contains.
+    cm3: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
-        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id)
+        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id,
+                   (*tok.sentinel_ids(), tok.eoss_id))
 
 
 class Transfusion(nn.Module):

@@ -170,10 +170,11 @@ class StreamSampler:
         return self.model.lm_head(hidden)
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:
-        """Tokens a text continuation may contain: not <pad>, <boi>, <eoi> (subclasses also
-        remove image codes)."""
+        """Tokens a text continuation may contain: no <pad>, <bos>, <boi>, <eoi>, CM3
+        sentinel or <eoss> (subclasses also remove image codes). <eos> ends it."""
+        s = self.special
         allowed = torch.ones(vocab, dtype=torch.bool, device=self.device)
-        allowed[[self.special.boi, self.special.eoi, self.special.pad]] = False
+        allowed[[s.boi, s.eoi, s.pad, s.bos, *s.cm3]] = False
         return allowed
 
     def _decode(self, state: Streams, logits: torch.Tensor, max_new_tokens: int,
