@@ -5,13 +5,16 @@ PYTHON ?= python3
 .PHONY: install demo test test-all lint bench
 
 # torch first: the CPU build (2.13.0) only when no torch is installed, so that a GPU user's
-# CUDA build is never replaced; then fusion with its dev tools. The stamp skips both once done.
-.install.stamp: pyproject.toml
+# CUDA build is never replaced; then fusion with its dev tools. One stamp per interpreter
+# skips both once done for that interpreter.
+STAMP := .install-$(shell echo '$(abspath $(PYTHON))' | cksum | cut -d' ' -f1).stamp
+
+$(STAMP): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	@touch $@
 
-install: .install.stamp
+install: $(STAMP)
 
 demo: install
 	$(PYTHON) scripts/demo.py

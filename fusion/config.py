@@ -58,6 +58,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: Any = "auto"  # a string, or a node with _target_ (e.g. an FSDPStrategy)
+    # Lightning's precision, or "auto": bf16-mixed where the hardware runs bf16 natively,
+    # else 32-true (fusion.training.factory.resolve_precision).
     precision: Any = "32-true"
     max_steps: int = -1
     max_epochs: int | None = None

@@ -126,3 +126,24 @@ def test_both_stages_share_one_optimiser_schema_with_their_own_defaults():
         assert compose("train", [f"experiment=edit_{family}_tiny"]).optim.time_budget_s == 1140
     with pytest.raises(ConfigCompositionException):  # stage 2 clips through the Trainer
         compose("train", ["experiment=chameleon_tiny", "optim.grad_clip=1.0"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_takes_bf16_only_where_the_hardware_runs_it(native, monkeypatch, caplog):
+    """The tiny recipes ask for ``auto``: bf16-mixed on a CPU with AVX-512 BF16 / AMX (or a
+    bf16 GPU), 32-true where bf16 would be emulated. An explicit bf16-mixed is kept, with a
+    warning on a CPU that would emulate it."""
+    import fusion.training.factory as factory
+
+    monkeypatch.setattr(factory, "native_bf16", lambda accelerator: native)
+    for experiment in ("transfusion_tiny", "chameleon_tiny", "edit_transfusion_tiny",
+                       "edit_chameleon_tiny"):
+        assert compose("train", [f"experiment={experiment}"]).trainer.precision == "auto"
+    assert factory.resolve_precision("auto") == ("bf16-mixed" if native else "32-true")
+    assert factory.resolve_precision("32-true") == "32-true"
+    with caplog.at_level("WARNING", logger="fusion.training.factory"):
+        assert factory.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert ("without native bf16" in caplog.text) == (not native)
+    trainer = build_trainer(compose("train", ["experiment=transfusion_tiny", "logger=none"]).trainer,
+                            False, [], "/tmp")
+    assert trainer.precision == ("bf16-mixed" if native else "32-true")

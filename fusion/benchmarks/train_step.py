@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from fusion.data.text import TextTokenizer
     from fusion.training.build import build_family, load_image_tokenizer
     from fusion.training.encode_cache import EncodeCache
+    from fusion.training.factory import resolve_precision
 
     args = parse_args(argv)
     cfg = compose("train", [f"experiment={args.experiment}"])
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [next(loader) for _ in range(args.batches)]
     image_tok = load_image_tokenizer(cfg.image_tokenizer)
     encode = EncodeCache(image_tok.encode, 256 * 2**20)  # every case reads the same cache
-    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    bf16 = str(resolve_precision(cfg.trainer.precision, "cpu")).startswith("bf16")
 
     def make_step(pack_len: int, backend: str):
         model_cfg = copy.deepcopy(cfg.model)
