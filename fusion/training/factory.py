@@ -88,7 +88,8 @@ def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Pat
 def native_bf16(accelerator: str) -> bool:
     """Whether ``accelerator`` runs bf16 matmuls in hardware: a CUDA device with bf16, or a CPU
     with AVX-512 BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16, and a
-    bf16-autocast training step of the tiny recipes runs ~30x slower than in float32."""
+    bf16-autocast training step runs many times slower than in float32
+    (docs/performance.md, "bf16 only where the hardware has it")."""
     import torch
 
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
