@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fusion.data.images import fit, to_rgb
+from fusion.errors import UserError
 from fusion.data.shapes import ShapesWorld, render
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class EditRecord:
     key: str = ""
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError):
     """Too much of a data folder is unusable."""
 
 

@@ -16,11 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from fusion.errors import UserError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(UserError):
     """An artifact folder or file is missing, incomplete or corrupt; the message names it."""
 
 

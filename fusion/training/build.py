@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusion.config import resolve_path
 from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def load_model(path, image_tokenizer: str | None = None):
 # --------------------------------------------------------------------------------------------
 # Fine-tuning: init_from
 # --------------------------------------------------------------------------------------------
-class InitFromError(ValueError):
+class InitFromError(UserError):
     """``init_from`` weights do not fit the run; the message lists every difference found."""
 
 
