@@ -8,12 +8,14 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
+from fusion.errors import report_user_errors
 from fusion.pipeline import run_demo, write_results
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="demo", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 

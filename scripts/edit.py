@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
+from fusion.errors import report_user_errors
 from fusion.sampling.edit import register_edit_config, run_editing
 
 register_configs()
@@ -21,6 +22,7 @@ register_edit_config()
 
 
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     # Sampling settings not given here come from the model folder's recipe (run_editing).
     keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]

@@ -36,6 +36,7 @@ import numpy as np
 
 from fusion.data.prompts import read_prompts, shapes_prompt_set
 from fusion.data.shapes import ShapesWorld
+from fusion.errors import UserError, report_user_errors
 
 
 def _detector(args):
@@ -123,10 +124,13 @@ def cmd_reconstruction(args) -> dict:
         result.update(rfid=fid["fid"], rkid=fid["kid_mean"])
     else:
         if not (args.originals and args.reconstructions):
-            raise SystemExit("give --vae, or --originals and --reconstructions")
+            raise UserError("nothing to compare: give --vae <VAE artifact>, or both "
+                            "--originals <folder> and --reconstructions <folder>")
         a, b = ImageSet.folder(args.originals), ImageSet.folder(args.reconstructions)
         if len(a) != len(b):
-            raise SystemExit(f"{len(a)} originals but {len(b)} reconstructions")
+            raise UserError(f"{args.originals} holds {len(a)} images but {args.reconstructions} "
+                            f"holds {len(b)}; pass folders of aligned originals and "
+                            "reconstructions, one for one")
         result = reconstruction_metrics(a.read(0, len(a)), b.read(0, len(b)),
                                         attributes=not args.no_attributes)
     print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -171,9 +175,10 @@ def cmd_editing(args) -> dict:
     )
 
     if args.local_targets and not args.tokenizer_ceiling:
-        raise SystemExit("--local-targets only applies to --tokenizer-ceiling <VQ-GAN>")
+        raise UserError("--local-targets only applies to --tokenizer-ceiling <VQ-GAN>; add "
+                        "--tokenizer-ceiling or drop --local-targets")
     if args.diagnose and not args.model:
-        raise SystemExit("--diagnose needs --model <Chameleon edit model folder>")
+        raise UserError("--diagnose needs --model <Chameleon edit model folder>")
     if args.ground_truth or args.unedited or args.tokenizer_ceiling:
         which = ("target" if args.ground_truth else "source" if args.unedited
                  else "tokenizer")
@@ -182,7 +187,7 @@ def cmd_editing(args) -> dict:
                                   local_targets=args.local_targets)
     else:
         if not args.model:
-            raise SystemExit("give --model <model folder>, or --ground-truth / --unedited / "
+            raise UserError("give --model <model folder>, or --ground-truth / --unedited / "
                              "--tokenizer-ceiling")
         from fusion.training.build import load_model
 
@@ -324,6 +329,7 @@ def pool_prompt_sets(results: list[dict]) -> dict:
     return pooled
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -454,8 +460,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         result = args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except (FileExistsError, ValueError, ModuleNotFoundError) as err:
+        # fusion.eval reports bad folders, options and missing extras with these: what the
+        # user passed, so one `error:` line (report_user_errors), not a traceback
+        if isinstance(err, UserError):
+            raise
+        raise UserError(str(err)) from err
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

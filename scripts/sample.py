@@ -15,12 +15,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
+from fusion.errors import report_user_errors
 from fusion.sampling.run import run_sampling
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     explicit = [o.split("=", 1)[0].lstrip("+~").removeprefix("sampling.")
                 for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("sampling.")]

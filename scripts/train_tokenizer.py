@@ -20,11 +20,13 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs, resolve_path
+from fusion.errors import UserError, report_user_errors
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="train_tokenizer", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     import lightning as L
     import torch
@@ -42,7 +44,10 @@ def main(cfg: DictConfig) -> None:
 
     check_keys(cfg)
     tok_cfg, out = cfg.tokenizer, Path(cfg.output_dir)
-    artifact = check_artifact_dir(resolve_path(tok_cfg.artifact_dir), tok_cfg.overwrite)
+    try:
+        artifact = check_artifact_dir(resolve_path(tok_cfg.artifact_dir), tok_cfg.overwrite)
+    except FileExistsError as err:  # an artifact there already: the user picks overwrite or not
+        raise UserError(str(err)) from err
     L.seed_everything(cfg.seed, workers=True)
 
     data = ImageDataModule(cfg.data, train_crop=tok_cfg.get("train_crop"))

@@ -822,7 +822,7 @@ def test_chameleon_local_edit_targets_keep_the_source_codes_away_from_the_edit()
 
 
 # -- Chameleon edit diagnosis (fusion.eval.edit_diagnosis) -------------------------------------
-def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts):
+def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts, capsys, monkeypatch):
     """A model whose copy gate is forced open copies every cell: right on every copy cell and
     wrong on every changed one, teacher-forced and sampled alike, and its grid with the true
     changed cells put back is the true grid."""
@@ -866,5 +866,10 @@ def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts):
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
-    with pytest.raises(SystemExit, match="--diagnose needs --model"):
+    monkeypatch.delenv("FUSION_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # a user error: one `error:` line, status 2
         ev.main(["editing", "--diagnose"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --diagnose needs --model")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -290,13 +291,22 @@ def test_reconstruct_round_trips_through_a_tokenizer():
 # --------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------
-def test_evaluate_script_fid_and_errors(tmp_path):
+def test_evaluate_script_fid_and_errors(tmp_path, capsys, monkeypatch):
     main = runpy.run_path(str(REPO / "scripts" / "evaluate.py"))["main"]
+    monkeypatch.delenv("FUSION_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
     out = main(["fid", "--real", "shapes", "--fake", "noise", "--n", "32", "--cache-dir", "none",
                 "--json", str(tmp_path / "fid.json")])
     assert out["fid"] > 10 and (tmp_path / "fid.json").is_file()
-    with pytest.raises(SystemExit, match="error: image folder .* does not exist"):
-        main(["fid", "--real", "shapes", "--fake", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="error: GenEval image folder .* does not exist"):
-        main(["geneval", "--images", str(tmp_path / "missing")])
+    capsys.readouterr()
+    # user errors: one `error:` line on stderr and exit status 2 (fusion.errors)
+    for argv, message in (
+            (["fid", "--real", "shapes", "--fake", str(tmp_path / "missing")],
+             "error: image folder .* does not exist"),
+            (["geneval", "--images", str(tmp_path / "missing")],
+             "error: GenEval image folder .* does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and re.match(message, err) and err.count("\n") == 1

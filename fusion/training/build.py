@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,17 +31,50 @@ def to_dataclass(node, cls):
 
 def load_image_tokenizer(path: str):
     """A stage-1 artifact folder -> ``VQTokenizer`` (``"kind": "vqgan"`` in its config.json,
-    Chameleon) or ``VAETokenizer`` (anything else the VAE reads, Transfusion)."""
+    Chameleon) or ``VAETokenizer`` (anything else the VAE reads, Transfusion).
+
+    The tokenizer keeps ``path`` as ``artifact_path``, so that :func:`build_family` can name
+    the artifact when it does not suit the family."""
     from fusion.image.artifacts import artifact_kind
 
-    path = resolve_path(path)
+    given, path = str(path), resolve_path(path)
     if artifact_kind(path) == "vqgan":
         from fusion.image.vqgan import VQTokenizer
 
-        return VQTokenizer.from_pretrained(path)
-    from fusion.image.vae import VAETokenizer
+        tokenizer = VQTokenizer.from_pretrained(path)
+    else:
+        from fusion.image.vae import VAETokenizer
 
-    return VAETokenizer.from_pretrained(path)
+        tokenizer = VAETokenizer.from_pretrained(path)
+    tokenizer.artifact_path = given
+    return tokenizer
+
+
+# The image tokenizer kind each family reads, and the shipped artifact of each kind.
+FAMILY_IMAGE_TOKENIZER = {"transfusion": "vae", "chameleon": "vqgan"}
+SHIPPED_IMAGE_TOKENIZER = {"vae": "tokenizers/shapes-vae", "vqgan": "tokenizers/shapes-vqgan"}
+KIND_NAMES = {"vae": "VAE", "vqgan": "VQ-GAN"}
+KIND_OUTPUTS = {"vae": "continuous latents", "vqgan": "discrete codes"}
+
+
+def image_tokenizer_kind(image_tokenizer) -> str:
+    """``"vqgan"`` for a tokenizer of discrete codes (it has a codebook), else ``"vae"``."""
+    return "vqgan" if hasattr(image_tokenizer, "codebook_size") else "vae"
+
+
+def check_image_tokenizer(family: str, image_tokenizer) -> None:
+    """Refuse an image tokenizer of the kind the other family reads, naming both and the
+    artifact to pass instead: a VAE in Chameleon or a VQ-GAN in Transfusion otherwise fails
+    deep inside the model with a message about shapes or missing attributes."""
+    need, have = FAMILY_IMAGE_TOKENIZER[family], image_tokenizer_kind(image_tokenizer)
+    if need == have:
+        return
+    path = getattr(image_tokenizer, "artifact_path", None)
+    given = f"image_tokenizer={path}" if path else "the image tokenizer given"
+    raise UserError(f"the {family} family needs a {KIND_NAMES[need]} image tokenizer "
+                    f"({KIND_OUTPUTS[need]}), but {given} is a {KIND_NAMES[have]}; pass "
+                    f"image_tokenizer={SHIPPED_IMAGE_TOKENIZER[need]} (or another "
+                    f"{KIND_NAMES[need]} artifact)")
 
 
 def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_size: int):
@@ -48,6 +82,9 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
     from fusion.models.packing import row_length
 
     family = model_cfg.family
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    check_image_tokenizer(family, image_tokenizer)
     if family == "transfusion":
         from fusion.models.schemas import TransfusionModelConfig
         from fusion.models.transfusion import SpecialIds, Transfusion, TransfusionLoss
@@ -59,7 +96,7 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
                             ("latent_size", grid)):
             given = getattr(arch, name)
             if given is not None and given != value:
-                raise ValueError(f"model.arch.{name}={given} but the image tokenizer gives "
+                raise UserError(f"model.arch.{name}={given} but the image tokenizer gives "
                                  f"{value}; leave it unset (null) to take the tokenizer's")
         arch = dataclasses.replace(arch, latent_channels=image_tokenizer.latent_channels,
                                    latent_size=grid)
@@ -79,7 +116,7 @@ def build_family(model_cfg, tokenizer: TextTokenizer, image_tokenizer, image_siz
         row_length(cfg.loss.pack_len, model.max_seq_len)
         cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
         return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)
-    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    raise AssertionError(family)  # FAMILIES is checked above
 
 
 def text_vocabulary(tokenizer: TextTokenizer) -> list[str]:
@@ -149,11 +186,35 @@ def recorded_sampling(meta: dict) -> dict:
     return {k: recorded.get(k, getattr(fallback, k)) for k in RECIPE_SAMPLING_KEYS}
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a
+    crash in between leaves the old file or none, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
 
-    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks."""
+    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks,
+    and the sha256 of ``model.safetensors`` (``weights_sha256``), which loading checks.
+    config.json is removed first and written last, each file through a temporary one, so a
+    crash while saving leaves a folder that refuses to load rather than a config that
+    describes weights it does not hold."""
     from safetensors.torch import save_model as save_safetensors
 
     out = Path(out_dir)
@@ -166,9 +227,56 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
             "text_tokenizer_sha256": text_tokenizer_fingerprint(tok),
             "image_tokenizer_sha256": image_tokenizer_fingerprint(image_tokenizer_path),
             **(extra or {})}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    save_safetensors(model, str(out / "model.safetensors"))
+    cfg_file, weights = out / "config.json", out / "model.safetensors"
+    cfg_file.unlink(missing_ok=True)
+    _replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
+    meta["weights_sha256"] = file_sha256(weights)
+    _replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out
+
+
+# The keys load_model reads from a model folder's config.json.
+MODEL_CONFIG_KEYS = ("model", "text_tokenizer", "image_tokenizer", "image_size")
+
+
+def read_model_config(cfg_file: Path, error: type[UserError] = UserError) -> dict:
+    """A model folder's ``config.json`` as a dict, refusing (``error``) invalid JSON."""
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{cfg_file} is not valid JSON ({err}); restore the file or re-save the "
+                    "model with scripts/train.py") from err
+    if not isinstance(meta, dict):
+        raise error(f"{cfg_file} holds a JSON {type(meta).__name__}, not the object a model "
+                    "folder's config.json is; restore the file or re-save the model")
+    return meta
+
+
+def check_weights(weights: Path, meta: dict, cfg_file: Path,
+                  error: type[UserError] = UserError) -> None:
+    """Refuse (``error``) a ``model.safetensors`` whose sha256 is not the one its config.json
+    recorded: a truncated copy or a file from another run. Folders saved before the sha256
+    was recorded have nothing to check."""
+    recorded = meta.get("weights_sha256")
+    if recorded and file_sha256(weights) != recorded:
+        raise error(f"{weights} does not match the sha256 recorded in {cfg_file} (file corrupt "
+                    "or replaced?); copy the model folder again, or re-save it with "
+                    "scripts/train.py")
+
+
+def check_text_tokenizer(meta: dict, tokenizer: TextTokenizer, cfg_file: Path) -> None:
+    """Refuse a text tokenizer file whose vocabulary is not the one the model recorded: a
+    retrained tokenizer at the same path maps the model's ids to other words, silently."""
+    recorded = meta.get("text_tokenizer_sha256")
+    if not recorded:
+        return
+    found = text_tokenizer_fingerprint(tokenizer)
+    if found != recorded:
+        raise UserError(
+            f"{cfg_file}: the model was trained with the text tokenizer {meta['text_tokenizer']}"
+            f" (vocabulary sha256 {recorded[:12]}...), but that path now holds a different "
+            f"one ({tokenizer.vocab_size} tokens, sha256 {found[:12]}...); restore the "
+            "original there, e.g. with `git show <commit>:<file>`")
 
 
 def load_model(path, image_tokenizer: str | None = None):
@@ -177,7 +285,8 @@ def load_model(path, image_tokenizer: str | None = None):
     The image tokenizer is the one recorded in ``config.json`` unless ``image_tokenizer`` names
     another copy; either way it must be the artifact the model was trained with (its recorded
     fingerprint): a retrained artifact at the same path would decode the model's latents or
-    codes into wrong images without any error."""
+    codes into wrong images without any error. The text tokenizer and the weights file are
+    checked against their recorded fingerprints the same way."""
     from safetensors.torch import load_model as load_safetensors
 
     folder = Path(path)
@@ -185,16 +294,20 @@ def load_model(path, image_tokenizer: str | None = None):
     for f in (cfg_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"model folder {folder} has no {f.name}")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file} is not valid JSON: {err}") from err
+    meta = read_model_config(cfg_file)
+    missing = [k for k in MODEL_CONFIG_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{cfg_file} lacks the key(s) {', '.join(map(repr, missing))} that "
+                        f"loading a model needs ({', '.join(MODEL_CONFIG_KEYS)}); point at a "
+                        "model folder written by scripts/train.py, or add them")
+    check_weights(weights, meta, cfg_file)
     tokenizer = TextTokenizer.from_file(resolve_path(meta["text_tokenizer"]))
+    check_text_tokenizer(meta, tokenizer, cfg_file)
     image_path = image_tokenizer or meta["image_tokenizer"]
     recorded = meta.get("image_tokenizer_sha256")
     if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
             recorded, image_path):
-        raise ValueError(
+        raise UserError(
             f"{cfg_file}: the model was trained with the image tokenizer {meta['image_tokenizer']}"
             f" (sha256 {recorded[:12]}...), but {image_path} holds a different artifact (a "
             "retrained one?); pass a copy of the original (scripts/evaluate.py "
@@ -205,7 +318,7 @@ def load_model(path, image_tokenizer: str | None = None):
     try:
         load_safetensors(model, str(weights))
     except Exception as err:  # safetensors raises several types for corrupt/mismatched files
-        raise ValueError(f"{weights} does not match the model in {cfg_file}: {err}") from err
+        raise UserError(f"{weights} does not match the model in {cfg_file}: {err}") from err
     return model, loss, tokenizer, image_tokenizer, meta
 
 
@@ -240,10 +353,15 @@ def read_init_weights(path) -> tuple[dict, dict | None]:
     def meta_at(cfg_file: Path) -> dict | None:
         if not cfg_file.is_file():
             return None
-        try:
-            return json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as err:
-            raise InitFromError(f"init_from={path}: {cfg_file} is not valid JSON: {err}") from err
+        return read_model_config(cfg_file, InitFromError)
+
+    def checked(weights: Path, meta: dict | None) -> tuple[dict, dict | None]:
+        """The weights of a model folder, verified against its recorded sha256 (after
+        reading them, so a file that is no safetensors at all is reported as such)."""
+        state = weights_at(weights)
+        if meta is not None and weights.name == "model.safetensors":
+            check_weights(weights, meta, weights.parent / "config.json", InitFromError)
+        return state, meta
 
     if p.is_dir():
         weights = p / "model.safetensors"
@@ -251,11 +369,11 @@ def read_init_weights(path) -> tuple[dict, dict | None]:
             raise InitFromError(f"init_from={path}: a model folder needs config.json and "
                                 "model.safetensors (what scripts/train.py writes to "
                                 "<output_dir>/model)")
-        return weights_at(weights), meta_at(p / "config.json")
+        return checked(weights, meta_at(p / "config.json"))
     if not p.is_file():
         raise InitFromError(f"init_from={path}: no such file or folder")
     if p.suffix == ".safetensors":
-        return weights_at(p), meta_at(p.parent / "config.json")
+        return checked(p, meta_at(p.parent / "config.json"))
     if p.suffix == ".ckpt":
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
