@@ -39,6 +39,9 @@ class DataConfig:
     image_size: int = 64
     resize: str = "center_crop"  # center_crop | resize | pad (fusion.data.images.fit)
     max_bad_share: float = 0.1  # refuse a folder when more records than this are bad
+    # A record whose text does not fit the family's row (caption + image positions + special
+    # tokens) is skipped and counted when the data opens; true: cut the text to fit instead.
+    truncate_captions: bool = False
     seed: int = 0
     num_train: int = 20000  # shapes source: scenes 0 .. num_train-1 train ...
     num_val: int = 512  # ... and the next num_val are held out
@@ -87,7 +90,11 @@ class LoggerConfig:
 
 @dataclass
 class CallbacksConfig:
+    # Checkpoints (fusion.training.checkpointing): every N steps and every M minutes of
+    # training (0 turns either off), at the end, and on SIGTERM/SIGINT; the newest
+    # keep_last_checkpoints numbered ones are kept, plus last.ckpt.
     checkpoint_every_n_steps: int = 500
+    checkpoint_every_minutes: float = 10.0
     keep_last_checkpoints: int = 1
     lr_monitor: bool = True
     progress_bar: str = "tqdm"  # tqdm | rich | none
@@ -169,6 +176,9 @@ class OptimConfig(AdamWConfig):
     gradient clipping is ``trainer.gradient_clip_val``."""
 
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
+    # A step whose loss or gradient norm is not finite applies no update; more than this many
+    # in a row stop the run with an error (fusion_module.FusionModule.on_before_optimizer_step).
+    max_nonfinite_steps: int = 3
 
 
 @dataclass

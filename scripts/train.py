@@ -7,7 +7,8 @@
         init_from=outputs/train/transfusion_tiny/model
 
 Writes <output_dir>/{checkpoints/, model/ (config.json + model.safetensors), samples/}.
-An interrupted run resumes from <output_dir>/checkpoints/last.ckpt.
+A stopped run (killed, pre-empted, Ctrl-C) resumes from the newest intact checkpoint in
+<output_dir>/checkpoints/ when the same command is run again (docs/reliability.md).
 """
 
 import logging
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs, resolve_path
 from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
+from fusion.errors import report_user_errors
 from fusion.sampling.edit import make_edit_sampler
 from fusion.training.build import (
-    InitFromError,
     build_family,
     init_from_checkpoint,
     load_image_tokenizer,
@@ -30,13 +32,14 @@ from fusion.training.build import (
     save_model,
 )
 from fusion.training.callbacks import SampleGrid
+from fusion.training.checkpointing import find_resume_checkpoint, graceful_sigint
 from fusion.training.factory import (
     build_callbacks,
     build_logger,
     build_trainer,
     quiet_known_warnings,
 )
-from fusion.training.fusion_module import FusionModule
+from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError, nonfinite_weights
 from fusion.training.samplers import make_image_sampler
 
 register_configs()
@@ -44,20 +47,21 @@ log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     check_keys(cfg)
     quiet_known_warnings()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
+    resume, resume_step = find_resume_checkpoint(out / "checkpoints")
     tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
-    data = DocumentDataModule(cfg.data, tokenizer)
     image_tokenizer = load_image_tokenizer(cfg.image_tokenizer)
     model, loss = build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)
+    data = DocumentDataModule(cfg.data, tokenizer,
+                              text_budget=lambda n_images: loss.text_budget(model, n_images))
+    data.setup()  # every record is checked now (lengths included), not hours into the run
     if cfg.init_from:  # fine-tuning: before the module, whose EMA copies the weights
-        try:
-            init_from_checkpoint(model, cfg, tokenizer)
-        except InitFromError as err:  # a configuration mistake: the message, no traceback
-            raise SystemExit(f"error: {err}") from None
+        init_from_checkpoint(model, cfg, tokenizer)
     elif cfg.data.documents == "edit":
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
@@ -71,12 +75,29 @@ def main(cfg: DictConfig) -> None:
         grid_captions = cfg.sampling.prompts
     grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
-    trainer = build_trainer(cfg.trainer, build_logger(cfg.logger, out), callbacks, out)
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
-    # ModelCheckpoint saves every N steps; a run ended by its time budget stops in between.
+    logger = build_logger(cfg.logger, out, resume_step=resume_step if resume else None)
+    trainer = build_trainer(cfg.trainer, logger, callbacks, out)
+    stop_signal = graceful_sigint(trainer)
+    if resume:
+        log.info("resuming from %s (step %d)", resume, resume_step)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None,
+                    weights_only=True)
+    except SIGTERMException:
+        raise SystemExit(f"stopped by {stop_signal.name} at step {trainer.global_step}; the "
+                         f"checkpoints in {out / 'checkpoints'} hold it: run the same command "
+                         "again to resume") from None
+    except NonFiniteTrainingError as err:
+        kept, step = find_resume_checkpoint(out / "checkpoints")
+        raise NonFiniteTrainingError(f"{err}. Newest checkpoint: "
+                                     f"{f'{kept} (step {step})' if kept else 'none'}") from None
+    bad = nonfinite_weights(module.eval_model)
+    if bad:
+        raise NonFiniteTrainingError(f"the trained weights hold NaN or infinite values ({len(bad)}"
+                                     f" tensors, e.g. {bad[:3]}); {out / 'model'} is not written")
+    # FusionCheckpoint saves every N steps; a run ended by its time budget stops in between.
     # Checkpoint the final state too, so last.ckpt holds the live weights of the saved model.
-    trainer.save_checkpoint(last, weights_only=False)  # full state: a later call resumes it
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
     save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,

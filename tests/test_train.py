@@ -11,15 +11,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from fusion.image.vae import VAETokenizer, build_autoencoder
-
-    path = tmp_path_factory.mktemp("vae")
-    VAETokenizer(build_autoencoder((16, 16, 16, 16), 1, 4, 8, False)).save_pretrained(path)
-    return path
-
-
 def _run(*args, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import lightning as L
-from torch.utils.data import DataLoader, Subset
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from fusion.config import DataConfig, resolve_path
-from fusion.data.documents import CaptionDocuments, EditDocuments, collate_documents
+from fusion.data.documents import (
+    CaptionDocuments,
+    EditDocuments,
+    TextLimit,
+    collate_documents,
+)
 from fusion.data.shapes import EDIT_KINDS
 from fusion.data.sources import CaptionFolder, EditFolder, ShapesEditSource, ShapesSource
 from fusion.data.text import TextTokenizer
@@ -63,46 +71,98 @@ def build_edit_sources(cfg: DataConfig) -> tuple:
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
 
+class ResumableSampler(Sampler[int]):
+    """A seeded random order per epoch that can start part-way through one.
+
+    Epoch ``e`` visits the indices in ``torch.randperm(n)`` drawn from a generator seeded by
+    (seed, e), so the order depends on nothing but those two numbers: Lightning calls
+    :meth:`set_epoch` at every epoch start, and a resumed run calls :meth:`resume_at` with
+    the position its checkpoint recorded (fusion.training.callbacks.DataPosition), so it
+    draws the batches the interrupted run would have drawn next."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, indices) to leave out, once
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """The next iteration of epoch ``epoch`` leaves out its first ``samples_done``
+        indices (an iteration of any other epoch drops the request)."""
+        self.epoch, self._skip = epoch, (epoch, samples_done)
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, None
+        start = skip[1] if skip is not None and skip[0] == self.epoch else 0
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class DocumentDataModule(L.LightningDataModule):
     """Caption/image or editing Documents (``data.documents``) for either family; batches
-    are lists of Documents."""
+    are lists of Documents.
 
-    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer | None = None):
+    ``text_budget(n_images)`` -> the most text tokens a document with that many images can
+    hold (the family loss's ``text_budget``): when given, every record is checked against it
+    as the data opens (fusion.data.documents.fitting_records)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer | None = None,
+                 text_budget: Callable[[int], int] | None = None):
         super().__init__()
         if cfg.documents not in DOCUMENTS:
             raise ValueError(f"unknown data.documents {cfg.documents!r}; expected one of "
                              f"{DOCUMENTS}")
         self.cfg = cfg
         self.tokenizer = tokenizer or TextTokenizer.from_file(resolve_path(cfg.text_tokenizer))
+        self.text_budget = text_budget
         self.train_set = self.val_set = None
+        self.train_sampler: ResumableSampler | None = None
+
+    def _limit(self, n_images: int) -> TextLimit | None:
+        if self.text_budget is None:
+            return None
+        return TextLimit(self.text_budget(n_images), self.cfg.truncate_captions)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.cfg.documents == "edit":
-            train, val = build_edit_sources(self.cfg)
-            self.train_set = EditDocuments(train, self.tokenizer)
-            self.val_set = EditDocuments(val, self.tokenizer)
-            return
-        train, val = build_caption_sources(self.cfg)
-        kw = dict(tokenizer=self.tokenizer, image_first_ratio=self.cfg.image_first_ratio,
-                  seed=self.cfg.seed)
-        self.train_set = CaptionDocuments(train, **kw)
-        self.val_set = CaptionDocuments(val, **kw)
+        edit = self.cfg.documents == "edit"
+        train, val = (build_edit_sources if edit else build_caption_sources)(self.cfg)
+        kw = dict(tokenizer=self.tokenizer, limit=self._limit(2 if edit else 1),
+                  max_bad_share=self.cfg.max_bad_share)
+        if not edit:
+            kw.update(image_first_ratio=self.cfg.image_first_ratio, seed=self.cfg.seed)
+        documents = EditDocuments if edit else CaptionDocuments
+        self.train_set = documents(train, where="training data", **kw)
+        self.val_set = documents(val, where="validation data", **kw)
 
     def held_out(self, n: int) -> list:
         """The first ``n`` records of the validation source (fixed examples for grids)."""
         self.setup()
-        source = self.val_set.source
-        return [source[i] for i in range(min(n, len(source)))]
+        source, kept = self.val_set.source, self.val_set.indices
+        return [source[i] for i in kept[:n]]
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
+    def _loader(self, dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+        # Its own generator: creating an iterator draws worker seeds from it, not from the
+        # global torch RNG that the model's dropout uses, so validation and resumes leave the
+        # training stream alone.
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, collate_fn=collate_documents,
-                          persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle)
+                          persistent_workers=self.cfg.num_workers > 0, drop_last=drop_last,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.train_sampler is None:
+            self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed)
+        return self._loader(self.train_set, self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, None, drop_last=False)

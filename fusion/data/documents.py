@@ -10,15 +10,18 @@ Shape legend: C = 3 colour channels, H = W = image side.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from fusion.data.images import to_tensor
-from fusion.data.sources import CaptionRecord, EditRecord
+from fusion.data.sources import BadDataError, CaptionRecord, EditRecord
 from fusion.data.text import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 # Transfusion (Zhou et al. 2024, arXiv:2408.11039, sec. 4.1) puts the caption first for 80 % of
 # image-caption pairs and the image first for the other 20 %.
@@ -73,18 +76,81 @@ class Document:
         return "interleaved"
 
 
+@dataclass(frozen=True)
+class TextLimit:
+    """How many text tokens one document may carry: what is left of the family's packed row
+    after its images and special tokens (``text_budget`` of the family's loss). ``truncate``
+    cuts a longer text to fit (``data.truncate_captions``) instead of skipping its record."""
+
+    max_tokens: int
+    truncate: bool = False
+
+
+def record_text(source, i: int) -> tuple[str, tuple[str, ...]]:
+    """(key, texts) of record ``i`` of a source or a ``Subset`` of one, images not decoded."""
+    while isinstance(source, Subset):
+        source, i = source.dataset, source.indices[i]
+    return source.text_of(i)
+
+
+def fitting_records(source, tokenizer: TextTokenizer, limit: TextLimit | None,
+                    max_bad_share: float = 1.0, where: str = "data") -> list[int]:
+    """The indices of ``source`` whose every text fits ``limit``, checked once when the data
+    opens, so that a long caption is one skipped record instead of a crash mid-run.
+
+    Records that do not fit are skipped and counted with one warning line, or kept (to be cut
+    when their document is built) when ``limit.truncate``. More than ``max_bad_share`` of the
+    records skipped, or all of them, raises :class:`BadDataError`."""
+    if limit is None:
+        return list(range(len(source)))
+    if limit.max_tokens < 1:
+        raise BadDataError(f"{where}: a document has no room for text ({limit.max_tokens} "
+                           "tokens left after its images); raise the row length "
+                           "(model.arch max_seq_len or model.loss.pack_len)")
+    keep, too_long = [], []
+    for i in range(len(source)):
+        key, texts = record_text(source, i)
+        longest = max((len(ids) for ids in tokenizer.encode_batch(list(texts))), default=0)
+        if longest <= limit.max_tokens or limit.truncate:
+            keep.append(i)
+        if longest > limit.max_tokens:
+            too_long.append(f"{key} ({longest} tokens)")
+    if too_long and limit.truncate:
+        log.warning("%s: %d record(s) have text longer than the %d tokens a document holds; "
+                    "it is cut to fit (data.truncate_captions=true; first: %s)", where,
+                    len(too_long), limit.max_tokens, ", ".join(too_long[:3]))
+    elif too_long:
+        log.warning("%s: skipped %d record(s) with text longer than the %d tokens a document "
+                    "holds (first: %s); set data.truncate_captions=true to cut them instead",
+                    where, len(too_long), limit.max_tokens, ", ".join(too_long[:3]))
+        share = len(too_long) / max(1, len(source))
+        if not keep or share > max_bad_share:
+            raise BadDataError(
+                f"{where}: {len(too_long)} of {len(source)} records have text longer than the "
+                f"{limit.max_tokens} tokens a document holds ({share:.0%} > max_bad_share="
+                f"{max_bad_share:.0%}; first: {'; '.join(too_long[:3])}); set "
+                "data.truncate_captions=true, or raise the row length")
+    return keep
+
+
+def _text(tokenizer: TextTokenizer, text: str, limit: TextLimit | None) -> Text:
+    ids = tokenizer.encode(text)
+    if limit is not None and len(ids) > limit.max_tokens:
+        ids = ids[:limit.max_tokens]  # only when limit.truncate: fitting_records skipped others
+    return Text(tuple(ids), text)
+
+
 def caption_document(tokenizer: TextTokenizer, image: torch.Tensor, caption: str,
-                     image_first: bool) -> Document:
-    text = Text(tuple(tokenizer.encode(caption)), caption)
+                     image_first: bool, limit: TextLimit | None = None) -> Document:
+    text = _text(tokenizer, caption, limit)
     img = Image(image)
     return Document((img, text) if image_first else (text, img))
 
 
 def edit_document(tokenizer: TextTokenizer, source: torch.Tensor, instruction: str,
-                  target: torch.Tensor) -> Document:
+                  target: torch.Tensor, limit: TextLimit | None = None) -> Document:
     """Editing triplet: source image (condition), instruction, target image."""
-    return Document((Image(source, is_condition=True),
-                     Text(tuple(tokenizer.encode(instruction)), instruction),
+    return Document((Image(source, is_condition=True), _text(tokenizer, instruction, limit),
                      Image(target)))
 
 
@@ -112,45 +178,56 @@ def drop_edit_conditions(doc: Document, rng: random.Random, rate: float) -> Docu
     return Document(tuple(keep))
 
 
-class CaptionDocuments(Dataset):
+class _Documents(Dataset):
+    """Records of ``source`` that fit ``limit`` (:func:`fitting_records`), as Documents."""
+
+    images_per_document = 1
+
+    def __init__(self, source, tokenizer: TextTokenizer, limit: TextLimit | None = None,
+                 max_bad_share: float = 1.0, where: str = "data"):
+        self.source, self.tokenizer, self.limit = source, tokenizer, limit
+        self.indices = fitting_records(source, tokenizer, limit, max_bad_share, where)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class CaptionDocuments(_Documents):
     """(image, caption) records -> Documents, caption-first or image-first by a fixed ratio.
 
-    The order is a deterministic function of (seed, index), so a run is reproducible and every
-    worker agrees.
+    The order is a deterministic function of (seed, record index), so a run is reproducible
+    and every worker agrees.
     """
 
     def __init__(self, source, tokenizer: TextTokenizer,
-                 image_first_ratio: float = DEFAULT_IMAGE_FIRST_RATIO, seed: int = 0):
+                 image_first_ratio: float = DEFAULT_IMAGE_FIRST_RATIO, seed: int = 0,
+                 limit: TextLimit | None = None, max_bad_share: float = 1.0,
+                 where: str = "data"):
         if not 0.0 <= image_first_ratio <= 1.0:
             raise ValueError(f"image_first_ratio must be in [0, 1], got {image_first_ratio}")
-        self.source, self.tokenizer = source, tokenizer
+        super().__init__(source, tokenizer, limit, max_bad_share, where)
         self.image_first_ratio, self.seed = image_first_ratio, seed
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> Document:
+    def __getitem__(self, j: int) -> Document:
+        i = self.indices[j]
         rec: CaptionRecord = self.source[i]
         image_first = random.Random(f"order/{self.seed}/{i}").random() < self.image_first_ratio
         # image -> caption documents learn the full description when the source has one, so a
         # caption names every object's colour and class rather than one prompt template.
         text = (rec.description or rec.caption) if image_first else rec.caption
-        return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first)
+        return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first,
+                                self.limit)
 
 
-class EditDocuments(Dataset):
+class EditDocuments(_Documents):
     """Edit triplet records -> Documents (source image, instruction, target image)."""
 
-    def __init__(self, source, tokenizer: TextTokenizer):
-        self.source, self.tokenizer = source, tokenizer
+    images_per_document = 2
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> Document:
-        rec: EditRecord = self.source[i]
+    def __getitem__(self, j: int) -> Document:
+        rec: EditRecord = self.source[self.indices[j]]
         return edit_document(self.tokenizer, to_tensor(rec.source), rec.instruction,
-                             to_tensor(rec.target))
+                             to_tensor(rec.target), self.limit)
 
 
 def collate_documents(batch: list[Document]) -> list[Document]:

@@ -340,11 +340,17 @@ class ShapesWorld:
         """GenEval metadata records this scene satisfies (no rendering needed)."""
         return geneval_prompts(self.scene(index), self._rng(index, "caption"))
 
-    def sample(self, index: int) -> ShapesSample:
-        scene = self.scene(index)
+    def captions(self, index: int, scene: Scene | None = None) -> tuple[dict[str, str], dict]:
+        """(captions by tag, GenEval metadata) of a scene, without rendering it."""
+        scene = scene or self.scene(index)
         prompts = geneval_prompts(scene, self._rng(index, "caption"))
         captions = {tag: rec["prompt"] for tag, rec in prompts.items()}
         captions["description"] = describe(scene)
+        return captions, prompts
+
+    def sample(self, index: int) -> ShapesSample:
+        scene = self.scene(index)
+        captions, prompts = self.captions(index, scene)
         return ShapesSample(index, scene, render(scene), captions, prompts)
 
     __getitem__ = sample

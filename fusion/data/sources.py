@@ -1,6 +1,8 @@
 """Record sources: where (image, caption) pairs and edit triplets come from.
 
-Two kinds share one interface (``len``, ``[i]`` -> record):
+Two kinds share one interface (``len``, ``[i]`` -> record, and ``text_of(i)`` -> the record's
+key and texts without decoding its images, for the length check of
+:func:`fusion.data.documents.fitting_records`):
 
 * :class:`ShapesSource` -- ShapesWorld, generated on the fly;
 * :class:`CaptionFolder` / :class:`EditFolder` -- a user's folder of images plus a JSON-lines
@@ -76,17 +78,26 @@ class ShapesSource:
     def __len__(self) -> int:
         return self.num_samples
 
+    def _caption(self, i: int, captions: dict[str, str]) -> str:
+        options = [c for tag, c in captions.items()
+                   if self.caption_tags is None or tag in self.caption_tags]
+        if not options:
+            options = [captions["description"]]
+        return random.Random(f"caption-choice/{self.world.seed}/{self.offset + i}").choice(options)
+
     def __getitem__(self, i: int) -> CaptionRecord:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
         sample = self.world.sample(self.offset + i)
-        options = [c for tag, c in sample.captions.items()
-                   if self.caption_tags is None or tag in self.caption_tags]
-        if not options:
-            options = [sample.captions["description"]]
-        rng = random.Random(f"caption-choice/{self.world.seed}/{self.offset + i}")
-        return CaptionRecord(sample.image, rng.choice(options), key=f"shapes:{self.offset + i}",
+        return CaptionRecord(sample.image, self._caption(i, sample.captions),
+                             key=f"shapes:{self.offset + i}",
                              description=sample.captions["description"])
+
+    def text_of(self, i: int) -> tuple[str, tuple[str, ...]]:
+        """(key, every text record ``i`` can put in a document), without rendering."""
+        captions, _ = self.world.captions(self.offset + i)
+        return f"shapes:{self.offset + i}", (self._caption(i, captions),
+                                             captions["description"])
 
 
 class ShapesEditSource:
@@ -107,6 +118,11 @@ class ShapesEditSource:
         edit = self.world.edit(idx, kind)
         return EditRecord(render(edit.source), edit.instruction, render(edit.target),
                           key=f"shapes-edit:{idx}")
+
+    def text_of(self, i: int) -> tuple[str, tuple[str, ...]]:
+        kind = self.kinds[i % len(self.kinds)] if self.kinds else None
+        return f"shapes-edit:{self.offset + i}", (self.world.edit(self.offset + i,
+                                                                  kind).instruction,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,11 +182,16 @@ def _read_jsonl(index: Path, problems: _Problems) -> list[tuple[str, dict]]:
     if not index.is_file():
         raise FileNotFoundError(f"index file not found: {index}")
     rows = []
-    with index.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+    with index.open("rb") as fh:  # decoded line by line: one bad byte spoils one record
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             key = f"{index.name}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.add("line that is not UTF-8", key)
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -205,8 +226,9 @@ class _Folder:
             rec = self._validate(row, problems, key)
             if rec is not None:
                 self.records.append(rec)
-        malformed = len(problems.by_kind.get("malformed JSON line", []))
-        problems.report(index, len(rows) + malformed, max_bad_share)
+        unparsed = sum(len(problems.by_kind.get(k, []))
+                       for k in ("malformed JSON line", "line that is not UTF-8"))
+        problems.report(index, len(rows) + unparsed, max_bad_share)
         self.num_bad = problems.count
 
     def _validate(self, row: dict, problems: _Problems, key: str):
@@ -236,6 +258,10 @@ class CaptionFolder(_Folder):
         path, caption = self.records[i]
         return CaptionRecord(self._image(path), caption, key=str(path))
 
+    def text_of(self, i: int) -> tuple[str, tuple[str, ...]]:
+        path, caption = self.records[i]
+        return str(path), (caption,)
+
 
 class EditFolder(_Folder):
     """A folder of images with ``edits.jsonl`` rows ``{"source", "instruction", "target"}``."""
@@ -256,4 +282,8 @@ class EditFolder(_Folder):
     def __getitem__(self, i: int) -> EditRecord:
         src, instruction, tgt = self.records[i]
         return EditRecord(self._image(src), instruction, self._image(tgt), key=str(src))
+
+    def text_of(self, i: int) -> tuple[str, tuple[str, ...]]:
+        src, instruction, _ = self.records[i]
+        return str(src), (instruction,)
 

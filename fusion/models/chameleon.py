@@ -56,7 +56,7 @@ from torch import nn
 
 from fusion.data.documents import Document, Image, Text, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
-from fusion.models.cm3 import CM3Tokens, cm3_apply, cm3_spans
+from fusion.models.cm3 import CM3_POSITIONS_PER_SPAN, CM3Tokens, cm3_apply, cm3_spans
 from fusion.models.packing import (
     Context,
     next_token_loss,
@@ -235,6 +235,14 @@ class ChameleonLoss:
                              f"one of {EDIT_TARGET_CODES}")
         self.cfg, self.special, self.cm3_tokens = cfg, special, cm3_tokens
 
+    def text_budget(self, model: Chameleon, n_images: int) -> int:
+        """The most text tokens a document with ``n_images`` images can hold in one packed
+        row: the row minus ``<bos>``, ``<eos>`` and ``<boi> codes <eoi>`` per image. CM3 never
+        pushes a document past the row (:meth:`documents_with_cells` keeps only the spans that
+        fit), so it needs no room here."""
+        row = row_length(self.cfg.pack_len, model.max_seq_len)
+        return row - 2 - n_images * (model.codes_per_image + 2)
+
     def document_pieces(self, doc: Document, codes: list[list[int]], text_vocab: int,
                         drop_caption: bool, target_only: bool = False) -> list[list[int]]:
         """A document body as pieces: text ids, and ``<boi> codes+offset <eoi>`` per image.
@@ -274,6 +282,7 @@ class ChameleonLoss:
         condition dropout (one draw each, before any other draw, so caption-only batches see
         the same random stream as before)."""
         cfg, device, s = self.cfg, model.embed.weight.device, self.special
+        row = row_length(cfg.pack_len, model.max_seq_len)
         edits = [d.is_edit for d in docs]
         docs = [drop_edit_conditions(d, rng, cfg.edit_condition_dropout) if e else d
                 for d, e in zip(docs, edits, strict=True)]
@@ -300,6 +309,8 @@ class ChameleonLoss:
             if cfg.cm3 and not edit:
                 spans = cm3_spans(len(flat), len(self.cm3_tokens.sentinels), rng,
                                   cfg.cm3_lambda, cfg.cm3_rate)
+                # each span adds 3 positions (cm3_apply); keep the ones the row has room for
+                spans = spans[:max(0, row - 2 - len(flat)) // CM3_POSITIONS_PER_SPAN]
                 body = [cm3_apply(flat, spans, self.cm3_tokens.sentinels, self.cm3_tokens.eoss)]
                 cells = cm3_apply(cells, spans, [-1] * len(spans), -1)
             eos = Context([s.eos]) if target_only else [s.eos]

@@ -30,6 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+# What moving one span costs: a sentinel in its place, and a sentinel and <eoss> around it at
+# the end (the span's own tokens only move).
+CM3_POSITIONS_PER_SPAN = 3
+
+
 @dataclass(frozen=True)
 class CM3Tokens:
     sentinels: tuple[int, ...]  # <sentinel:0> ... <sentinel:k-1>
@@ -101,7 +106,8 @@ def cm3_transform(body: Sequence[int], tokens: CM3Tokens, rng: random.Random,
     """Mask spans of a document body (the tokens between <bos> and <eos>).
 
     Returns the new body: the body with sentinels in place of the spans, followed by the
-    ``<sentinel:i> span <eoss>`` blocks. Same length + 2 tokens per span.
+    ``<sentinel:i> span <eoss>`` blocks: 3 positions longer per span
+    (:data:`CM3_POSITIONS_PER_SPAN`).
     """
     spans = cm3_spans(len(body), len(tokens.sentinels), rng, poisson_lambda, rate)
     return cm3_apply(body, spans, tokens.sentinels, tokens.eoss)

@@ -138,6 +138,13 @@ class TransfusionLoss:
         self.special = special
         self.diffusion = Diffusion(cfg.diffusion)
 
+    def text_budget(self, model: Transfusion, n_images: int) -> int:
+        """The most text tokens a document with ``n_images`` images can hold in one packed
+        row: the row minus ``<bos>``, ``<eos>`` and ``<boi> patches <eoi>`` per image (the
+        layout of :meth:`pieces`). The data checks every record against it when it opens."""
+        row = row_length(self.cfg.pack_len, model.max_seq_len)
+        return row - 2 - n_images * (model.tokens_per_image + 2)
+
     def pieces(self, doc: Document, tokens_per_image: int, drop_caption: bool,
                text_targets: bool = True) -> list:
         """A Document as packing pieces: <bos> ... <boi> [slot] <eoi> ... <eos>.

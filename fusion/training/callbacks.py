@@ -46,3 +46,39 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._grid(trainer, pl_module)
+
+
+class DataPosition(L.Callback):
+    """Where training is in its data: the epoch and the batches drawn from it, saved in every
+    checkpoint. On resume the datamodule's :class:`~fusion.data.datamodule.ResumableSampler`
+    starts the epoch after those batches, so a resumed run sees exactly the batches the
+    interrupted run would have seen next (none repeated, none skipped)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, 0
+        self._resume: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A run restored mid-epoch gets no on_train_epoch_start for that epoch (Lightning
+        # skips it), so the sampler is positioned here, before the epoch's iterator exists.
+        if self._resume is None:
+            return
+        self.epoch, self.batches = self._resume
+        self._resume = None
+        sampler = getattr(trainer.datamodule, "train_sampler", None)
+        if sampler is None:
+            raise RuntimeError("DataPosition needs a datamodule with a train_sampler "
+                               "(fusion.data.datamodule.ResumableSampler) to resume")
+        sampler.resume_at(self.epoch, self.batches * trainer.train_dataloader.batch_size)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch, self.batches = trainer.current_epoch, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1  # trained: a checkpoint from now on has it behind it
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))

@@ -26,8 +26,49 @@ def _plain(cfg) -> dict:
         vars(cfg))
 
 
-def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path):
-    """A Lightning logger, or ``False`` for none.
+def _resume_csv(logger, resume_step: int) -> None:
+    """Keep a resumed run's CSV log: the rows before the checkpoint's step (the resumed run
+    logs the later ones again) go back into ``metrics.csv``, which Lightning's writer deletes
+    when it opens, and the new rows are appended after them. A checkpoint at global step k
+    follows the batch logged as step k - 1."""
+    import csv
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) < resume_step]
+    writer = logger.experiment  # created now: it deletes metrics.csv
+    with path.open("w", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=header)
+        out.writeheader()
+        out.writerows(kept)
+    writer.metrics_keys = sorted(header)
+    log.info("resuming the CSV log %s: kept %d of %d rows (before step %d)", path, len(kept),
+             len(rows), resume_step)
+
+
+def wandb_run_id(save_dir: Path, resume: bool) -> str:
+    """The wandb run id of the run in ``save_dir``: the stored one when ``resume`` (a resumed
+    run appends to the same wandb run), else a new one, stored for a later resume."""
+    import secrets
+
+    path = save_dir / "wandb" / "run_id"
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path,
+                 resume_step: int | None = None):
+    """A Lightning logger, or ``False`` for none. ``resume_step``: the run resumes from a
+    checkpoint at that step, and its log continues the earlier one (CSV rows after the step
+    are dropped, since the resumed run logs them again; wandb resumes the same run id).
 
     wandb is forced to the configured mode through both the constructor and ``WANDB_MODE``, and
     its console output is silenced, so an offline run never prompts for an account.
@@ -42,7 +83,12 @@ def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path):
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+        # Written at every log step, so a killed run loses no row before its checkpoint.
+        logger = CSVLogger(save_dir=str(save_dir), name="csv", version="",
+                           flush_logs_every_n_steps=1)
+        if resume_step is not None:
+            _resume_csv(logger, resume_step)
+        return logger
     if cfg.mode not in WANDB_MODES:
         raise ValueError(f"unknown wandb mode {cfg.mode!r}; expected one of {WANDB_MODES}")
     os.environ["WANDB_MODE"] = cfg.mode
@@ -50,7 +96,9 @@ def build_logger(cfg: LoggerConfig | DictConfig, save_dir: str | Path):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(project=cfg.project, name=cfg.name, save_dir=str(save_dir),
-                         offline=cfg.mode == "offline", mode=cfg.mode, tags=list(cfg.tags))
+                         offline=cfg.mode == "offline", mode=cfg.mode, tags=list(cfg.tags),
+                         id=wandb_run_id(save_dir, resume_step is not None),
+                         resume="allow")
     # Lightning (2.6) always passes `anonymous=None` to wandb.init and wandb (0.2x) warns that
     # the setting has no effect on every run; the run is created lazily from this dict, so
     # dropping the no-op key keeps the output clean without changing anything else.
@@ -64,16 +112,16 @@ def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Pat
                     extra: list | None = None) -> list:
     from lightning.pytorch.callbacks import (
         LearningRateMonitor,
-        ModelCheckpoint,
         RichProgressBar,
         TQDMProgressBar,
     )
 
-    callbacks = [ModelCheckpoint(dirpath=str(checkpoint_dir), filename="step{step:07d}",
-                                 auto_insert_metric_name=False, save_last=True,
-                                 every_n_train_steps=cfg.checkpoint_every_n_steps,
-                                 save_top_k=cfg.keep_last_checkpoints, monitor="step",
-                                 mode="max")]
+    from fusion.training.callbacks import DataPosition
+    from fusion.training.checkpointing import FusionCheckpoint
+
+    callbacks = [FusionCheckpoint(checkpoint_dir, cfg.checkpoint_every_n_steps,
+                                  cfg.checkpoint_every_minutes, cfg.keep_last_checkpoints),
+                 DataPosition()]
     if cfg.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.progress_bar == "tqdm":
@@ -131,8 +179,11 @@ def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
         strategy = instantiate(strategy)
     progress = any(type(c).__name__.endswith("ProgressBar") for c in callbacks)
     kwargs["enable_progress_bar"] = kwargs["enable_progress_bar"] and progress
+    from fusion.training.checkpointing import AtomicCheckpointIO
+
     return L.Trainer(strategy=strategy, logger=logger, callbacks=callbacks,
-                     default_root_dir=str(default_root_dir), **kwargs)
+                     default_root_dir=str(default_root_dir), plugins=[AtomicCheckpointIO()],
+                     **kwargs)
 
 
 # Known, harmless messages from the libraries (checked against lightning 2.6 / torch 2.13);

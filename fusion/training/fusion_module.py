@@ -1,11 +1,13 @@
 """The LightningModule shared by both families.
 
 The family supplies a plain ``nn.Module`` (the model) and a loss callable
-``loss_fn(model, documents, encode, rng) -> {"loss": ..., <parts>...}``; this module adds what
+``loss_fn(model, documents, encode, rng, generator=) -> {"loss": ..., <parts>...}``; this module
+adds what
 is the same for both: AdamW with decoupled weight decay on layer weights only
-(:func:`weight_decay_groups`), linear warm-up and
-cosine decay, an optional EMA of the weights, logging of every loss part, and a frozen image
-tokenizer whose ``encode`` turns pixels into what the family consumes.
+(:func:`weight_decay_groups`), linear warm-up and cosine decay, an optional EMA of the weights,
+logging of every loss part, a guard that skips non-finite updates, seeded per-step random
+streams that a resumed run continues, and a frozen image tokenizer whose ``encode`` turns
+pixels into what the family consumes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,23 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fusion.config import OptimConfig
+from fusion.errors import UserError
 from fusion.training.encode_cache import EncodeCache
+
+
+class NonFiniteTrainingError(UserError):
+    """Training diverged: too many steps in a row had a non-finite loss or gradient norm."""
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` holding a NaN or an infinity."""
+    return [k for k, v in model.state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def step_seed(*parts) -> int:
+    """A 63-bit seed from any parts (run seed, step, ...), the same in every process."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float,
@@ -143,6 +161,10 @@ class FusionModule(L.LightningModule):
         self.encode_cache = (EncodeCache(image_tokenizer.encode, int(encode_cache_mb * 2**20))
                              if image_tokenizer is not None else None)
         self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s)
+        # Non-finite guard (on_before_optimizer_step): steps skipped in a row and in all.
+        self.nonfinite_streak, self.nonfinite_steps = 0, 0
+        self._window_finite = True  # every loss since the last optimizer step was finite
+        self._skipped_update = False
 
     @property
     def image_tokenizer(self) -> nn.Module | None:
@@ -157,9 +179,21 @@ class FusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cosine_clock"] = self.clock.state_dict()
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        # The global RNG drives only what takes no generator (dropout); saved so that a resumed
+        # run draws what the uninterrupted one would have.
+        checkpoint["torch_rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["torch_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        rng = checkpoint.get("torch_rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode_cache(pixels)
@@ -170,10 +204,13 @@ class FusionModule(L.LightningModule):
         return batch
 
     def training_step(self, batch, batch_idx):
-        # Caption dropout, noise levels etc. draw from a per-step RNG so a resumed run
-        # continues the same stream.
+        # Caption dropout, CM3 spans, noise levels and noise draw from generators seeded by
+        # (seed, step, batch): a resumed run continues the same streams.
         rng = random.Random(f"{self.seed}/{self.global_step}")
-        out = self.loss_fn(self.model, batch, self.encode, rng)
+        g = torch.Generator(device=self.device).manual_seed(
+            step_seed("train", self.seed, self.global_step, batch_idx))
+        out = self.loss_fn(self.model, batch, self.encode, rng, generator=g)
+        self._window_finite &= bool(torch.isfinite(out["loss"].detach()))
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
                       batch_size=len(batch))
         if self.encode_cache is not None and self.encode_cache.max_bytes > 0:
@@ -192,8 +229,41 @@ class FusionModule(L.LightningModule):
         """The EMA weights when EMA is on, else the live model."""
         return self.ema.module if self.ema is not None else self.model
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update when a loss since the last step, or the gradient norm, is not
+        finite: the gradients are dropped, so AdamW changes no weight and no moment. More than
+        ``optim.max_nonfinite_steps`` such steps in a row stop the run
+        (:class:`NonFiniteTrainingError`); no checkpoint is written during a streak
+        (fusion.training.checkpointing.FusionCheckpoint), so the newest one predates it."""
+        finite, self._window_finite = self._window_finite, True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and self.trainer.precision != "16-mixed":  # fp16's GradScaler skips infs
+            finite = finite and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        # Gradients are all-reduced under DDP, but losses are per rank: skip if any rank must.
+        skip = self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        self._skipped_update = skip
+        if not skip:
+            self.nonfinite_streak = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        self.nonfinite_steps += 1
+        step = self.global_step
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        limit = self.optim.max_nonfinite_steps
+        if self.nonfinite_streak > limit:
+            raise NonFiniteTrainingError(
+                f"training diverged: the loss or gradient norm was not finite at "
+                f"{self.nonfinite_streak} steps in a row (steps {step - self.nonfinite_streak + 1}"
+                f"-{step}, more than optim.max_nonfinite_steps={limit}); no update was applied "
+                f"at those steps and no checkpoint was written during them. Lower optim.lr "
+                f"(now {self.optim.lr:g}) or raise optim.warmup_steps, then resume from the "
+                "last checkpoint, or check the data")
+        self.print(f"warning: step {step}: non-finite loss or gradient norm, update skipped "
+                   f"({self.nonfinite_streak} in a row, {self.nonfinite_steps} in all)")
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
+        if self.ema is not None and not self._skipped_update:
             self.ema.update_parameters(self.model)
         if self.clock.expired():
             self.trainer.should_stop = True  # the cosine has reached its end

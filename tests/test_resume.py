@@ -1,0 +1,148 @@
+"""Runs that survive: kill -9 then resume follows the uninterrupted run, SIGTERM saves and
+exits, a corrupt newest checkpoint falls back to an intact one (docs/reliability.md)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion.training.checkpointing import find_resume_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 40 scenes in batches of 8: 5 batches an epoch, so 9 steps cross an epoch boundary.
+TINY = ["scripts/train.py", "experiment=transfusion_tiny", "debug=default", "logger=csv",
+        "data.num_train=40", "trainer.limit_val_batches=0", "sampling.prompts=[]",
+        "trainer.log_every_n_steps=1", "callbacks.checkpoint_every_n_steps=2",
+        "callbacks.keep_last_checkpoints=2"]
+
+
+def _cmd(out: Path, vae: Path, *extra: str) -> list[str]:
+    return [sys.executable, *TINY, f"image_tokenizer={vae}", f"output_dir={out}", *extra]
+
+
+def _losses(out: Path) -> dict[int, str]:
+    """step -> train/loss as written in the CSV log (text: compared exactly)."""
+    with (out / "csv" / "metrics.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {sorted(steps)}"
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
+def _logged_steps(out: Path) -> set[str]:
+    try:
+        with (out / "csv" / "metrics.csv").open(newline="") as fh:
+            return {r["step"] for r in csv.DictReader(fh) if r.get("train/loss")}
+    except (OSError, KeyError, csv.Error):
+        return set()
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before " + path.name + ":\n"
+                                 + proc.stderr.read()[-3000:])
+        assert time.monotonic() < end, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae):
+    steps = "trainer.max_steps=9"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(_cmd(straight, tiny_vae, steps), cwd=ROOT, check=True, capture_output=True)
+    proc = _start(_cmd(resumed, tiny_vae, steps))
+    _wait_for(resumed / "checkpoints" / "step0000004.ckpt", proc)
+    # Lightning writes a batch's log row just after the checkpoint of that batch; a kill in
+    # those milliseconds loses one row (docs/reliability.md). Kill once it is written.
+    while "3" not in _logged_steps(resumed):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: what an OOM killer does
+    proc.wait()
+    _, killed_at = find_resume_checkpoint(resumed / "checkpoints")
+    assert 4 <= killed_at < 9
+    done = subprocess.run(_cmd(resumed, tiny_vae, steps), cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from" in done.stderr
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == list(range(9)) == sorted(b)
+    # Same data order, same noise, same weights: the same float32 kernels on the same
+    # inputs give bitwise the same losses, before and after the resume point.
+    assert a == b
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, tiny_vae):
+    out = tmp_path / "run"
+    proc = _start(_cmd(out, tiny_vae, "trainer.max_steps=100000",
+                       "callbacks.checkpoint_every_n_steps=0"))
+    _wait_for(out / "csv", proc)  # the logger exists: training has started
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at step" in err and "run the same command again" in err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    path, saved = find_resume_checkpoint(out / "checkpoints")
+    assert path is not None and saved == step > 0
+    assert not (out / "model").exists()  # an unfinished run writes no model folder
+
+
+def _fake_checkpoint(path: Path, step: int) -> None:
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(1000)}}, path)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, caplog):
+    _fake_checkpoint(tmp_path / "step0000004.ckpt", 4)
+    _fake_checkpoint(tmp_path / "step0000006.ckpt", 6)
+    _fake_checkpoint(tmp_path / "last.ckpt", 7)
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated mid-write
+    path, step = find_resume_checkpoint(tmp_path)
+    assert (path.name, step) == ("step0000006.ckpt", 6)
+    assert "last.ckpt is unreadable" in caplog.text
+    assert (tmp_path / "last.ckpt.corrupt").exists() and not (tmp_path / "last.ckpt").exists()
+    # a flipped byte inside a tensor fails the zip CRC check, not only truncation
+    raw = bytearray((tmp_path / "step0000006.ckpt").read_bytes())
+    i = raw.index(b"\x00" * 64) + 32
+    raw[i] ^= 0xFF
+    (tmp_path / "step0000006.ckpt").write_bytes(bytes(raw))
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "step0000004.ckpt", 4)
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "none") == (None, 0)
+    assert find_resume_checkpoint(tmp_path) == (None, 0)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX rename semantics")
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from fusion.training.checkpointing import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    _fake_checkpoint(target, 3)
+    before = target.read_bytes()
+
+    def crash(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 5}, target)
+    assert target.read_bytes() == before  # the old checkpoint is whole
+    monkeypatch.undo()
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 5
