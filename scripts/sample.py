@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     explicit = [o.split("=", 1)[0].lstrip("+~").removeprefix("sampling.")
                 for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("sampling.")]
     result = run_sampling(check_keys(cfg), explicit_sampling=explicit)
-    print(f"{result['task']}: {result['count']} results in {result['output_dir']}")
+    skipped = f" ({result['skipped']} unreadable images skipped)" if result.get("skipped") else ""
+    print(f"{result['task']}: {result['count']} results in {result['output_dir']}{skipped}")
 
 
 if __name__ == "__main__":

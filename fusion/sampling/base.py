@@ -18,13 +18,93 @@ V = vocabulary, L = longest prompt.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from fusion.errors import UserError
 from fusion.models.attention import AttentionLayout
 from fusion.sampling.text import TokenSampling, sample_token
+
+log = logging.getLogger(__name__)
+
+# sampling.prompt_overflow: what a prompt longer than the model can take does
+PROMPT_OVERFLOW = ("error", "truncate")
+TASKS = ("text_to_image", "image_to_text", "text_to_text", "edit")
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """Room for a prompt in one stream: the model's ``max_len`` positions minus the
+    ``reserved`` ones the task adds around it (``<bos>``, images, answer tokens)."""
+
+    task: str
+    max_len: int
+    reserved: int
+    what: str  # what the reserved positions hold, for messages
+    max_new_tokens: int = 0  # answer tokens among them (text_to_text, image_to_text)
+
+    @property
+    def limit(self) -> int:
+        return self.max_len - self.reserved
+
+
+def check_overflow_setting(overflow: str) -> str:
+    if overflow not in PROMPT_OVERFLOW:
+        raise UserError(f"sampling.prompt_overflow={overflow!r} is not a setting; pass "
+                        f"sampling.prompt_overflow=error or sampling.prompt_overflow=truncate")
+    return overflow
+
+
+def fit_prompts(prompts: list[list[int]], budget: PromptBudget, overflow: str = "error",
+                what: str = "prompt") -> list[list[int]]:
+    """Prompt ids that fit ``budget``: a longer one is refused (``overflow="error"``, a
+    :class:`UserError` naming the first, 1-based) or cut to its first ``budget.limit`` tokens
+    with one warning (``"truncate"``). Runs before any model call, so a long prompt fails at
+    once rather than as a KV-cache overflow after other batches were sampled."""
+    check_overflow_setting(overflow)
+    limit = budget.limit
+    fewer = (f" or lower max_new_tokens (now {budget.max_new_tokens})"
+             if budget.max_new_tokens else "")
+    if limit < 0:  # not even an empty prompt fits
+        most = budget.max_new_tokens + limit
+        fix = (f"lower max_new_tokens to at most {most}" if most > 0 else
+               "use a model trained with a larger max_seq_len")
+        raise UserError(f"{budget.task} needs {budget.reserved} positions for {budget.what}, "
+                        f"more than this model's max_len {budget.max_len}; {fix}")
+    long = [i for i, p in enumerate(prompts) if len(p) > limit]
+    if not long:
+        return prompts
+    if overflow == "truncate":
+        log.warning("%d of %d %ss are longer than the %d tokens this model takes (max_len %d "
+                    "minus %d positions for %s); kept the first %d tokens of each "
+                    "(sampling.prompt_overflow=truncate)", len(long), len(prompts), what, limit,
+                    budget.max_len, budget.reserved, budget.what, limit)
+        return [p[:limit] for p in prompts]
+    i = long[0]
+    more = f" (and {len(long) - 1} more are too long)" if len(long) > 1 else ""
+    raise UserError(f"{what} {i + 1} is {len(prompts[i])} tokens{more}; this model takes at "
+                    f"most {limit} {what} tokens (max_len {budget.max_len} minus "
+                    f"{budget.reserved} positions for {budget.what}); shorten it{fewer} or set "
+                    "sampling.prompt_overflow=truncate")
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], budget: PromptBudget | None = None,
+                   overflow: str = "error", what: str = "prompt") -> list[list[int]]:
+    """Prompt texts -> token ids fitted to ``budget`` (:func:`fit_prompts`; None: unchecked).
+
+    An empty or whitespace-only prompt is encoded as no tokens, which samples unconditionally
+    (the caption-dropped document that classifier-free guidance trained), with a warning:
+    it is allowed, but rarely what was meant."""
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        numbers = ", ".join(str(i + 1) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        label = f"{what} {numbers} is" if len(empty) == 1 else f"{what}s {numbers} are"
+        log.warning("%s empty: sampled unconditionally, as if no description were given", label)
+    ids = [tokenizer.encode(t) if t.strip() else [] for t in texts]
+    return ids if budget is None else fit_prompts(ids, budget, overflow, what)
 
 
 @dataclass
@@ -78,6 +158,24 @@ class StreamSampler:
         self.special = special
         self.use_cache = use_cache
         self.device = model.embed.weight.device
+
+    @property
+    def max_len(self) -> int:
+        """Positions one stream can hold: the backbone's ``max_seq_len``."""
+        return self.model.transformer.cfg.max_seq_len
+
+    def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
+        """(positions ``task`` adds to a prompt, what they hold). Families with images
+        override this for their image tasks."""
+        if task == "text_to_text":
+            return 1 + max_new_tokens, f"<bos> and max_new_tokens={max_new_tokens}"
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+    def prompt_budget(self, task: str, max_new_tokens: int = 0) -> PromptBudget:
+        """How many prompt (or instruction) tokens ``task`` leaves room for."""
+        reserved, what = self._reserved(task, max_new_tokens)
+        answer = max_new_tokens if task in ("text_to_text", "image_to_text") else 0
+        return PromptBudget(task, self.max_len, reserved, what, answer)
 
     def _start(self, prompts: list[list[int]]) -> tuple[Streams, torch.Tensor]:
         """Left-pad prompts, run them, return the state and last-position logits (B, V)."""
@@ -201,5 +299,6 @@ class StreamSampler:
     def generate_text(self, prompts: list[list[int]], max_new_tokens: int = 24,
                       sampling: TokenSampling | None = None, seed: int = 0) -> list[list[int]]:
         """Text continuation of each prompt (text -> text)."""
+        fit_prompts(prompts, self.prompt_budget("text_to_text", max_new_tokens))
         state, logits = self._start([[self.special.bos, *p] for p in prompts])
         return self._decode(state, logits, max_new_tokens, sampling, seed)

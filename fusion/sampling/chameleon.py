@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fusion.models.chameleon import Chameleon, image_cells, source_alignment
 from fusion.models.transfusion import SpecialIds
-from fusion.sampling.base import StreamSampler, combine_guidance, guidance_scales
+from fusion.sampling.base import StreamSampler, combine_guidance, fit_prompts, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
 
 
@@ -38,6 +38,18 @@ class ChameleonSampler(StreamSampler):
         # (streams,) aligned source code of the position whose logits come next (-1: none),
         # for a source_copy model's output; set by _image only while it draws an edit
         self._copy_source: torch.Tensor | None = None
+
+    def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
+        h, w = self.code_grid
+        n = h * w
+        if task == "text_to_image":  # <bos> prompt <boi> codes <eoi>
+            return n + 3, f"<bos>, <boi>, the {n} image codes and <eoi>"
+        if task == "image_to_text":  # <bos> <boi> codes <eoi> answer
+            return n + 3 + max_new_tokens, (f"<bos>, <boi>, the {n} image codes, <eoi> and "
+                                            f"max_new_tokens={max_new_tokens}")
+        if task == "edit":  # <bos> <boi> source <eoi> instruction <boi> target <eoi>
+            return 2 * n + 5, f"the source and target images ({n} codes each) and their markers"
+        return super()._reserved(task, max_new_tokens)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(hidden, self._copy_source)
@@ -63,6 +75,7 @@ class ChameleonSampler(StreamSampler):
 
         ``sampling`` draws the codes (None: the sampler's ``image_sampling``); ``steps`` is
         accepted for a family-agnostic call and ignored (one step per code)."""
+        fit_prompts(prompts, self.prompt_budget("text_to_image"))
         s = self.special
         scales = guidance_scales(guidance_scale)
         streams = [[s.bos, *p, s.boi] for p in prompts]
@@ -79,6 +92,7 @@ class ChameleonSampler(StreamSampler):
 
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
         source image (None: that stream is left out). ``steps`` is ignored."""
+        fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model
         codes = (self.encode_images(sources.to(self.device)).flatten(1) + m.text_vocab).tolist()
         scales = guidance_scales(guidance_scale, image_guidance_scale)
@@ -144,6 +158,7 @@ class ChameleonSampler(StreamSampler):
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,
                 sampling: TokenSampling | None = None, seed: int = 0) -> list[list[int]]:
         """Images (B, 3, H, W) -> caption ids, decoded after <bos> <boi> codes <eoi>."""
+        fit_prompts([], self.prompt_budget("image_to_text", max_new_tokens))
         s, m = self.special, self.model
         codes = self.encode_images(images.to(self.device)).flatten(1) + m.text_vocab
         streams = [[s.bos, s.boi, *row.tolist(), s.eoi] for row in codes]

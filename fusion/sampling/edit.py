@@ -25,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from fusion.config import SamplingConfig, resolve_path
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
+from fusion.sampling.base import check_overflow_setting, encode_prompts
 from fusion.sampling.text import TokenSampling
 
 
@@ -60,14 +62,19 @@ def register_edit_config() -> None:
 def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
                 instructions: list[str], sampling: SamplingConfig, batch_size: int = 16,
                 seed_offset: int = 0) -> np.ndarray:
-    """Sources (N, 3, H, W) + instructions -> edited uint8 (N, H, W, 3), in batches."""
+    """Sources (N, 3, H, W) + instructions -> edited uint8 (N, H, W, 3), in batches.
+
+    Every instruction is checked against the model's length before the first edit
+    (``sampling.prompt_overflow``: refuse or cut a longer one; an empty one edits without
+    an instruction, with a warning)."""
     s = sampling
     token_sampling = TokenSampling.from_config(s)
+    overflow = check_overflow_setting(getattr(s, "prompt_overflow", "error"))
+    budget = sampler.prompt_budget("edit") if hasattr(sampler, "prompt_budget") else None
+    ids = encode_prompts(tokenizer, instructions, budget, overflow, what="instruction")
     out = []
     for b, start in enumerate(range(0, len(instructions), batch_size)):
-        chunk = instructions[start:start + batch_size]
-        pixels = sampler.edit(sources[start:start + batch_size],
-                              [tokenizer.encode(t) for t in chunk],
+        pixels = sampler.edit(sources[start:start + batch_size], ids[start:start + batch_size],
                               guidance_scale=s.guidance_scale,
                               image_guidance_scale=s.image_guidance_scale,
                               steps=s.diffusion_steps, seed=s.seed + seed_offset + b,
@@ -114,7 +121,8 @@ def read_source_image(path: str | Path, size: int, resize: str = "center_crop") 
             img.load()  # decodes fully: a truncated file fails here
             return np.asarray(fit(to_rgb(img), size, resize))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not a readable image: {err}") from err
+        raise UserError(f"image={path} is not a readable image ({err}); pass a PNG, JPEG or "
+                        "WebP file") from err
 
 
 def _edit_folder(path: str, size: int, resize: str, max_bad_share: float):
@@ -144,20 +152,21 @@ def run_editing(cfg, given: Collection[str] | None = None) -> dict:
 
     single = cfg.image is not None or cfg.instruction is not None
     if single and cfg.edits:
-        raise ValueError("give image= and instruction= (one edit) or edits= (a batch), not both")
+        raise UserError("give image= and instruction= (one edit) or edits= (a batch), not both")
     if not single and not cfg.edits:
-        raise ValueError("nothing to edit: give image=<file> instruction='...' or "
-                         "edits=<triplet .jsonl or folder>")
+        raise UserError("nothing to edit: give image=<file> instruction='...' or "
+                        "edits=<triplet .jsonl or folder>")
     if single and (not cfg.image or not (cfg.instruction or "").strip()):
-        raise ValueError("a single edit needs both image=<file> and a non-empty "
-                         "instruction='...'")
+        raise UserError("a single edit needs both image=<file> and a non-empty "
+                        "instruction='...'")
     model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
     sampling = OmegaConf.to_object(cfg.sampling) if isinstance(cfg.sampling, DictConfig) \
         else cfg.sampling
     if given is not None:
         unknown = set(given) - {f.name for f in fields(SamplingConfig)}
         if unknown:
-            raise ValueError(f"unknown sampling keys {sorted(unknown)}")
+            raise UserError(f"unknown sampling keys {sorted(unknown)}; the keys are those of "
+                            "SamplingConfig (fusion.config)")
         sampling = replace(sampling, **{k: v for k, v in recorded_sampling(meta).items()
                                         if k not in given})
     size = meta["image_size"]

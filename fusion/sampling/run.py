@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fusion.config import resolve_path
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
+from fusion.errors import UserError
+from fusion.sampling.base import check_overflow_setting, encode_prompts, fit_prompts
 from fusion.sampling.text import TokenSampling
 from fusion.training.build import load_model
 from fusion.training.samplers import family_sampler
 
 TASKS = ("text_to_image", "image_to_text", "text_to_text")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
@@ -32,10 +38,49 @@ def pick_device(name: str) -> torch.device:
 def read_prompt_list(cfg) -> list[str]:
     if cfg.prompt_file:
         path = resolve_path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file={cfg.prompt_file}: no such file")
         if path.suffix == ".jsonl":
-            return [p.prompt for p in read_prompts(path)]
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            prompts = [p.prompt for p in read_prompts(path)]
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompt_file={cfg.prompt_file} holds no prompts; pass a file with "
+                            "one prompt per line (or a GenEval metadata .jsonl)")
+        return prompts
     return list(cfg.prompts or cfg.sampling.prompts)
+
+
+def read_image_folder(folder, size: int) -> tuple[list[np.ndarray], list[str], list[dict]]:
+    """The images of ``folder`` (sorted by name) as uint8 (size, size, 3), their names, and
+    one {"image", "skipped"} record per file that is not a readable image (truncated,
+    corrupt, not an image at all), which is left out with one warning. A folder with no
+    readable image at all is a :class:`UserError`."""
+    path = resolve_path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"images={folder}: no such folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"images={folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    arrays, names, skipped = [], [], []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()  # decodes fully: a truncated file fails here, not mid-batch
+                arrays.append(np.asarray(fit(to_rgb(img), size)))
+            names.append(f.name)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            skipped.append({"image": f.name, "skipped": str(err)})
+    if not arrays:
+        raise UserError(f"none of the {len(files)} image files in images={folder} is readable "
+                        f"(first: {skipped[0]['image']}: {skipped[0]['skipped']}); pass a "
+                        "folder of PNG, JPEG or WebP images")
+    if skipped:
+        log.warning("skipped %d of %d image files in %s that are not readable images: %s",
+                    len(skipped), len(files), folder,
+                    ", ".join(r["image"] for r in skipped[:20])
+                    + (" ..." if len(skipped) > 20 else ""))
+    return arrays, names, skipped
 
 
 def _batches(items: list, size: int):
@@ -56,7 +101,8 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
     """``explicit_sampling``: the ``sampling.*`` settings given on the command line; the
     others follow the model's recorded recipe where it has one (:func:`resolve_sampling`)."""
     if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+        raise UserError(f"task={cfg.task} is not a task; pass task= one of {', '.join(TASKS)}")
+    overflow = check_overflow_setting(getattr(cfg.sampling, "prompt_overflow", "error"))
     device = pick_device(cfg.device)
     model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
     model.to(device), image_tok.to(device)
@@ -68,13 +114,19 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         print("sampling as the model's recipe: "
               + ", ".join(f"{k}={v}" for k, v in taken.items()))
     token_sampling = TokenSampling.from_config(s)
-    records = []
+    # Prompts are checked against the model's length before any model call; a sampler
+    # without a budget (a test double) leaves them unchecked.
+    budget = getattr(sampler, "prompt_budget", None)
+    records, skipped = [], []
     if cfg.task == "text_to_image":
-        prompts = [p for p in read_prompt_list(cfg) for _ in range(cfg.images_per_prompt)]
+        texts = read_prompt_list(cfg)
+        ids = encode_prompts(tok, texts, budget and budget("text_to_image"), overflow)
+        prompts = [p for p in texts for _ in range(cfg.images_per_prompt)]
+        prompt_ids = [x for x in ids for _ in range(cfg.images_per_prompt)]
         images = []
-        for i, batch in enumerate(tqdm(list(_batches(prompts, cfg.batch_size)),
+        for i, batch in enumerate(tqdm(list(_batches(prompt_ids, cfg.batch_size)),
                                        desc="text->image")):
-            pixels = sampler.generate_images([tok.encode(p) for p in batch],
+            pixels = sampler.generate_images(batch,
                                              guidance_scale=s.guidance_scale,
                                              steps=s.diffusion_steps, seed=s.seed + i,
                                              sampling=token_sampling)
@@ -82,13 +134,10 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         save_grid(images, out / "text_to_image.png", prompts)
         records = [{"prompt": p} for p in prompts]
     elif cfg.task == "image_to_text":
+        if budget:  # no prompt, but the image and max_new_tokens must fit
+            fit_prompts([], budget("image_to_text", cfg.max_new_tokens))
         if cfg.images:
-            files = sorted(p for p in Path(resolve_path(cfg.images)).iterdir()
-                           if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-            if not files:
-                raise FileNotFoundError(f"no images in {cfg.images}")
-            arrays = [np.asarray(fit(to_rgb(Image.open(f)), meta["image_size"])) for f in files]
-            names = [f.name for f in files]
+            arrays, names, skipped = read_image_folder(cfg.images, meta["image_size"])
         else:  # held-out ShapesWorld scenes
             src = ShapesSource(cfg.num_images, size=meta["image_size"], offset=10**6)
             arrays = [src[i].image for i in range(len(src))]
@@ -102,10 +151,18 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         records = [{"image": n, "caption": c} for n, c in zip(names, captions, strict=True)]
     else:
         prompts = read_prompt_list(cfg)
-        for batch in _batches(prompts, cfg.batch_size):
-            ids = sampler.generate_text([tok.encode(p) for p in batch], cfg.max_new_tokens,
-                                        token_sampling, seed=s.seed)
+        ids = encode_prompts(tok, prompts, budget and budget("text_to_text", cfg.max_new_tokens),
+                             overflow)
+        for batch, batch_ids in zip(_batches(prompts, cfg.batch_size),
+                                    _batches(ids, cfg.batch_size), strict=True):
+            out_ids = sampler.generate_text(batch_ids, cfg.max_new_tokens, token_sampling,
+                                            seed=s.seed)
             records += [{"prompt": p, "continuation": tok.decode(x)}
-                        for p, x in zip(batch, ids, strict=True)]
-    (out / f"{cfg.task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"task": cfg.task, "count": len(records), "output_dir": str(out)}
+                        for p, x in zip(batch, out_ids, strict=True)]
+    # unreadable images are listed too, each with why it was skipped
+    (out / f"{cfg.task}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records + skipped))
+    result = {"task": cfg.task, "count": len(records), "output_dir": str(out)}
+    if cfg.task == "image_to_text":
+        result["skipped"] = len(skipped)
+    return result

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from fusion.models.diffusion import Diffusion
 from fusion.models.transfusion import SpecialIds, Transfusion
-from fusion.sampling.base import Streams, StreamSampler, combine_guidance, guidance_scales
+from fusion.sampling.base import (
+    Streams,
+    StreamSampler,
+    combine_guidance,
+    fit_prompts,
+    guidance_scales,
+)
 from fusion.sampling.text import TokenSampling
 
 
@@ -50,6 +56,17 @@ class TransfusionSampler(StreamSampler):
         # scripts/evaluate.py --guidance-interval sets another here.
         self.guidance_interval: list[float] | None = None
         self.decode_latents, self.encode_images = decode_latents, encode_images
+
+    def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
+        n = self.model.tokens_per_image
+        if task == "text_to_image":  # <bos> prompt <boi> [image]
+            return n + 2, f"<bos>, <boi> and the {n}-position image"
+        if task == "image_to_text":  # <bos> <boi> [image] <eoi> answer
+            return n + 3 + max_new_tokens, (f"<bos>, <boi>, the {n}-position image, <eoi> and "
+                                            f"max_new_tokens={max_new_tokens}")
+        if task == "edit":  # <bos> <boi> [source] <eoi> instruction <boi> [target]
+            return 2 * n + 4, f"the source and target images ({n} each) and their markers"
+        return super()._reserved(task, max_new_tokens)
 
     def _denoise(self, state: Streams, batch: int, scales: tuple[float, ...], steps: int,
                  generator: torch.Generator | None, progress: bool) -> torch.Tensor:
@@ -88,6 +105,7 @@ class TransfusionSampler(StreamSampler):
         ``guidance_scale=None`` is unguided; otherwise the unconditional stream is the
         caption-dropped document ``<bos> <boi>`` (what caption dropout trained).
         ``sampling`` is accepted for a family-agnostic call and ignored (no image tokens)."""
+        fit_prompts(prompts, self.prompt_budget("text_to_image"))
         s = self.special
         streams = [[s.bos, *p, s.boi] for p in prompts]
         if guidance_scale is not None:
@@ -108,6 +126,7 @@ class TransfusionSampler(StreamSampler):
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
         source image (None: that stream is left out; 1.0 is the same as None).
         ``sampling`` is accepted for a family-agnostic call and ignored."""
+        fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model
         B = len(instructions)
         latents = self.encode_images(sources.to(self.device))  # (B, C, h, w)
@@ -131,6 +150,7 @@ class TransfusionSampler(StreamSampler):
         """Images (B, 3, H, W) -> caption token ids: <bos> <boi> [clean image] <eoi> ...
 
         The image is fed clean (t = 0). Decoding stops at <eos>."""
+        fit_prompts([], self.prompt_budget("image_to_text", max_new_tokens))
         s, m = self.special, self.model
         latents = self.encode_images(images.to(self.device))
         B = latents.shape[0]

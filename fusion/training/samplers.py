@@ -31,14 +31,18 @@ def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
 def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss):
     """model -> (prompt texts -> pixels), with the run's sampling settings (guidance, steps,
     and for Chameleon's image codes temperature / top-k / top-p)."""
+    from fusion.sampling.base import check_overflow_setting, encode_prompts
+
     s = cfg.sampling
     token_sampling = TokenSampling.from_config(s)
+    overflow = check_overflow_setting(getattr(s, "prompt_overflow", "error"))
 
     def for_model(model):
         sampler = family_sampler(model, loss, tokenizer, image_tokenizer)
 
         def generate(prompts: list[str]):
-            ids = [tokenizer.encode(p) for p in prompts]
+            ids = encode_prompts(tokenizer, prompts, sampler.prompt_budget("text_to_image"),
+                                 overflow)
             return sampler.generate_images(ids, guidance_scale=s.guidance_scale,
                                            steps=s.diffusion_steps, seed=s.seed,
                                            sampling=token_sampling)
