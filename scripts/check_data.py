@@ -1,14 +1,32 @@
-"""Check a data folder before a long run: counts good and bad records, names the problems.
+"""Check a data folder before a long run: counts good and bad records, names the problems,
+and checks every caption's length against the row of the recipe you will train.
 
-    python scripts/check_data.py /path/to/folder [--edits] [--size 64] [--max-bad-share 0.1]
+    python scripts/check_data.py /path/to/folder [--edits] [--experiment transfusion_tiny]
+        [--truncate] [--size 64] [--max-bad-share 0.1] [--no-length-check]
 """
 
 import argparse
 import logging
 
+from fusion.config import compose, resolve_path
+from fusion.data.documents import TextLimit, fitting_records
 from fusion.data.sources import BadDataError, CaptionFolder, EditFolder
+from fusion.data.text import TextTokenizer
+from fusion.errors import report_user_errors
 
 
+def text_limit(experiment: str, n_images: int, truncate: bool) -> TextLimit:
+    """The text budget of a document in ``experiment``'s packed rows (what training checks)."""
+    from fusion.training.build import build_family, load_image_tokenizer
+
+    cfg = compose("train", [f"experiment={experiment}"])
+    tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
+    model, loss = build_family(cfg.model, tokenizer, load_image_tokenizer(cfg.image_tokenizer),
+                               cfg.data.image_size)
+    return TextLimit(loss.text_budget(model, n_images), truncate)
+
+
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root")
@@ -16,16 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--resize", default="center_crop")
     parser.add_argument("--max-bad-share", type=float, default=0.1)
+    parser.add_argument("--experiment", default="transfusion_tiny",
+                        help="the recipe (conf/experiment/) whose rows the texts must fit")
+    parser.add_argument("--truncate", action="store_true",
+                        help="as data.truncate_captions=true: long texts are cut, not skipped")
+    parser.add_argument("--no-length-check", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     kind = EditFolder if args.edits else CaptionFolder
     try:
         folder = kind(args.root, size=args.size, resize=args.resize,
                       max_bad_share=args.max_bad_share)
+        print(f"{args.root}: {len(folder)} good record(s), {folder.num_bad} skipped")
+        if not args.no_length_check:
+            limit = text_limit(args.experiment, 2 if args.edits else 1, args.truncate)
+            tokenizer = TextTokenizer.from_file(
+                resolve_path(compose("train", [f"experiment={args.experiment}"])
+                             .data.text_tokenizer))
+            kept = fitting_records(folder, tokenizer, limit, args.max_bad_share, str(args.root))
+            print(f"{args.root}: {len(kept)} record(s) fit {args.experiment}'s rows (at most "
+                  f"{limit.max_tokens} text tokens a document)")
     except BadDataError as err:
         print(f"REFUSED: {err}")
         return 1
-    print(f"{args.root}: {len(folder)} good record(s), {folder.num_bad} skipped")
     return 0
 
 
