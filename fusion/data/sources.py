@@ -31,8 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fusion.data.images import fit, to_rgb
-from fusion.errors import UserError
 from fusion.data.shapes import ShapesWorld, render
+from fusion.errors import UserError
 
 log = logging.getLogger(__name__)
 

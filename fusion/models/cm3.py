@@ -29,7 +29,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
 # What moving one span costs: a sentinel in its place, and a sentinel and <eoss> around it at
 # the end (the span's own tokens only move).
 CM3_POSITIONS_PER_SPAN = 3
