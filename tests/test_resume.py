@@ -146,3 +146,32 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     AtomicCheckpointIO().save_checkpoint({"global_step": 5}, target)
     assert torch.load(target, weights_only=True)["global_step"] == 5
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    from fusion.config import LoggerConfig
+    from fusion.training.factory import build_logger
+
+    def run_id(resume_step):
+        logger = build_logger(LoggerConfig(kind="wandb", mode="offline"), tmp_path, resume_step)
+        return logger._wandb_init["id"], logger._wandb_init["resume"]
+
+    first, mode = run_id(None)
+    assert mode == "allow" and run_id(7)[0] == first  # a resume appends to the same run
+    assert run_id(None)[0] != first  # a fresh run in the same folder is a new wandb run
+
+
+def test_a_resumed_csv_log_keeps_the_rows_before_the_checkpoint(tmp_path):
+    from fusion.config import LoggerConfig
+    from fusion.training.factory import build_logger
+
+    log_dir = tmp_path / "csv"
+    log_dir.mkdir()
+    rows = "".join(f"{s},{s / 10}\n" for s in range(8))
+    (log_dir / "metrics.csv").write_text("step,train/loss\n" + rows)
+    logger = build_logger(LoggerConfig(kind="csv"), tmp_path, resume_step=5)
+    logger.log_metrics({"train/loss": 0.55}, step=5)
+    logger.save()
+    with (log_dir / "metrics.csv").open(newline="") as fh:
+        got = [(r["step"], r["train/loss"]) for r in csv.DictReader(fh)]
+    assert got == [(str(s), str(s / 10)) for s in range(5)] + [("5", "0.55")]

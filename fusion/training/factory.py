@@ -40,7 +40,11 @@ def _resume_csv(logger, resume_step: int) -> None:
         reader = csv.DictReader(fh)
         header, rows = list(reader.fieldnames or []), list(reader)
     kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) < resume_step]
-    writer = logger.experiment  # created now: it deletes metrics.csv
+    import warnings
+
+    with warnings.catch_warnings():  # "previous log files will be deleted": they are restored
+        warnings.simplefilter("ignore")
+        writer = logger.experiment  # created now: it deletes metrics.csv
     with path.open("w", newline="") as fh:
         out = csv.DictWriter(fh, fieldnames=header)
         out.writeheader()
@@ -194,6 +198,9 @@ KNOWN_NOISE = (
     r" `LightningDataModule`.*",  # intended: batches are lists of Documents
     r".*does not have many workers which may be a bottleneck.*",  # ShapesWorld renders fast
     r".*attention_head_dim.*",  # diffusers' get_down_block default notice
+    # fusion resumes the data order itself (training.callbacks.DataPosition), which Lightning
+    # cannot see: its warning that a mid-epoch resume replays the loader does not apply.
+    r".*resuming from a checkpoint that ended before the epoch ended and your dataloader.*",
 )
 
 
