@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fusion.errors import UserError
+
 # The repository's conf/ folder; scripts and tests compose from it.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -198,6 +200,10 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     grid_every_n_steps: int = 0  # 0 = only at the end of training
+    # A prompt longer than the model takes (max_seq_len minus the image/answer positions):
+    # "error" refuses it before sampling, naming the prompt; "truncate" keeps its first
+    # tokens, with one warning (fusion.sampling.base.fit_prompts).
+    prompt_overflow: str = "error"  # error | truncate
     seed: int = 0
 
 
@@ -286,8 +292,8 @@ def register_configs() -> None:
     _registered = True
 
 
-class UnknownConfigKeyError(KeyError):
-    pass
+class UnknownConfigKeyError(UserError):
+    """A config key that no schema declares (a typo, or a key forced in with ``+``)."""
 
 
 def check_keys(cfg: DictConfig, where: str = "") -> DictConfig:

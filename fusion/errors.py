@@ -24,8 +24,9 @@ def debug_requested() -> bool:
                for k in ("FUSION_DEBUG", "HYDRA_FULL_ERROR"))
 
 
-# Also user errors: a path that does not exist, and an unknown config key.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+# Also user errors: a path that does not exist, and an output that exists already (the
+# message says which overwrite option to pass).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError)
 
 
 def report_user_errors(fn):

@@ -71,7 +71,8 @@ def main(cfg: DictConfig) -> None:
         grid_sampler = make_edit_sampler(cfg, tokenizer, image_tokenizer, loss, held_out)
         grid_captions = [r.instruction for r in held_out]
     else:
-        grid_sampler = make_image_sampler(cfg, tokenizer, image_tokenizer, loss)
+        grid_sampler = make_image_sampler(cfg, tokenizer, image_tokenizer, loss,
+                                          check_prompts_for=model)
         grid_captions = cfg.sampling.prompts
     grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])

@@ -18,6 +18,7 @@ from fusion.data.documents import (
 from fusion.data.shapes import EDIT_KINDS
 from fusion.data.sources import CaptionFolder, EditFolder, ShapesEditSource, ShapesSource
 from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
 
 SOURCES = ("shapes", "folder")
 DOCUMENTS = ("caption", "edit")
@@ -26,16 +27,16 @@ DOCUMENTS = ("caption", "edit")
 def _folder_split(cfg: DataConfig, folder_cls) -> tuple:
     """(train, val) of a user's folder: ``data.val_root``, or the last ``val_share`` of it."""
     if not cfg.root:
-        raise ValueError("data.source=folder needs data.root=/path/to/folder")
+        raise UserError("data.source=folder needs data.root=/path/to/folder")
     kw = dict(size=cfg.image_size, resize=cfg.resize, max_bad_share=cfg.max_bad_share)
     full = folder_cls(resolve_path(cfg.root), **kw)
     if cfg.val_root:
         return full, folder_cls(resolve_path(cfg.val_root), **kw)
     if not 0.0 < cfg.val_share < 1.0:
-        raise ValueError(f"data.val_share must be in (0, 1), got {cfg.val_share}")
+        raise UserError(f"data.val_share must be in (0, 1), got {cfg.val_share}")
     n_val = max(1, round(len(full) * cfg.val_share))
     if n_val >= len(full):
-        raise ValueError(f"{cfg.root}: {len(full)} good record(s) is too few to hold out "
+        raise UserError(f"{cfg.root}: {len(full)} good record(s) is too few to hold out "
                          f"{n_val} for validation; add data or set data.val_root")
     return Subset(full, range(len(full) - n_val)), Subset(full, range(len(full) - n_val,
                                                                      len(full)))
@@ -52,7 +53,7 @@ def build_caption_sources(cfg: DataConfig) -> tuple:
         return train, val
     if cfg.source == "folder":
         return _folder_split(cfg, CaptionFolder)
-    raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
+    raise UserError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
 
 def build_edit_sources(cfg: DataConfig) -> tuple:
@@ -62,13 +63,13 @@ def build_edit_sources(cfg: DataConfig) -> tuple:
         kinds = tuple(cfg.edit_kinds) if cfg.edit_kinds else None
         bad = [k for k in kinds or () if k not in EDIT_KINDS]
         if bad:
-            raise ValueError(f"unknown data.edit_kinds {bad}; expected some of {EDIT_KINDS}")
+            raise UserError(f"unknown data.edit_kinds {bad}; expected some of {EDIT_KINDS}")
         kw = dict(seed=cfg.seed, size=cfg.image_size, kinds=kinds)
         return (ShapesEditSource(cfg.num_train, **kw),
                 ShapesEditSource(cfg.num_val, offset=cfg.num_train, **kw))
     if cfg.source == "folder":
         return _folder_split(cfg, EditFolder)
-    raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
+    raise UserError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
 
 class ResumableSampler(Sampler[int]):
@@ -118,7 +119,7 @@ class DocumentDataModule(L.LightningDataModule):
                  text_budget: Callable[[int], int] | None = None):
         super().__init__()
         if cfg.documents not in DOCUMENTS:
-            raise ValueError(f"unknown data.documents {cfg.documents!r}; expected one of "
+            raise UserError(f"unknown data.documents {cfg.documents!r}; expected one of "
                              f"{DOCUMENTS}")
         self.cfg = cfg
         self.tokenizer = tokenizer or TextTokenizer.from_file(resolve_path(cfg.text_tokenizer))

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 from fusion.data.images import to_tensor
 from fusion.data.sources import BadDataError, CaptionRecord, EditRecord
 from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class CaptionDocuments(_Documents):
                  limit: TextLimit | None = None, max_bad_share: float = 1.0,
                  where: str = "data"):
         if not 0.0 <= image_first_ratio <= 1.0:
-            raise ValueError(f"image_first_ratio must be in [0, 1], got {image_first_ratio}")
+            raise UserError(f"image_first_ratio must be in [0, 1], got {image_first_ratio}")
         super().__init__(source, tokenizer, limit, max_bad_share, where)
         self.image_first_ratio, self.seed = image_first_ratio, seed
 

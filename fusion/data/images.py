@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fusion.errors import UserError
+
 RESIZE_POLICIES = ("center_crop", "resize", "pad")
 
 
@@ -44,7 +46,7 @@ def fit(img: Image.Image, size: int, policy: str = "center_crop",
     * ``pad``: scale the long side to ``size`` and letterbox with ``fill`` (keeps both).
     """
     if policy not in RESIZE_POLICIES:
-        raise ValueError(f"unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}")
+        raise UserError(f"unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}")
     w, h = img.size
     if (w, h) == (size, size):
         return img

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusion.config import resolve_path
 from fusion.data.text import TextTokenizer
 from fusion.errors import UserError
+from fusion.io import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -195,17 +195,6 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a
-    crash in between leaves the old file or none, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
@@ -229,9 +218,9 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
             **(extra or {})}
     cfg_file, weights = out / "config.json", out / "model.safetensors"
     cfg_file.unlink(missing_ok=True)
-    _replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
+    replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
     meta["weights_sha256"] = file_sha256(weights)
-    _replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out
 
 

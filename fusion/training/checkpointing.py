@@ -18,27 +18,21 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fusion.io import replace_atomically
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed
-    over the target: a crash or a kill mid-write leaves the previous file whole, never a
-    truncated one (a rename within one file system is atomic on POSIX)."""
+    """Lightning's checkpoint writer, through :func:`fusion.io.replace_atomically`: a crash or
+    a kill mid-write leaves the previous checkpoint whole, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class FusionCheckpoint(ModelCheckpoint):

@@ -28,14 +28,21 @@ def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
     raise TypeError(f"no sampler for {type(model).__name__}")
 
 
-def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss):
+def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
+                       check_prompts_for=None):
     """model -> (prompt texts -> pixels), with the run's sampling settings (guidance, steps,
-    and for Chameleon's image codes temperature / top-k / top-p)."""
+    and for Chameleon's image codes temperature / top-k / top-p). ``check_prompts_for``: a
+    model whose prompt budget ``sampling.prompts`` are checked against now, so a grid prompt
+    that does not fit fails before training rather than at its end."""
     from fusion.sampling.base import check_overflow_setting, encode_prompts
 
     s = cfg.sampling
     token_sampling = TokenSampling.from_config(s)
-    overflow = check_overflow_setting(getattr(s, "prompt_overflow", "error"))
+    overflow = check_overflow_setting(s.prompt_overflow)
+    if check_prompts_for is not None and s.prompts:
+        sampler = family_sampler(check_prompts_for, loss, tokenizer, image_tokenizer)
+        encode_prompts(tokenizer, list(s.prompts), sampler.prompt_budget("text_to_image"),
+                       overflow, what="sampling.prompts entry")
 
     def for_model(model):
         sampler = family_sampler(model, loss, tokenizer, image_tokenizer)
