@@ -1,7 +1,7 @@
 """Stage-1 artifact files, shared by every image tokenizer (VAE, VQ-GAN).
 
 An artifact is a folder ``tokenizers/<name>/`` holding ``config.json`` (what to build) and
-``model.safetensors`` (weights only: nothing is unpickled, DESIGN.md principle 9), plus a
+``model.safetensors`` (weights only: nothing is unpickled, docs/design.md, Principles), plus a
 ``card.md``. Every failure to read one raises :class:`TokenizerLoadError` with a message that
 names the file and says what is wrong with it.
 """

@@ -111,9 +111,9 @@ def build_perceptual(weights_path: str | Path) -> nn.Module:
     """LPIPS-VGG (Zhang et al. 2018, arXiv:1801.03924) from LOCAL weights only.
 
     Needs the optional ``lpips`` package (it pulls torchvision, which fusion keeps out of its
-    core dependencies, DESIGN.md) and one safetensors file holding the whole LPIPS state dict
-    (VGG trunk + linear heads). The network is built with random weights (nothing is
-    downloaded) and then filled from that file. Not exercised by the CPU test suite.
+    core dependencies: docs/design.md, Principles) and one safetensors file holding the whole
+    LPIPS state dict (VGG trunk + linear heads). The network is built with random weights
+    (nothing is downloaded) and then filled from that file. Not exercised by the CPU test suite.
     """
     path = Path(weights_path).expanduser()
     if not path.is_file():

@@ -19,7 +19,7 @@ Shapes::
     images  (B, 3, H, W) float in [-1, 1]
     latents (B, C, h, w) float, (z - shift) * scale, ~zero mean / unit variance on the data
 
-No training logic lives here (DESIGN.md principle 1): the LightningModule in
+No training logic lives here (docs/design.md, Principles): the LightningModule in
 ``fusion.training.tokenizer_module`` trains the ``autoencoder`` through :meth:`forward`.
 """
 

@@ -3,7 +3,7 @@
 A VQ-GAN (Esser et al. 2021, arXiv:2012.09841) is a convolutional autoencoder with a
 quantiser in the bottleneck: every position of the encoder's (h, w) feature map becomes one
 integer code, and an image becomes h·w tokens that Chameleon appends to its text vocabulary.
-Here it is assembled from library parts (DESIGN.md principle 7):
+Here it is assembled from library parts (docs/design.md, Principles):
 
 * encoder / decoder: diffusers' ``Encoder`` / ``Decoder`` (the taming/LDM ResNet stacks that
   ``AutoencoderKL`` and ``VQModel`` are made of), attention in the mid block at the lowest
@@ -24,7 +24,7 @@ Shapes::
     codes  (B, h, w) int64 in [0, K)
     z, zq  (B, C, h, w) float: encoder output, its quantised version (the decoder's input)
 
-No training logic lives here (DESIGN.md principle 1): ``fusion.training.tokenizer_module``
+No training logic lives here (docs/design.md, Principles): ``fusion.training.tokenizer_module``
 trains the tokenizer through :meth:`VQTokenizer.forward` (the stage-1 interface shared with
 the VAE) against ``fusion.image.losses.AutoencoderLoss``.
 """

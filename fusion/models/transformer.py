@@ -2,7 +2,7 @@
 
 It maps input embeddings to final-normed hidden states under a mixed-modal attention layout
 and knows nothing of vocabularies or images: the Chameleon and Transfusion families embed
-their inputs and read their outputs around it (DESIGN.md, "One backbone, thin families").
+their inputs and read their outputs around it (docs/design.md, Architecture).
 
 Dimension legend
     B    batch size

@@ -147,7 +147,7 @@ def image_tokenizer_fingerprint(path, legacy: bool = False) -> str | None:
     """sha256 over a stage-1 artifact's weights and network config (``config.json`` without its
     ``info``; not its card), or None when it is not on disk. Two copies of one artifact agree,
     and re-scoring one (a new ``info``) keeps its fingerprint; a retrained one does not.
-    ``legacy``: the form recorded before 2026-11-28 session 4 (every file's raw bytes)."""
+    ``legacy``: the older form (every file's raw bytes), which some saved model folders record."""
     path = resolve_path(path)
     if path.is_file():
         return _sha256(path.read_bytes())
@@ -323,7 +323,7 @@ def read_init_weights(path) -> tuple[dict, dict | None]:
     ``model.safetensors`` file, or a Lightning ``.ckpt`` (its EMA weights when it has them,
     like the saved model folder).
 
-    Nothing is unpickled (DESIGN.md, principle 9): safetensors, or ``torch.load`` with
+    Nothing is unpickled (docs/design.md, Principles): safetensors, or ``torch.load`` with
     ``weights_only=True``. A ``.ckpt`` is matched with ``<run>/model/config.json`` when
     that exists next to its ``<run>/checkpoints/`` folder."""
     import torch

@@ -1,6 +1,6 @@
 """Memoise the frozen image tokenizer's ``encode`` per distinct image (stage 2 training).
 
-Stage 1 is frozen while a family trains (DESIGN.md), and its ``encode`` is a pure function of
+Stage 1 is frozen in stage 2 (docs/design.md, Training stages); its ``encode`` is a pure function of
 the pixels: the VAE returns its posterior *mean* (fusion.image.vae.VAETokenizer.encode), the
 VQ-GAN the nearest code in eval mode. A training run sees the same images again on every
 epoch -- ShapesWorld's fixed scenes, a folder's images, each editing source once per epoch --

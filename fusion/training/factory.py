@@ -1,6 +1,6 @@
 """Turn the typed trainer / logger / callback configs into Lightning objects.
 
-Scripts stay straight lines (DESIGN.md, principle 8): they call these builders and never
+Scripts stay straight lines (docs/design.md, Principles): they call these builders and never
 configure Lightning by hand.
 """
 

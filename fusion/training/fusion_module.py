@@ -149,7 +149,7 @@ class FusionModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        # Stage 1 is frozen (DESIGN.md). Kept out of the module tree on purpose: it is not
+        # Frozen stage 1 (docs/design.md, Training stages), kept out of the module tree: it is not
         # trained, so it stays out of checkpoints (it has its own artifact) and out of
         # Lightning's train/eval-mode bookkeeping; on_fit_start moves it to the device.
         self._frozen = (image_tokenizer.requires_grad_(False).eval()
