@@ -254,3 +254,18 @@ def test_a_config_mistake_is_one_line_without_a_traceback(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: data.source=folder needs data.root=/path/to/folder" in proc.stderr
+
+
+def test_checking_grid_prompts_leaves_the_model_in_training_mode(families, bpe, tiny_vae):
+    from fusion.training.samplers import make_image_sampler
+
+    model, loss = families["transfusion"]
+    model.train()
+    cfg = compose("train", ["experiment=transfusion_tiny"])
+    make_image_sampler(cfg, bpe, load_image_tokenizer(str(tiny_vae)), loss,
+                       check_prompts_for=model)
+    assert all(m.training for m in model.modules())
+    cfg.sampling.prompts = [LONG * 10]
+    with pytest.raises(Exception, match="sampling.prompts entry 1"):
+        make_image_sampler(cfg, bpe, load_image_tokenizer(str(tiny_vae)), loss,
+                           check_prompts_for=model)

@@ -40,7 +40,9 @@ def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
     token_sampling = TokenSampling.from_config(s)
     overflow = check_overflow_setting(s.prompt_overflow)
     if check_prompts_for is not None and s.prompts:
+        was_training = check_prompts_for.training  # a sampler puts its model in eval mode
         sampler = family_sampler(check_prompts_for, loss, tokenizer, image_tokenizer)
+        check_prompts_for.train(was_training)
         encode_prompts(tokenizer, list(s.prompts), sampler.prompt_budget("text_to_image"),
                        overflow, what="sampling.prompts entry")
 
