@@ -1,8 +1,8 @@
 """Does compiled FlexAttention lower for one attention shape on this CUDA machine?
 
-Session 8 found that Inductor (torch 2.11, H200) refuses some query lengths (73 failed, 25 ran;
-docs/performance.md, "GPU"). Run one shape per process, since a failed compile can leave
-Inductor's state behind:
+Inductor (torch 2.11, H200) refuses some query lengths (docs/performance.md, "GPU (partly
+measured)"). Run one shape per process, since a failed compile can leave Inductor's state
+behind:
 
     python scripts/probe_flex.py --batch 192 --seq 73 --cache 448 --dtype fp32
     python scripts/probe_flex.py --batch 192 --seq 25 --cache 256 --mha
