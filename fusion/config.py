@@ -216,7 +216,7 @@ class TrainConfig:
     image_tokenizer: str = "tokenizers/shapes-vae"  # stage-1 artifact folder
     # Fine-tuning: start from these weights -- a model folder (config.json +
     # model.safetensors) or a Lightning .ckpt -- instead of a random init. It must match this
-    # run's family, tokenizers and shapes (fusion.training.build.load_init_weights).
+    # run's family, tokenizers and shapes (fusion.training.init_from).
     init_from: str | None = None
     # Host memory (MiB) for the frozen image tokenizer's outputs, memoised per distinct image
     # (fusion.training.encode_cache): images seen again (every epoch) are not re-encoded.
@@ -326,6 +326,14 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return check_keys(hydra_compose(config_name=config_name, overrides=overrides or []))
+
+
+def to_dataclass(node, cls):
+    """A config node (typed DictConfig, plain dict, or already ``cls``) as an instance of its
+    schema dataclass, nested fields included; unknown keys fail, naming the key."""
+    if isinstance(node, cls):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))
 
 
 def resolve_path(path: str | Path) -> Path:

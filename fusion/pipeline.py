@@ -176,8 +176,8 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
 
     def evaluate() -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
-        from fusion.training.build import load_model, recorded_sampling
-        from fusion.training.samplers import family_sampler
+        from fusion.families import family_sampler
+        from fusion.families.folders import load_model, recorded_sampling
 
         model, loss, tok, itok, meta = load_model(model_dir)
         sampler = family_sampler(model, loss, tok, itok)
@@ -222,8 +222,8 @@ def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
 
         def edit_evaluate() -> dict:
             from fusion.eval.editing import EditEvalConfig, evaluate_editing
-            from fusion.training.build import load_model, recorded_sampling
-            from fusion.training.samplers import family_sampler
+            from fusion.families import family_sampler
+            from fusion.families.folders import load_model, recorded_sampling
 
             model, loss, tok, itok, meta = load_model(edit_model)
             s = recorded_sampling(meta)  # the edit recipe's, as scripts/evaluate.py uses

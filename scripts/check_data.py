@@ -17,7 +17,7 @@ from fusion.errors import report_user_errors
 
 def text_limit(experiment: str, n_images: int, truncate: bool) -> TextLimit:
     """The text budget of a document in ``experiment``'s packed rows (what training checks)."""
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
 
     cfg = compose("train", [f"experiment={experiment}"])
     tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))

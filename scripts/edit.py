@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
 from fusion.errors import report_user_errors
-from fusion.sampling.edit import register_edit_config, run_editing
+from fusion.jobs.edit import register_edit_config, run_editing
 
 register_configs()
 register_edit_config()

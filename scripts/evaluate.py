@@ -153,7 +153,7 @@ SAMPLING_OPTIONS = {"steps": "diffusion_steps", "temperature": "temperature", "t
 
 def _resolve_sampling(args, meta: dict) -> dict:
     """Fill the sampling options not given on the command line; returns what was used."""
-    from fusion.training.build import recorded_sampling
+    from fusion.families.folders import recorded_sampling
 
     defaults = recorded_sampling(meta)
     used = {}
@@ -189,7 +189,7 @@ def cmd_editing(args) -> dict:
         if not args.model:
             raise UserError("give --model <model folder>, or --ground-truth / --unedited / "
                              "--tokenizer-ceiling")
-        from fusion.training.build import load_model
+        from fusion.families.folders import load_model
 
         model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
         model.to(args.device), image_tok.to(args.device)
@@ -234,8 +234,8 @@ def _diagnose_editing(args, sampler, tok, image_tok, image_size: int) -> dict:
 
 def _sampler(args, model, loss, tok, image_tok):
     """The family's sampler, with ``--guidance-interval`` applied (Transfusion only)."""
+    from fusion.families import family_sampler
     from fusion.models.diffusion import check_guidance_interval
-    from fusion.training.samplers import family_sampler
 
     sampler = family_sampler(model, loss, tok, image_tok)
     if args.guidance_interval is FROM_MODEL:
@@ -258,7 +258,7 @@ def _sampler(args, model, loss, tok, image_tok):
 def cmd_model(args) -> dict:
     """What the main job's evaluation stage runs, for any saved model folder."""
     from fusion.eval.model import ModelEvalConfig, evaluate_model
-    from fusion.training.build import load_model
+    from fusion.families.folders import load_model
 
     if args.world_seeds and args.world_seed:
         raise ValueError("give --world-seed or --world-seeds, not both")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs
 from fusion.errors import report_user_errors
-from fusion.sampling.run import run_sampling
+from fusion.jobs.sample import run_sampling
 
 register_configs()
 

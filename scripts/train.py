@@ -23,14 +23,8 @@ from fusion.config import check_keys, register_configs, resolve_path
 from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
 from fusion.errors import report_user_errors
-from fusion.sampling.edit import make_edit_sampler
-from fusion.training.build import (
-    build_family,
-    init_from_checkpoint,
-    load_image_tokenizer,
-    recipe_sampling,
-    save_model,
-)
+from fusion.families import build_family, load_image_tokenizer
+from fusion.families.folders import recipe_sampling, save_model
 from fusion.training.callbacks import SampleGrid
 from fusion.training.checkpointing import find_resume_checkpoint, graceful_sigint
 from fusion.training.factory import (
@@ -40,7 +34,8 @@ from fusion.training.factory import (
     quiet_known_warnings,
 )
 from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError, nonfinite_weights
-from fusion.training.samplers import make_image_sampler
+from fusion.training.init_from import init_from_checkpoint
+from fusion.training.samplers import make_edit_sampler, make_image_sampler
 
 register_configs()
 log = logging.getLogger(__name__)

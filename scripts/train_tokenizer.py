@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     import lightning as L
     import torch
 
-    from fusion.image.vae import evaluate_reconstruction
+    from fusion.eval.reconstruction import evaluate_reconstruction
     from fusion.image.vae import measure_latent_scaling as measure
     from fusion.training.factory import build_callbacks, build_logger, build_trainer
     from fusion.training.tokenizer_module import (

@@ -11,8 +11,8 @@ from fusion.data.documents import Document, Image, Text
 from fusion.models.attention import AttentionLayout
 from fusion.models.chameleon import Chameleon, ChameleonLoss, image_cells
 from fusion.models.cm3 import CM3Tokens
+from fusion.models.packing import SpecialIds
 from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
-from fusion.models.transfusion import SpecialIds
 from fusion.sampling.chameleon import ChameleonSampler
 from fusion.sampling.text import TokenSampling
 

@@ -90,9 +90,8 @@ def test_spans_never_cross_documents_after_packing():
 
     from fusion.data.documents import Document, Text
     from fusion.models.chameleon import Chameleon, ChameleonLoss
-    from fusion.models.packing import pack
+    from fusion.models.packing import SpecialIds, pack
     from fusion.models.schemas import ChameleonConfig, ChameleonLossConfig
-    from fusion.models.transfusion import SpecialIds
 
     special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
     model = Chameleon(ChameleonConfig(backbone_overrides=dict(

@@ -15,13 +15,14 @@ from PIL import Image as PILImage
 from fusion.data.documents import Document, Image, Text, drop_edit_conditions
 from fusion.models.chameleon import Chameleon, ChameleonLoss
 from fusion.models.cm3 import CM3Tokens
+from fusion.models.packing import SpecialIds
 from fusion.models.schemas import (
     ChameleonConfig,
     ChameleonLossConfig,
     TransfusionConfig,
     TransfusionLossConfig,
 )
-from fusion.models.transfusion import SpecialIds, Transfusion, TransfusionLoss
+from fusion.models.transfusion import Transfusion, TransfusionLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
@@ -358,7 +359,8 @@ def _saved_model(out, overrides, text_tokenizer="tokenizers/shapes-bpe/tokenizer
     """Build and save an experiment's (untrained) model: a stand-in for a pre-trained one."""
     from fusion.config import compose, resolve_path
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer, save_model
+    from fusion.families import build_family, load_image_tokenizer
+    from fusion.families.folders import save_model
 
     cfg = compose("train", overrides)
     tok = TextTokenizer.from_file(resolve_path(text_tokenizer))
@@ -371,7 +373,8 @@ def _saved_model(out, overrides, text_tokenizer="tokenizers/shapes-bpe/tokenizer
 def _init(run_overrides, path):
     from fusion.config import compose, resolve_path
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, init_from_checkpoint, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
+    from fusion.training.init_from import init_from_checkpoint
 
     cfg = compose("train", [*run_overrides, f"init_from={path}"])
     tok = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
@@ -396,7 +399,7 @@ def test_init_from_loads_a_model_folder_and_a_lightning_checkpoint(artifacts, tm
     assert torch.equal(model.embed.weight, saved.embed.weight + 1)
     # anything but tensors and plain containers is refused, not unpickled
     torch.save({"state_dict": {}, "evil": Path("x")}, tmp_path / "checkpoints" / "bad.ckpt")
-    from fusion.training.build import InitFromError
+    from fusion.training.init_from import InitFromError
 
     with pytest.raises(InitFromError, match="weights_only=True"):
         _init(run, tmp_path / "checkpoints" / "bad.ckpt")
@@ -409,7 +412,7 @@ def test_init_from_loads_a_model_folder_and_a_lightning_checkpoint(artifacts, tm
 
 def test_mismatched_init_from_says_what_differs(artifacts, tmp_path):
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import InitFromError
+    from fusion.training.init_from import InitFromError
 
     t_run = ["experiment=edit_transfusion_tiny", f"image_tokenizer={artifacts['vae']}"]
     _saved_model(tmp_path / "t", t_run)
@@ -479,9 +482,9 @@ def test_edit_finetune_then_edit_and_evaluate(artifacts, tmp_path):
     from fusion.config import compose
     from fusion.data.shapes import ShapesWorld, render
     from fusion.eval.editing import EditEvalConfig, evaluate_editing
-    from fusion.sampling.edit import register_edit_config, run_editing
-    from fusion.training.build import load_model
-    from fusion.training.samplers import family_sampler
+    from fusion.families import family_sampler
+    from fusion.families.folders import load_model
+    from fusion.jobs.edit import register_edit_config, run_editing
 
     register_edit_config()
     edit = ShapesWorld(size=64).edit(0, "recolor")
@@ -561,8 +564,9 @@ def test_chameleon_edit_grid_and_batch_editing(artifacts, tmp_path):
     from fusion.config import compose, resolve_path
     from fusion.data.datamodule import DocumentDataModule
     from fusion.data.text import TextTokenizer
-    from fusion.sampling.edit import make_edit_sampler, register_edit_config, run_editing
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
+    from fusion.jobs.edit import register_edit_config, run_editing
+    from fusion.training.samplers import make_edit_sampler
 
     run = ["experiment=edit_chameleon_tiny", f"image_tokenizer={artifacts['vq']}",
            "debug=default"]
@@ -604,7 +608,7 @@ def test_local_target_ceiling_keeps_the_source_where_nothing_changed(artifacts):
     from fusion.data.shapes import ShapesWorld, render
     from fusion.eval.editing import score_reference, shapes_edit_set
     from fusion.eval.reconstruction import reconstruct
-    from fusion.training.build import load_image_tokenizer
+    from fusion.families import load_image_tokenizer
 
     vq = load_image_tokenizer(artifacts["vq"])
     edits = shapes_edit_set(ShapesWorld(), 1)
@@ -656,7 +660,7 @@ def test_source_alignment_marks_the_cell_each_target_position_predicts():
 
 
 def test_source_alignment_starts_as_the_plain_model_and_loads_its_weights():
-    from fusion.training.build import _weight_differences
+    from fusion.training.init_from import _weight_differences
 
     plain, loss = aligned_chameleon(source_alignment=False, edit_condition_dropout=0.0)
     aligned = Chameleon(ChameleonConfig(backbone_overrides=SMALL, source_alignment=True),
@@ -729,7 +733,7 @@ def test_source_copy_mixes_the_aligned_code_into_a_distribution():
 
 
 def test_source_copy_needs_source_alignment_and_loads_a_plain_model():
-    from fusion.training.build import _weight_differences
+    from fusion.training.init_from import _weight_differences
 
     with pytest.raises(ValueError, match="source_copy .* needs source_alignment"):
         aligned_chameleon(source_alignment=False, source_copy=True)
@@ -831,9 +835,8 @@ def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts, capsys, monkeyp
     from fusion.data.text import TextTokenizer
     from fusion.eval.edit_diagnosis import diagnose_chameleon_edits, format_diagnosis
     from fusion.eval.editing import shapes_edit_set
+    from fusion.families import build_family, family_sampler, load_image_tokenizer
     from fusion.sampling.text import TokenSampling
-    from fusion.training.build import build_family, load_image_tokenizer
-    from fusion.training.samplers import family_sampler
 
     cfg = compose("train", ["experiment=edit_chameleon_tiny", f"image_tokenizer={artifacts['vq']}",
                             "debug=default"])

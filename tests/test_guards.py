@@ -20,7 +20,7 @@ from fusion.data.documents import Document, Text, TextLimit, fitting_records
 from fusion.data.documents import Image as ImageSegment
 from fusion.data.sources import BadDataError, CaptionFolder
 from fusion.data.text import TextTokenizer
-from fusion.training.build import build_family, load_image_tokenizer
+from fusion.families import build_family, load_image_tokenizer
 from fusion.training.checkpointing import FusionCheckpoint, find_resume_checkpoint
 from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError
 

@@ -24,7 +24,7 @@ SMALL = ["+model.arch.backbone_overrides.d_model=32", "+model.arch.backbone_over
 def _model_and_cfg(family="transfusion", image_tokenizer=None):
     from fusion.config import compose, resolve_path
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
 
     cfg = compose("train", [f"experiment={family}_tiny", *SMALL])
     tok = TextTokenizer.from_file(resolve_path(BPE))
@@ -35,7 +35,7 @@ def _model_and_cfg(family="transfusion", image_tokenizer=None):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A saved (untrained) small Transfusion model folder; tests copy it before damaging it."""
-    from fusion.training.build import save_model
+    from fusion.families.folders import save_model
 
     model, cfg = _model_and_cfg()
     out = tmp_path_factory.mktemp("saved") / "model"
@@ -80,7 +80,7 @@ def test_each_family_still_builds_with_its_own_tokenizer():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["model", "text_tokenizer", "image_tokenizer", "image_size"])
 def test_a_config_without_a_required_key_names_the_file_and_the_key(copy, key):
-    from fusion.training.build import load_model
+    from fusion.families.folders import load_model
 
     meta = json.loads((copy / "config.json").read_text())
     del meta[key]
@@ -90,7 +90,7 @@ def test_a_config_without_a_required_key_names_the_file_and_the_key(copy, key):
 
 
 def test_a_config_that_is_not_json_is_a_user_error(copy):
-    from fusion.training.build import load_model
+    from fusion.families.folders import load_model
 
     (copy / "config.json").write_text("{oops")
     with pytest.raises(UserError, match=r"config\.json is not valid JSON"):
@@ -99,7 +99,7 @@ def test_a_config_that_is_not_json_is_a_user_error(copy):
 
 def test_a_text_tokenizer_replaced_at_its_recorded_path_is_refused(tmp_path, tokenizer):
     from fusion.config import resolve_path
-    from fusion.training.build import load_model, save_model
+    from fusion.families.folders import load_model, save_model
 
     tok_file = tmp_path / "bpe" / "tokenizer.json"
     tok_file.parent.mkdir()
@@ -117,7 +117,7 @@ def test_a_text_tokenizer_replaced_at_its_recorded_path_is_refused(tmp_path, tok
 
 
 def test_a_mismatched_image_tokenizer_is_a_user_error(copy, tmp_path):
-    from fusion.training.build import load_model
+    from fusion.families.folders import load_model
 
     meta = json.loads((copy / "config.json").read_text())
     meta["image_tokenizer_sha256"] = "0" * 64
@@ -137,7 +137,7 @@ def _flip_middle_bytes(path: Path, n: int = 16) -> None:
 
 
 def test_save_model_records_the_weights_sha256(saved):
-    from fusion.training.build import file_sha256
+    from fusion.families.folders import file_sha256
 
     meta = json.loads((saved / "config.json").read_text())
     assert meta["weights_sha256"] == file_sha256(saved / "model.safetensors")
@@ -145,7 +145,8 @@ def test_save_model_records_the_weights_sha256(saved):
 
 
 def test_corrupt_weights_are_refused_naming_the_file(copy):
-    from fusion.training.build import InitFromError, load_model, read_init_weights
+    from fusion.families.folders import load_model
+    from fusion.training.init_from import InitFromError, read_init_weights
 
     load_model(copy)  # untouched: loads
     read_init_weights(copy)
@@ -162,7 +163,7 @@ def test_corrupt_weights_are_refused_naming_the_file(copy):
 
 
 def test_a_folder_saved_before_the_sha256_was_recorded_loads_unchecked(copy):
-    from fusion.training.build import load_model
+    from fusion.families.folders import load_model
 
     meta = json.loads((copy / "config.json").read_text())
     del meta["weights_sha256"]
@@ -173,7 +174,7 @@ def test_a_folder_saved_before_the_sha256_was_recorded_loads_unchecked(copy):
 def test_a_crash_while_saving_leaves_no_config_pointing_at_partial_weights(copy, monkeypatch):
     import safetensors.torch
 
-    from fusion.training.build import load_model, save_model
+    from fusion.families.folders import load_model, save_model
 
     model, cfg = _model_and_cfg()
 

@@ -16,12 +16,13 @@ from PIL import Image
 
 from fusion.errors import UserError
 from fusion.models.chameleon import Chameleon
+from fusion.models.packing import SpecialIds
 from fusion.models.schemas import (
     ChameleonConfig,
     TransfusionConfig,
     TransfusionLossConfig,
 )
-from fusion.models.transfusion import SpecialIds, Transfusion, TransfusionLoss
+from fusion.models.transfusion import Transfusion, TransfusionLoss
 from fusion.sampling.chameleon import ChameleonSampler
 from fusion.sampling.transfusion import TransfusionSampler
 
@@ -148,7 +149,7 @@ class Recording:
 def sample(monkeypatch, tmp_path, tokenizer):
     """run_sampling(overrides, prompts) on a small in-memory Transfusion model; returns
     (result, the recording sampler), which is also ``sample.recording``."""
-    import fusion.sampling.run as run
+    import fusion.jobs.sample as run
     from fusion.config import compose
 
     model, loss, sampler = transfusion(tokenizer.vocab_size, SpecialIds.from_tokenizer(tokenizer))

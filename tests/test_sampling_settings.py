@@ -40,7 +40,7 @@ def test_evaluate_model_passes_its_token_sampling():
 
 
 def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
-    import fusion.sampling.run as run
+    import fusion.jobs.sample as run
 
     sampler = RecordingSampler()
     model = SimpleNamespace(to=lambda device: None)
@@ -54,7 +54,7 @@ def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
 
 def test_sample_script_follows_the_models_recorded_recipe_unless_told_otherwise(monkeypatch,
                                                                                 tmp_path):
-    import fusion.sampling.run as run
+    import fusion.jobs.sample as run
 
     sampler = RecordingSampler()
     model = SimpleNamespace(to=lambda device: None)

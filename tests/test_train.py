@@ -36,7 +36,7 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
     assert json.loads((model_dir / "config.json").read_text())["steps"] == 6
     # scripts/sample.py is a thin wrapper of run_sampling; run its three tasks in-process
     from fusion.config import compose
-    from fusion.sampling.run import run_sampling
+    from fusion.jobs.sample import run_sampling
 
     for task in ("text_to_image", "image_to_text", "text_to_text"):
         cfg = compose("sample", [f"model_dir={model_dir}", f"task={task}",
@@ -62,7 +62,7 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
 def test_build_rejects_a_mismatched_latent_setting(tiny_vae):
     from fusion.config import compose
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
 
     cfg = compose("train", ["experiment=transfusion_tiny", "model.arch.latent_channels=16"])
     tok = TextTokenizer.from_file(ROOT / "tokenizers/shapes-bpe/tokenizer.json")
@@ -75,7 +75,7 @@ def test_build_rejects_rows_longer_than_the_model(family, tiny_vae):
     # A bad loss.pack_len fails when the model is built, not at the first training step.
     from fusion.config import compose
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
 
     cfg = compose("train", [f"experiment={family}_tiny", "model.loss.pack_len=4096"])
     tok = TextTokenizer.from_file(ROOT / "tokenizers/shapes-bpe/tokenizer.json")
@@ -191,7 +191,7 @@ def test_evaluate_guidance_interval_option(monkeypatch):
     import importlib.util
     from types import SimpleNamespace
 
-    import fusion.training.samplers as samplers
+    import fusion.families as families
 
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
     ev = importlib.util.module_from_spec(spec)
@@ -199,14 +199,14 @@ def test_evaluate_guidance_interval_option(monkeypatch):
     diffusion_like = SimpleNamespace(guidance_interval=None)
     token_like = SimpleNamespace()
     for given, expected in ((["0.1", "0.7"], [0.1, 0.7]), (["none"], [0.0, 1.0])):
-        monkeypatch.setattr(samplers, "family_sampler", lambda *a: diffusion_like)
+        monkeypatch.setattr(families, "family_sampler", lambda *a: diffusion_like)
         ev._sampler(argparse.Namespace(guidance_interval=given), None, None, None, None)
         assert diffusion_like.guidance_interval == expected
     for bad, message in ((["0.7", "0.1"], "guidance_interval must be"),
                          (["low", "high"], "takes LO HI or 'none'")):
         with pytest.raises(ValueError, match=message):
             ev._sampler(argparse.Namespace(guidance_interval=bad), None, None, None, None)
-    monkeypatch.setattr(samplers, "family_sampler", lambda *a: token_like)
+    monkeypatch.setattr(families, "family_sampler", lambda *a: token_like)
     with pytest.raises(ValueError, match="Transfusion models only"):
         ev._sampler(argparse.Namespace(guidance_interval=["0", "1"]), None, None, None, None)
 
@@ -221,14 +221,9 @@ def test_a_model_refuses_a_retrained_image_tokenizer_at_its_recorded_path(tmp_pa
 
     from fusion.config import compose
     from fusion.data.text import TextTokenizer
+    from fusion.families import build_family, load_image_tokenizer
+    from fusion.families.folders import image_tokenizer_fingerprint, load_model, save_model
     from fusion.image.vae import VAETokenizer, build_autoencoder
-    from fusion.training.build import (
-        build_family,
-        image_tokenizer_fingerprint,
-        load_image_tokenizer,
-        load_model,
-        save_model,
-    )
 
     art, original = tmp_path / "vae", tmp_path / "vae-original"
     shutil.copytree(tiny_vae, art)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from fusion.data.documents import Document, Image, Text
 from fusion.models.diffusion import Diffusion
+from fusion.models.packing import SpecialIds
 from fusion.models.schemas import DiffusionConfig, TransfusionConfig, TransfusionLossConfig
-from fusion.models.transfusion import SpecialIds, Transfusion, TransfusionLoss
+from fusion.models.transfusion import Transfusion, TransfusionLoss
 from fusion.sampling.transfusion import TransfusionSampler
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)

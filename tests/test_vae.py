@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from fusion.config import compose
 from fusion.data.images import to_tensor
 from fusion.data.sources import ShapesSource
+from fusion.eval.reconstruction import evaluate_reconstruction
 from fusion.image.losses import (
     AutoencoderLoss,
     NLayerDiscriminator,
@@ -23,7 +24,6 @@ from fusion.image.vae import (
     TokenizerLoadError,
     VAETokenizer,
     build_autoencoder,
-    evaluate_reconstruction,
     measure_latent_scaling,
 )
 from fusion.training.fusion_module import warmup_cosine

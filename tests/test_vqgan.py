@@ -174,14 +174,14 @@ def test_save_then_load_gives_identical_codes(tmp_path, kind):
     assert cfg["kind"] == "vqgan" and cfg["quantizer"]["kind"] == kind
     assert cfg["codebook_size"] == tok.codebook_size and cfg["downsample_factor"] == 4
 
-    from fusion.training.build import load_image_tokenizer  # dispatches on the artifact
+    from fusion.families import load_image_tokenizer
 
     assert isinstance(load_image_tokenizer(str(tmp_path / "art")), VQTokenizer)
 
 
 def test_load_image_tokenizer_still_reads_a_vae(tmp_path):
+    from fusion.families import load_image_tokenizer
     from fusion.image.vae import VAETokenizer, build_autoencoder
-    from fusion.training.build import load_image_tokenizer
 
     vae = VAETokenizer(build_autoencoder((16, 32), norm_num_groups=8,
                                          mid_block_add_attention=False))
@@ -312,7 +312,7 @@ def test_train_tokenizer_script_debug_end_to_end(tmp_path):
 
 def load_shipped(name: str) -> VQTokenizer:
     """A committed artifact under tokenizers/, loaded as the Chameleon family loads it."""
-    from fusion.training.build import load_image_tokenizer
+    from fusion.families import load_image_tokenizer
 
     if not (SHIPPED.parent / name).exists():
         pytest.skip(f"tokenizers/{name} not trained yet")

@@ -27,7 +27,7 @@ def _random_tiny(tokenizer_path: str, vae_path: str):
     """(model, loss, tokenizer, VAE) of the tiny recipe with random weights."""
     from fusion.config import compose, resolve_path
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
 
     cfg = compose("train", ["experiment=transfusion_tiny"])
     tok = TextTokenizer.from_file(resolve_path(tokenizer_path or cfg.data.text_tokenizer))
@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fusion.families import family_sampler
+    from fusion.families.folders import load_model
     from fusion.models.transfusion import Transfusion
-    from fusion.training.build import load_model
-    from fusion.training.samplers import family_sampler
 
     args = parse_args(argv)
     if args.threads:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from fusion.config import compose, resolve_path
     from fusion.data.datamodule import DocumentDataModule
     from fusion.data.text import TextTokenizer
-    from fusion.training.build import build_family, load_image_tokenizer
+    from fusion.families import build_family, load_image_tokenizer
     from fusion.training.encode_cache import EncodeCache
     from fusion.training.factory import resolve_precision
 

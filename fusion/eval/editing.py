@@ -217,7 +217,7 @@ def score_reference(which: str, image_size: int = 64, per_kind: int = 100,
     outputs = [render(e.source if which == "source" else e.target) for e in edits]
     if which == "tokenizer":
         from fusion.eval.reconstruction import reconstruct
-        from fusion.training.build import load_image_tokenizer
+        from fusion.families import load_image_tokenizer
 
         if image_tokenizer is None:
             raise ValueError("which='tokenizer' needs image_tokenizer=<artifact folder>")

@@ -198,7 +198,7 @@ class AutoencoderLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Training-time metrics (held-out figures: fusion.image.vae.evaluate_reconstruction)
+# Training-time metrics (held-out figures: fusion.eval.reconstruction.evaluate_reconstruction)
 # --------------------------------------------------------------------------------------------
 def image_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batch-mean PSNR (dB) and SSIM of images in [-1, 1] (data range 2), via torchmetrics.

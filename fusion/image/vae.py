@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -360,41 +360,3 @@ def measure_latent_scaling(tokenizer: VAETokenizer, images: Iterable[torch.Tenso
     tokenizer.set_scaling(mean, 1.0 / std, f"measured: shift=mean, scale=1/std of posterior "
                                            f"means over {used} images")
     return mean, 1.0 / std, used
-
-
-# --------------------------------------------------------------------------------------------
-# Held-out figures
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_reconstruction(tokenizer: nn.Module, source: Sequence, n: int | None = None,
-                            batch_size: int = 64, progress: bool = False) -> dict:
-    """PSNR, SSIM and attribute accuracy of ``decode(encode(x))`` on ``source[:n]``.
-
-    Works for any image tokenizer with ``encode``/``decode`` on (B, 3, H, W) in [-1, 1]
-    (the VAE's latents, a VQ-GAN's codes). ``source[i].image`` is uint8 (H, W, 3) (a fusion
-    record source; for ShapesWorld's held-out scenes, ``build_caption_sources(cfg)[1]``).
-    Reconstructions are judged as the uint8 images a user sees, by
-    :func:`fusion.eval.reconstruction.reconstruction_metrics`; attribute accuracy compares
-    detections on the original and the reconstruction (``same_objects``).
-    Returns ``{"images", "psnr", "ssim", "attribute_accuracy"}``.
-    """
-    import numpy as np
-
-    from fusion.data.images import to_tensor, to_uint8
-    from fusion.eval.reconstruction import reconstruction_metrics
-
-    n = len(source) if n is None else min(n, len(source))
-    if n == 0:
-        raise ValueError("evaluate_reconstruction needs at least one image")
-    was_training = tokenizer.training
-    tokenizer.eval()
-    device = next(tokenizer.parameters()).device
-    originals, recons = [], []
-    for start in range(0, n, batch_size):
-        batch = np.stack([source[i].image for i in range(start, min(start + batch_size, n))])
-        x = torch.stack([to_tensor(img) for img in batch]).to(device)
-        originals.append(batch)
-        recons.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
-    tokenizer.train(was_training)
-    return reconstruction_metrics(np.concatenate(originals), np.concatenate(recons),
-                                  progress=progress)

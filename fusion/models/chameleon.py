@@ -36,11 +36,11 @@ what Transfusion gets from its patch grid: a target patch sits at the same 2-D p
 source patch. It is fusion's addition, not in the Chameleon paper (which does not edit).
 
 Copying the source (editing, ``source_copy``): even so, the LM head has to turn that input back
-into one of ~1,000 code ids, and a model that copies 97 % of unchanged cells right under
-teacher forcing still gets one or two of ~47 wrong per image, which then derail the cells
-after them (docs/results.md, session 12). A pointer-generator output (See et al. 2017,
-arXiv:1704.04368) makes the copy a single learned gate: p = g·onehot(aligned source code) +
-(1 - g)·softmax(logits), so the logits only have to model the changed cells (also fusion's).
+into one of ~1,000 code ids, and a few wrong copies per image derail the cells after them
+(docs/results.md, "Image editing": a copy gate for Chameleon). A pointer-generator output
+(See et al. 2017, arXiv:1704.04368) makes the copy a single learned gate:
+p = g·onehot(aligned source code) + (1 - g)·softmax(logits), so the logits only have to model
+the changed cells (also fusion's).
 
 Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
 h/w = code grid.
@@ -59,6 +59,7 @@ from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3_POSITIONS_PER_SPAN, CM3Tokens, cm3_apply, cm3_spans
 from fusion.models.packing import (
     Context,
+    SpecialIds,
     next_token_loss,
     pack,
     per_position,
@@ -73,7 +74,6 @@ from fusion.models.schemas import (
     ChameleonLossConfig,
 )
 from fusion.models.transformer import KVCache, Transformer, transformer_config
-from fusion.models.transfusion import SpecialIds
 
 
 def image_cells(ids: torch.Tensor, boi: int, text_vocab: int) -> torch.Tensor:

@@ -23,6 +23,24 @@ import torch
 from fusion.models.attention import AttentionLayout
 
 
+@dataclass
+class SpecialIds:
+    """The text tokenizer's special ids that a family needs (fusion.data.text)."""
+
+    pad: int
+    bos: int
+    eos: int
+    boi: int
+    eoi: int
+    # CM3's <sentinel:i> and <eoss>: infilling markers that generated text never contains.
+    cm3: tuple[int, ...] = ()
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialIds:
+        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id,
+                   (*tok.sentinel_ids(), tok.eoss_id))
+
+
 @dataclass(frozen=True)
 class ImageSlot:
     n: int  # positions the image occupies (its patch tokens)

@@ -39,7 +39,7 @@ class TransfusionConfig:
     patchifier: str = "linear"  # linear | unet (Transfusion sec. 3.2)
     patch_size: int = 2  # linear: p x p latent pixels per token
     patchifier_args: dict = field(default_factory=dict)  # extra kwargs (e.g. unet channels)
-    # Set from the image tokenizer at build time (fusion.training.build); give them only to
+    # Set from the image tokenizer at build time (fusion.families); give them only to
     # build a model without one.
     latent_channels: int | None = None
     latent_size: int | None = None

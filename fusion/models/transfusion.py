@@ -27,7 +27,6 @@ I = images in the batch, C/h/w = latent channels/grid, N = patch tokens per imag
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from fusion.models.packing import (
     Context,
     ImageSlot,
     Packed,
+    SpecialIds,
     gather_images,
     next_token_loss,
     pack,
@@ -49,24 +49,6 @@ from fusion.models.packing import (
 from fusion.models.patchify import build_patchifier
 from fusion.models.schemas import TransfusionConfig, TransfusionLossConfig
 from fusion.models.transformer import KVCache, Transformer, transformer_config
-
-
-@dataclass
-class SpecialIds:
-    """The text tokenizer's special ids that a family needs (fusion.data.text)."""
-
-    pad: int
-    bos: int
-    eos: int
-    boi: int
-    eoi: int
-    # CM3's <sentinel:i> and <eoss>: infilling markers that generated text never contains.
-    cm3: tuple[int, ...] = ()
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> SpecialIds:
-        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id,
-                   (*tok.sentinel_ids(), tok.eoss_id))
 
 
 class Transfusion(nn.Module):

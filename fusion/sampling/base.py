@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -148,6 +149,26 @@ def guidance_scales(guidance_scale: float | None,
     if image_guidance_scale is not None:
         return (1.0 if guidance_scale is None else guidance_scale, image_guidance_scale)
     return () if guidance_scale is None else (guidance_scale,)
+
+
+@runtime_checkable
+class FamilySampler(Protocol):
+    """What every family's sampler provides (fusion.families.registry.Family.sampler); the
+    scripts, the evaluation and the main job use nothing else. Prompts and instructions are
+    token ids; images are float (B, 3, H, W) in [-1, 1]."""
+
+    def prompt_budget(self, task: str, max_new_tokens: int = 0) -> PromptBudget: ...
+
+    def generate_images(self, prompts: list[list[int]], **settings) -> torch.Tensor: ...
+
+    def caption(self, images: torch.Tensor, max_new_tokens: int = 24,
+                **settings) -> list[list[int]]: ...
+
+    def generate_text(self, prompts: list[list[int]], max_new_tokens: int = 24,
+                      **settings) -> list[list[int]]: ...
+
+    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
+             **settings) -> torch.Tensor: ...
 
 
 class StreamSampler:

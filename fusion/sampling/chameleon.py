@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion.models.chameleon import Chameleon, image_cells, source_alignment
-from fusion.models.transfusion import SpecialIds
+from fusion.models.packing import SpecialIds
 from fusion.sampling.base import StreamSampler, combine_guidance, fit_prompts, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
 

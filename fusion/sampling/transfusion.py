@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion.models.diffusion import Diffusion
-from fusion.models.transfusion import SpecialIds, Transfusion
+from fusion.models.packing import SpecialIds
+from fusion.models.transfusion import Transfusion
 from fusion.sampling.base import (
     Streams,
     StreamSampler,

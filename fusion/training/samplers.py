@@ -1,31 +1,14 @@
-"""Family-agnostic entry to the samplers: what the grid callback and scripts/sample.py call."""
+"""The samplers a training run draws its sample grids with (fusion.training.callbacks.SampleGrid),
+for any family (fusion.families.family_sampler)."""
 
 from __future__ import annotations
 
+import torch
+
+from fusion.data.images import to_tensor
 from fusion.data.text import TextTokenizer
+from fusion.families import family_sampler
 from fusion.sampling.text import TokenSampling
-
-
-def family_sampler(model, loss, tokenizer: TextTokenizer, image_tokenizer,
-                   use_cache: bool = True):
-    """The sampler object of ``model``'s family."""
-    from fusion.models.transfusion import SpecialIds, Transfusion
-
-    if isinstance(model, Transfusion):
-        from fusion.sampling.transfusion import TransfusionSampler
-
-        return TransfusionSampler(model, SpecialIds.from_tokenizer(tokenizer), loss.diffusion,
-                                  decode_latents=image_tokenizer.decode,
-                                  encode_images=image_tokenizer.encode, use_cache=use_cache)
-    from fusion.models.chameleon import Chameleon
-
-    if isinstance(model, Chameleon):
-        from fusion.sampling.chameleon import ChameleonSampler
-
-        return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), model.code_grid,
-                                decode_codes=image_tokenizer.decode,
-                                encode_images=image_tokenizer.encode, use_cache=use_cache)
-    raise TypeError(f"no sampler for {type(model).__name__}")
 
 
 def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
@@ -55,6 +38,32 @@ def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
             return sampler.generate_images(ids, guidance_scale=s.guidance_scale,
                                            steps=s.diffusion_steps, seed=s.seed,
                                            sampling=token_sampling)
+        return generate
+
+    return for_model
+
+
+def make_edit_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss, records: list):
+    """For the training grid (fusion.training.callbacks.SampleGrid): model -> (instructions ->
+    pixels (B, 3, H, 3W), each source | edited | target side by side) over fixed held-out
+    ``records`` (EditRecord); the grid's captions must be their instructions, in order."""
+    sources = torch.stack([to_tensor(r.source) for r in records])
+    targets = torch.stack([to_tensor(r.target) for r in records])
+
+    def for_model(model):
+        sampler = family_sampler(model, loss, tokenizer, image_tokenizer)
+
+        def generate(instructions: list[str]) -> torch.Tensor:
+            if list(instructions) != [r.instruction for r in records]:
+                raise ValueError("the edit grid's captions must be its records' instructions")
+            s = cfg.sampling
+            edited = sampler.edit(sources, [tokenizer.encode(t) for t in instructions],
+                                  guidance_scale=s.guidance_scale,
+                                  image_guidance_scale=s.image_guidance_scale,
+                                  steps=s.diffusion_steps,
+                                  seed=s.seed, sampling=TokenSampling.from_config(s))
+            return torch.cat([sources.to(edited.device), edited.float(),
+                              targets.to(edited.device)], dim=-1)
         return generate
 
     return for_model

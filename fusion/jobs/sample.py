@@ -18,10 +18,10 @@ from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
 from fusion.errors import UserError
+from fusion.families import family_sampler
+from fusion.families.folders import load_model
 from fusion.sampling.base import check_overflow_setting, encode_prompts, fit_prompts
 from fusion.sampling.text import TokenSampling
-from fusion.training.build import load_model
-from fusion.training.samplers import family_sampler
 
 TASKS = ("text_to_image", "image_to_text", "text_to_text")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -1,0 +1,35 @@
+"""The Chameleon family (Chameleon Team 2024, arXiv:2405.09818): VQ-GAN codes in the text
+vocabulary, next-token loss with the CM3 causal-masked objective."""
+
+from __future__ import annotations
+
+from fusion.config import to_dataclass
+from fusion.families.registry import Family, register
+from fusion.models.chameleon import Chameleon, ChameleonLoss
+from fusion.models.cm3 import CM3Tokens
+from fusion.models.packing import SpecialIds, row_length
+from fusion.models.schemas import ChameleonModelConfig
+
+
+def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
+    cfg = to_dataclass(model_cfg, ChameleonModelConfig)
+    h, w = image_tokenizer.latent_grid(image_size)
+    model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w,
+                      code_grid=(h, w))
+    row_length(cfg.loss.pack_len, model.max_seq_len)  # a bad pack_len fails before training
+    cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
+    return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)
+
+
+def sampler(model, loss, tokenizer, image_tokenizer, use_cache: bool = True):
+    from fusion.sampling.chameleon import ChameleonSampler
+
+    return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), model.code_grid,
+                            decode_codes=image_tokenizer.decode,
+                            encode_images=image_tokenizer.encode, use_cache=use_cache)
+
+
+FAMILY = register(Family(
+    name="chameleon", model_class=Chameleon, schema=ChameleonModelConfig,
+    image_tokenizer_kind="vqgan", default_image_tokenizer="tokenizers/shapes-vqgan",
+    build=build, sampler=sampler, weight_prefixes=()))

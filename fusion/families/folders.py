@@ -1,0 +1,213 @@
+"""Model folders: a trained family model as ``config.json`` + ``model.safetensors``, with the
+fingerprints that tie it to its tokenizers and the sha256 of its weights; saving (atomically)
+and loading (checked) for every family (docs/reliability.md, "Integrity of model folders")."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fusion.config import resolve_path
+from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
+from fusion.families import build_family, load_image_tokenizer
+from fusion.io import replace_atomically
+
+log = logging.getLogger(__name__)
+
+
+def text_vocabulary(tokenizer: TextTokenizer) -> list[str]:
+    """The tokenizer's tokens in id order: what "the same text vocabulary" means here."""
+    return [tokenizer.decode([i], skip_special=False) for i in range(tokenizer.vocab_size)]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def text_tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
+    return _sha256(json.dumps(text_vocabulary(tokenizer)).encode())
+
+
+def _artifact_file_bytes(f: Path, legacy: bool) -> bytes:
+    data = f.read_bytes()
+    if legacy or f.name != "config.json":
+        return data
+    try:  # "info" documents the artifact (metrics, timings); it does not change what it computes
+        cfg = json.loads(data)
+    except json.JSONDecodeError:
+        return data
+    return json.dumps({k: v for k, v in cfg.items() if k != "info"}, sort_keys=True).encode()
+
+
+def image_tokenizer_fingerprint(path, legacy: bool = False) -> str | None:
+    """sha256 over a stage-1 artifact's weights and network config (``config.json`` without its
+    ``info``; not its card), or None when it is not on disk. Two copies of one artifact agree,
+    and re-scoring one (a new ``info``) keeps its fingerprint; a retrained one does not.
+    ``legacy``: the older form (every file's raw bytes), which some saved model folders record."""
+    path = resolve_path(path)
+    if path.is_file():
+        return _sha256(path.read_bytes())
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix != ".md"):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(_artifact_file_bytes(f, legacy)).digest())
+    return h.hexdigest()
+
+
+def image_tokenizer_matches(recorded: str, path) -> bool:
+    """Whether the artifact at ``path`` is the one a model recorded (either fingerprint form)."""
+    return (image_tokenizer_fingerprint(path) == recorded  # the legacy form only if needed
+            or image_tokenizer_fingerprint(path, legacy=True) == recorded)
+
+
+RECIPE_SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "diffusion_steps", "temperature",
+                        "top_k", "top_p")
+
+
+def recipe_sampling(sampling_cfg) -> dict:
+    """The sampling settings a run was configured with, recorded in the model's config.json
+    so that scripts/evaluate.py samples the model the way its recipe says by default."""
+    return {k: sampling_cfg[k] for k in RECIPE_SAMPLING_KEYS if k in sampling_cfg}
+
+
+def recorded_sampling(meta: dict) -> dict:
+    """The sampling settings a model folder's config.json recorded from its recipe, with
+    SamplingConfig's defaults for any it lacks (folders saved before models recorded them):
+    what scripts/evaluate.py and the main job sample with unless told otherwise."""
+    from fusion.config import SamplingConfig
+
+    recorded, fallback = meta.get("sampling") or {}, SamplingConfig()
+    return {k: recorded.get(k, getattr(fallback, k)) for k in RECIPE_SAMPLING_KEYS}
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
+               extra: dict | None = None):
+    """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
+
+    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks,
+    and the sha256 of ``model.safetensors`` (``weights_sha256``), which loading checks.
+    config.json is removed first and written last, each file through a temporary one, so a
+    crash while saving leaves a folder that refuses to load rather than a config that
+    describes weights it does not hold."""
+    from safetensors.torch import save_model as save_safetensors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(
+        model_cfg, DictConfig) else dataclasses.asdict(model_cfg)
+    tok = TextTokenizer.from_file(resolve_path(tokenizer_path))
+    meta = {"model": cfg, "vocab_size": model.vocab_size, "text_tokenizer": tokenizer_path,
+            "image_tokenizer": image_tokenizer_path,
+            "text_tokenizer_sha256": text_tokenizer_fingerprint(tok),
+            "image_tokenizer_sha256": image_tokenizer_fingerprint(image_tokenizer_path),
+            **(extra or {})}
+    cfg_file, weights = out / "config.json", out / "model.safetensors"
+    cfg_file.unlink(missing_ok=True)
+    replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
+    meta["weights_sha256"] = file_sha256(weights)
+    replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+# The keys load_model reads from a model folder's config.json.
+MODEL_CONFIG_KEYS = ("model", "text_tokenizer", "image_tokenizer", "image_size")
+
+
+def read_model_config(cfg_file: Path, error: type[UserError] = UserError) -> dict:
+    """A model folder's ``config.json`` as a dict, refusing (``error``) invalid JSON."""
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{cfg_file} is not valid JSON ({err}); restore the file or re-save the "
+                    "model with scripts/train.py") from err
+    if not isinstance(meta, dict):
+        raise error(f"{cfg_file} holds a JSON {type(meta).__name__}, not the object a model "
+                    "folder's config.json is; restore the file or re-save the model")
+    return meta
+
+
+def check_weights(weights: Path, meta: dict, cfg_file: Path,
+                  error: type[UserError] = UserError) -> None:
+    """Refuse (``error``) a ``model.safetensors`` whose sha256 is not the one its config.json
+    recorded: a truncated copy or a file from another run. Folders saved before the sha256
+    was recorded have nothing to check."""
+    recorded = meta.get("weights_sha256")
+    if recorded and file_sha256(weights) != recorded:
+        raise error(f"{weights} does not match the sha256 recorded in {cfg_file} (file corrupt "
+                    "or replaced?); copy the model folder again, or re-save it with "
+                    "scripts/train.py")
+
+
+def check_text_tokenizer(meta: dict, tokenizer: TextTokenizer, cfg_file: Path) -> None:
+    """Refuse a text tokenizer file whose vocabulary is not the one the model recorded: a
+    retrained tokenizer at the same path maps the model's ids to other words, silently."""
+    recorded = meta.get("text_tokenizer_sha256")
+    if not recorded:
+        return
+    found = text_tokenizer_fingerprint(tokenizer)
+    if found != recorded:
+        raise UserError(
+            f"{cfg_file}: the model was trained with the text tokenizer {meta['text_tokenizer']}"
+            f" (vocabulary sha256 {recorded[:12]}...), but that path now holds a different "
+            f"one ({tokenizer.vocab_size} tokens, sha256 {found[:12]}...); restore the "
+            "original there, e.g. with `git show <commit>:<file>`")
+
+
+def load_model(path, image_tokenizer: str | None = None):
+    """Inverse of :func:`save_model` -> (model, loss, text tokenizer, image tokenizer, meta).
+
+    The image tokenizer is the one recorded in ``config.json`` unless ``image_tokenizer`` names
+    another copy; either way it must be the artifact the model was trained with (its recorded
+    fingerprint): a retrained artifact at the same path would decode the model's latents or
+    codes into wrong images without any error. The text tokenizer and the weights file are
+    checked against their recorded fingerprints the same way."""
+    from safetensors.torch import load_model as load_safetensors
+
+    folder = Path(path)
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"model folder {folder} has no {f.name}")
+    meta = read_model_config(cfg_file)
+    missing = [k for k in MODEL_CONFIG_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{cfg_file} lacks the key(s) {', '.join(map(repr, missing))} that "
+                        f"loading a model needs ({', '.join(MODEL_CONFIG_KEYS)}); point at a "
+                        "model folder written by scripts/train.py, or add them")
+    check_weights(weights, meta, cfg_file)
+    tokenizer = TextTokenizer.from_file(resolve_path(meta["text_tokenizer"]))
+    check_text_tokenizer(meta, tokenizer, cfg_file)
+    image_path = image_tokenizer or meta["image_tokenizer"]
+    recorded = meta.get("image_tokenizer_sha256")
+    if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
+            recorded, image_path):
+        raise UserError(
+            f"{cfg_file}: the model was trained with the image tokenizer {meta['image_tokenizer']}"
+            f" (sha256 {recorded[:12]}...), but {image_path} holds a different artifact (a "
+            "retrained one?); pass a copy of the original (scripts/evaluate.py "
+            "--image-tokenizer PATH), e.g. restored with `git show <commit>:<file>`")
+    image_tokenizer = load_image_tokenizer(image_path)
+    model_cfg = OmegaConf.create(meta["model"])
+    model, loss = build_family(model_cfg, tokenizer, image_tokenizer, meta["image_size"])
+    try:
+        load_safetensors(model, str(weights))
+    except Exception as err:  # safetensors raises several types for corrupt/mismatched files
+        raise UserError(f"{weights} does not match the model in {cfg_file}: {err}") from err
+    return model, loss, tokenizer, image_tokenizer, meta
