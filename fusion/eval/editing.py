@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm.auto import tqdm
 
 from fusion.config import SamplingConfig
 from fusion.data.images import save_grid, to_tensor
 from fusion.data.shapes import EDIT_KINDS, ShapeObject, ShapesEdit, ShapesWorld, detect, render
+from fusion.eval.reconstruction import unit_images
+from fusion.image.losses import psnr as image_psnr
 
 
 @dataclass
@@ -106,13 +107,12 @@ def edit_errors(edit: ShapesEdit, found: Sequence[ShapeObject],
 
 def psnr(targets: np.ndarray | Sequence[np.ndarray],
          outputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Per-image PSNR (dB) of uint8 images, capped at 100 dB for identical ones: (N,)."""
-    a = torch.from_numpy(np.stack(list(targets))).permute(0, 3, 1, 2).double() / 255
-    b = torch.from_numpy(np.stack(list(outputs))).permute(0, 3, 1, 2).double() / 255
+    """Per-image PSNR (dB) of uint8 images (fusion.image.losses.psnr), capped at 100 dB for
+    identical ones: (N,)."""
+    a, b = unit_images(np.stack(list(targets))), unit_images(np.stack(list(outputs)))
     if a.shape != b.shape:
         raise ValueError(f"targets {tuple(a.shape)} and outputs {tuple(b.shape)} differ")
-    p = peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return p.clamp(max=100.0).numpy()
+    return image_psnr(b, a, data_range=1.0).numpy()
 
 
 def score_edits(edits: Sequence[ShapesEdit], outputs: np.ndarray | Sequence[np.ndarray],

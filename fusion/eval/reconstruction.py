@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
 from tqdm.auto import tqdm
 
 from fusion.data.images import to_uint8
 from fusion.data.shapes import Scene, detect, same_objects
+from fusion.image.losses import psnr as image_psnr
 
 
 def _stack(images: np.ndarray | Sequence[np.ndarray], name: str) -> np.ndarray:
@@ -41,6 +41,11 @@ def _stack(images: np.ndarray | Sequence[np.ndarray], name: str) -> np.ndarray:
 
 
 @torch.no_grad()
+def unit_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float64 (N, 3, H, W) in [0, 1], as the metrics take them."""
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).double() / 255
+
+
 def reconstruct(tokenizer: torch.nn.Module, images: np.ndarray | Sequence[np.ndarray],
                 batch_size: int = 64, progress: bool = True,
                 sources: np.ndarray | Sequence[np.ndarray] | None = None) -> np.ndarray:
@@ -100,11 +105,8 @@ def reconstruction_metrics(originals: np.ndarray | Sequence[np.ndarray],
     psnr, ssim, same = [], [], []
     for start in tqdm(range(0, len(a), batch_size), desc="reconstruction", disable=not progress,
                       leave=False):
-        x = torch.from_numpy(a[start:start + batch_size]).permute(0, 3, 1, 2).double() / 255
-        y = torch.from_numpy(b[start:start + batch_size]).permute(0, 3, 1, 2).double() / 255
-        # Per-image PSNR (dim=(1,2,3)); identical images give +inf, capped at 100 dB.
-        p = peak_signal_noise_ratio(y, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        psnr.append(p.clamp(max=100.0))
+        x, y = unit_images(a[start:start + batch_size]), unit_images(b[start:start + batch_size])
+        psnr.append(image_psnr(y, x, data_range=1.0))
         ssim.append(structural_similarity_index_measure(y, x, data_range=1.0,
                                                         reduction="none"))
         if attributes:

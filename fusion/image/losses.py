@@ -200,6 +200,15 @@ class AutoencoderLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Training-time metrics (held-out figures: fusion.eval.reconstruction.evaluate_reconstruction)
 # --------------------------------------------------------------------------------------------
+def psnr(images: torch.Tensor, targets: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Per-image PSNR (dB) of (N, C, H, W) batches, via torchmetrics: (N,). Identical images
+    (+inf) are capped at 100 dB so that means stay finite. The one PSNR of fusion: training
+    metrics, held-out reconstruction figures and edit scores all use it."""
+    p = peak_signal_noise_ratio(images, targets, data_range=data_range, reduction="none",
+                                dim=(1, 2, 3))
+    return p.clamp(max=100.0)
+
+
 def image_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batch-mean PSNR (dB) and SSIM of images in [-1, 1] (data range 2), via torchmetrics.
 
@@ -207,7 +216,6 @@ def image_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.
     """
     recon = recon.detach().float().clamp(-1, 1)
     target = target.detach().float()
-    psnr = peak_signal_noise_ratio(recon, target, data_range=2.0, reduction="none",
-                                   dim=(1, 2, 3)).mean()
+    mean_psnr = psnr(recon, target, data_range=2.0).mean()
     ssim = structural_similarity_index_measure(recon, target, data_range=2.0)
-    return {"psnr": psnr, "ssim": ssim}
+    return {"psnr": mean_psnr, "ssim": ssim}
