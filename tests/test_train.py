@@ -145,11 +145,8 @@ def test_a_spent_time_budget_stops_family_training_early():
 
 def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    import fusion.jobs.evaluate as ev
     recorded = {"sampling": {"guidance_scale": 6.0, "temperature": 0.7, "top_k": 64,
                              "diffusion_steps": 25}}
     args = argparse.Namespace(steps=ev.FROM_MODEL, temperature=0.9, top_k=ev.FROM_MODEL,
@@ -166,11 +163,8 @@ def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
 
 def test_evaluate_pools_several_prompt_sets():
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    import fusion.jobs.evaluate as ev
     a = {"geneval_overall": 0.2, "geneval_colors": {"score": 0.3, "correct": 30, "images": 100},
          "fid_shapes": 5.0, "generated_images": 665, "caption_examples": ["a"]}
     b = {"geneval_overall": 0.4, "geneval_colors": {"score": 0.45, "correct": 45, "images": 100},
@@ -188,14 +182,10 @@ def test_evaluate_pools_several_prompt_sets():
 
 def test_evaluate_guidance_interval_option(monkeypatch):
     import argparse
-    import importlib.util
     from types import SimpleNamespace
 
     import fusion.families as families
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    import fusion.jobs.evaluate as ev
     diffusion_like = SimpleNamespace(guidance_interval=None)
     token_like = SimpleNamespace()
     for given, expected in ((["0.1", "0.7"], [0.1, 0.7]), (["none"], [0.0, 1.0])):
