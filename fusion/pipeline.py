@@ -66,10 +66,6 @@ class StageRunner:
         return result
 
 
-FAMILY_TOKENIZERS = {"transfusion": "tokenizers/shapes-vae", "chameleon": "tokenizers/shapes-vqgan"}
-FAMILY_TOKENIZER_CONFIGS = {"transfusion": "vae_tiny", "chameleon": "vqgan_tiny"}
-
-
 def _script(name: str, overrides: list[str]) -> None:
     """Run one of the stage entry points (scripts/<name>.py) as its own process, so that each
     stage is exactly what a user would run by hand; its progress bars stream through."""
@@ -86,176 +82,198 @@ def _recorded(model_dir: Path) -> dict | None:
 
 def run_demo(cfg: DictConfig, debug: str | None = None) -> dict:
     """The main job; ``debug`` is the demo's own ``debug`` choice, passed on to each stage."""
-    out = Path(cfg.output_dir)
-    stages = StageRunner(out)
-    data, demo, family = cfg.data, cfg.demo, cfg.family
-    if family not in FAMILY_TOKENIZERS:
-        raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_TOKENIZERS)}")
-    debug_args = [f"debug={debug}"] if debug else []
+    job = MainJob(cfg, debug)
+    bpe = job.text_tokenizer()
+    job.preview()
+    detector = job.detector_check()
+    job.image_tokenizer()  # stage 1
+    trained = job.train(bpe)  # stage 2
+    scores = job.evaluate(trained)  # stage 3
+    edits = job.edit(trained) if cfg.demo.edit_steps > 0 else {}  # stage 4
+    return job.write_results(bpe, detector, trained, scores, edits)
 
-    tok_dir = out / "text_tokenizer"
 
-    def text_tokenizer() -> dict:
-        tok, path = train_shapes_tokenizer(tok_dir, cfg.text_tokenizer.vocab_size,
-                                           cfg.text_tokenizer.num_scenes, data.seed,
-                                           cfg.text_tokenizer.min_frequency)
+class MainJob:
+    """The main job's stages, each run through :class:`StageRunner` (reused when its config
+    fingerprint and outputs are unchanged). Paths of every stage's outputs live here."""
+
+    def __init__(self, cfg: DictConfig, debug: str | None = None):
+        from fusion.families import get as get_family
+
+        self.cfg, self.debug = cfg, debug
+        self.data, self.demo, self.family = cfg.data, cfg.demo, cfg.family
+        family = get_family(self.family)  # an unknown family fails here, naming the known ones
+        self.out = Path(cfg.output_dir)
+        self.stages = StageRunner(self.out)
+        self.debug_args = [f"debug={debug}"] if debug else []
+        self.tok_dir = self.out / "text_tokenizer"
+        # Stage 1: the family's image tokenizer kind, trained from tokenizer/<kind>_tiny when
+        # the artifact is missing (the shipped ones are in tokenizers/).
+        self.image_tok = resolve_path(self.demo.image_tokenizer or family.default_image_tokenizer)
+        self.tokenizer_config = f"{family.image_tokenizer_kind}_tiny"
+        self.run_dir = self.out / self.family
+        self.model_dir = self.run_dir / "model"
+        self.edit_dir = self.out / f"edit_{self.family}"
+
+    # -- text and data --------------------------------------------------------------------
+    def text_tokenizer(self) -> dict:
+        return self.stages.run("text_tokenizer", {"tok": self.cfg.text_tokenizer,
+                                                  "seed": self.data.seed},
+                               [self.tok_dir / "tokenizer.json"], self._train_text_tokenizer)
+
+    def _train_text_tokenizer(self) -> dict:
+        t = self.cfg.text_tokenizer
+        tok, path = train_shapes_tokenizer(self.tok_dir, t.vocab_size, t.num_scenes,
+                                           self.data.seed, t.min_frequency)
         example = "a photo of a red circle left of a blue square"
         n_tokens = len(tok.encode(example))
-        return {"vocab_size": tok.vocab_size, "path": str(path),
-                "tokens_in_example": n_tokens,
+        return {"vocab_size": tok.vocab_size, "path": str(path), "tokens_in_example": n_tokens,
                 "summary": f"BPE vocab {tok.vocab_size}; {n_tokens} tokens for {example!r}"}
 
-    tok_result = stages.run("text_tokenizer", {"tok": cfg.text_tokenizer, "seed": data.seed},
-                            [tok_dir / "tokenizer.json"], text_tokenizer)
+    def preview(self) -> dict:
+        path = self.out / "shapes_grid.png"
+        return self.stages.run("shapes_preview", {"demo": self.demo.grid_images,
+                                                  "data": self.data}, [path],
+                               lambda: self._preview(path))
 
-    grid_path = out / "shapes_grid.png"
-
-    def preview() -> dict:
+    def _preview(self, path: Path) -> dict:
         # Held-out scenes, shown with the caption a model would be trained on.
-        source = ShapesSource(demo.grid_images, seed=data.seed, size=data.image_size,
-                              offset=data.num_train)
+        source = ShapesSource(self.demo.grid_images, seed=self.data.seed,
+                              size=self.data.image_size, offset=self.data.num_train)
         records = [source[i] for i in range(len(source))]
-        save_grid([r.image for r in records], grid_path, [r.caption for r in records],
-                  columns=demo.grid_columns)
-        return {"images": len(records), "path": str(grid_path),
-                "summary": f"{len(records)} held-out scenes with captions -> {grid_path}"}
+        save_grid([r.image for r in records], path, [r.caption for r in records],
+                  columns=self.demo.grid_columns)
+        return {"images": len(records), "path": str(path),
+                "summary": f"{len(records)} held-out scenes with captions -> {path}"}
 
-    stages.run("shapes_preview", {"demo": demo.grid_images, "data": data}, [grid_path], preview)
+    def detector_check(self) -> dict:
+        return self.stages.run("detector_check", {"n": self.demo.detector_check_scenes,
+                                                  "data": self.data}, [], self._detector_check)
 
-    def detector_check() -> dict:
-        world = ShapesWorld(seed=data.seed, size=data.image_size)
-        n = demo.detector_check_scenes
+    def _detector_check(self) -> dict:
+        world = ShapesWorld(seed=self.data.seed, size=self.data.image_size)
+        n, start = self.demo.detector_check_scenes, self.data.num_train
         ok = sum(scene_matches(world.scene(i), detect(world.image(i)))
-                 for i in tqdm(range(data.num_train, data.num_train + n), desc="detector check",
-                               leave=False))
+                 for i in tqdm(range(start, start + n), desc="detector check", leave=False))
         return {"scenes": n, "exact_recovery": ok / n,
                 "summary": f"detector recovered {ok}/{n} held-out scenes exactly"}
 
-    det = stages.run("detector_check", {"n": demo.detector_check_scenes, "data": data}, [],
-                     detector_check)
+    # -- stage 1: the image tokenizer (reused when its artifact exists) -------------------
+    def image_tokenizer(self) -> dict:
+        return self.stages.run("image_tokenizer", {"path": str(self.image_tok),
+                                                   "over": self.demo.tokenizer_overrides,
+                                                   "debug": self.debug},
+                               [self.image_tok / "config.json"], self._image_tokenizer)
 
-    # Stage 1: the image tokenizer (reused when its artifact exists, e.g. the shipped one).
-    image_tok = resolve_path(demo.image_tokenizer or FAMILY_TOKENIZERS[family])
+    def _image_tokenizer(self) -> dict:
+        if (self.image_tok / "config.json").exists():
+            return {"path": str(self.image_tok), "trained": False,
+                    "summary": f"using the artifact in {self.image_tok}"}
+        _script("train_tokenizer", [f"tokenizer={self.tokenizer_config}",
+                                    f"tokenizer.artifact_dir={self.image_tok}",
+                                    f"output_dir={self.out / 'image_tokenizer'}",
+                                    *self.debug_args, *self.demo.tokenizer_overrides])
+        return {"path": str(self.image_tok), "trained": True,
+                "summary": f"trained and saved to {self.image_tok}"}
 
-    def image_tokenizer() -> dict:
-        if (image_tok / "config.json").exists():
-            return {"path": str(image_tok), "trained": False,
-                    "summary": f"using the artifact in {image_tok}"}
-        _script("train_tokenizer", [f"tokenizer={FAMILY_TOKENIZER_CONFIGS[family]}",
-                                    f"tokenizer.artifact_dir={image_tok}",
-                                    f"output_dir={out / 'image_tokenizer'}", *debug_args,
-                                    *demo.tokenizer_overrides])
-        return {"path": str(image_tok), "trained": True,
-                "summary": f"trained and saved to {image_tok}"}
+    # -- stage 2: the family model (resumes an interrupted run) ---------------------------
+    def train(self, bpe: dict) -> dict:
+        return self.stages.run(
+            "train", {"family": self.family, "steps": self.demo.train_steps,
+                      "over": self.demo.train_overrides, "debug": self.debug,
+                      "tokenizer": str(self.image_tok), "bpe": bpe["vocab_size"]},
+            [self.model_dir / "model.safetensors"],
+            lambda: self._train(f"{self.family}_tiny", self.run_dir, self.demo.train_steps,
+                                self.demo.train_overrides))
 
-    stages.run("image_tokenizer", {"path": str(image_tok), "over": demo.tokenizer_overrides,
-                                   "debug": debug}, [image_tok / "config.json"], image_tokenizer)
-
-    # Stage 2: the family model (resumes from its last checkpoint if interrupted).
-    run_dir = out / family
-    model_dir = run_dir / "model"
-
-    def train() -> dict:
-        # In debug mode the debug config's step count applies, not demo.train_steps.
-        steps = [] if debug else [f"trainer.max_steps={demo.train_steps}"]
-        _script("train", [f"experiment={family}_tiny", f"output_dir={run_dir}",
-                          f"image_tokenizer={image_tok}", *steps,
-                          f"data.text_tokenizer={tok_dir / 'tokenizer.json'}",
-                          f"logger={cfg.logger.kind}", *debug_args, *demo.train_overrides])
+    def _train(self, experiment: str, run_dir: Path, steps: int, overrides,
+               extra: tuple[str, ...] = ()) -> dict:
+        # In debug mode the debug config's step count applies, not the demo's.
+        max_steps = [] if self.debug else [f"trainer.max_steps={steps}"]
+        _script("train", [f"experiment={experiment}", f"output_dir={run_dir}", *extra,
+                          f"image_tokenizer={self.image_tok}", *max_steps,
+                          f"data.text_tokenizer={self.tok_dir / 'tokenizer.json'}",
+                          f"logger={self.cfg.logger.kind}", *self.debug_args, *overrides])
+        model_dir = run_dir / "model"
         meta = json.loads((model_dir / "config.json").read_text())
         return {"steps": meta["steps"], "path": str(model_dir),
-                "summary": f"{family} trained for {meta['steps']} steps -> {model_dir}"}
+                "summary": f"{experiment}: {meta['steps']} steps -> {model_dir}"}
 
-    trained = stages.run("train", {"family": family, "steps": demo.train_steps,
-                                   "over": demo.train_overrides, "debug": debug,
-                                   "tokenizer": str(image_tok), "bpe": tok_result["vocab_size"]},
-                         [model_dir / "model.safetensors"], train)
+    # -- stage 3: sample and evaluate (GenEval-shapes, FID-shapes, captioning) ------------
+    def evaluate(self, trained: dict) -> dict:
+        path = self.out / "eval.json"
+        return self.stages.run("evaluate", {"eval": [self.demo.eval_images_per_tag,
+                                                     self.demo.eval_caption_images],
+                                            "sampling": _recorded(self.model_dir),
+                                            "model": trained},
+                               [path], lambda: self._evaluate(path))
 
-    # Stage 3: sample and evaluate (GenEval-shapes, FID-shapes, captioning).
-    eval_path = out / "eval.json"
-
-    def evaluate() -> dict:
+    def _evaluate(self, path: Path) -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
         from fusion.families import family_sampler
         from fusion.families.folders import load_model, recorded_sampling
 
-        model, loss, tok, itok, meta = load_model(model_dir)
-        sampler = family_sampler(model, loss, tok, itok)
+        model, loss, tok, itok, meta = load_model(self.model_dir)
         # Sampled the way the recipe says (config.json "sampling"), as scripts/evaluate.py does.
-        ecfg = ModelEvalConfig(images_per_tag=demo.eval_images_per_tag,
-                               caption_images=demo.eval_caption_images, seed=cfg.seed,
+        ecfg = ModelEvalConfig(images_per_tag=self.demo.eval_images_per_tag,
+                               caption_images=self.demo.eval_caption_images, seed=self.cfg.seed,
                                **{k: v for k, v in recorded_sampling(meta).items()
                                   if k != "image_guidance_scale"})  # an editing setting
-        res = evaluate_model(sampler, tok, meta["image_size"], ecfg, world_seed=data.seed,
-                             grid_path=out / "samples.png")
-        eval_path.write_text(json.dumps(res, indent=2) + "\n")
+        res = evaluate_model(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
+                             ecfg, world_seed=self.data.seed, grid_path=self.out / "samples.png")
+        path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"GenEval-shapes {res['geneval_overall']:.3f}, "
                                   f"FID-shapes {res.get('fid_shapes', float('nan')):.2f}, "
                                   f"captions {res['caption_single_object_accuracy']:.2f}"}
 
-    ev = stages.run("evaluate", {"eval": [demo.eval_images_per_tag, demo.eval_caption_images],
-                                 "sampling": _recorded(model_dir), "model": trained},
-                    [eval_path], evaluate)
+    # -- stage 4: a short editing fine-tune of the stage-2 model, scored (docs/editing.md) -
+    def edit(self, trained: dict) -> dict:
+        edit_model = self.edit_dir / "model"
+        tuned = self.stages.run(
+            "edit_finetune", {"steps": self.demo.edit_steps, "model": trained,
+                              "over": self.demo.edit_overrides, "debug": self.debug},
+            [edit_model / "model.safetensors"],
+            lambda: self._train(f"edit_{self.family}_tiny", self.edit_dir, self.demo.edit_steps,
+                                self.demo.edit_overrides, (f"init_from={self.model_dir}",)))
+        path = self.out / "edit_eval.json"
+        return self.stages.run("edit_evaluate", {"per_kind": self.demo.edit_per_kind,
+                                                 "model": tuned,
+                                                 "sampling": _recorded(edit_model)},
+                               [path], lambda: self._edit_evaluate(edit_model, path))
 
-    # Stage 4: image editing -- a short fine-tune of the stage-2 model on ShapesWorld edits,
-    # then a few held-out edits of each kind, scored (docs/editing.md).
-    edit = {}
-    if demo.edit_steps > 0:
-        edit_dir = out / f"edit_{family}"
-        edit_model = edit_dir / "model"
-        edit_eval = out / "edit_eval.json"
+    def _edit_evaluate(self, edit_model: Path, path: Path) -> dict:
+        from fusion.eval.editing import EditEvalConfig, evaluate_editing
+        from fusion.families import family_sampler
+        from fusion.families.folders import load_model, recorded_sampling
 
-        def edit_finetune() -> dict:
-            steps = [] if debug else [f"trainer.max_steps={demo.edit_steps}"]
-            _script("train", [f"experiment=edit_{family}_tiny", f"output_dir={edit_dir}",
-                              f"init_from={model_dir}", f"image_tokenizer={image_tok}",
-                              f"data.text_tokenizer={tok_dir / 'tokenizer.json'}",
-                              f"logger={cfg.logger.kind}", *steps, *debug_args,
-                              *demo.edit_overrides])
-            meta = json.loads((edit_model / "config.json").read_text())
-            return {"steps": meta["steps"], "path": str(edit_model),
-                    "summary": f"edit fine-tune: {meta['steps']} steps -> {edit_model}"}
+        model, loss, tok, itok, meta = load_model(edit_model)
+        s = recorded_sampling(meta)  # the edit recipe's, as scripts/evaluate.py uses
+        ecfg = EditEvalConfig(per_kind=self.demo.edit_per_kind,
+                              guidance_scale=s["guidance_scale"],
+                              image_guidance_scale=s["image_guidance_scale"],
+                              diffusion_steps=s["diffusion_steps"],
+                              temperature=s["temperature"], top_k=s["top_k"], seed=self.cfg.seed)
+        res = evaluate_editing(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
+                               ecfg, world_seed=self.data.seed, grid_path=self.out / "edits.png")
+        res.pop("results", None)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
+                                  f"{res['edits']} held-out edits -> {self.out / 'edits.png'}"}
 
-        tuned = stages.run("edit_finetune", {"steps": demo.edit_steps, "model": trained,
-                                             "over": demo.edit_overrides, "debug": debug},
-                           [edit_model / "model.safetensors"], edit_finetune)
-
-        def edit_evaluate() -> dict:
-            from fusion.eval.editing import EditEvalConfig, evaluate_editing
-            from fusion.families import family_sampler
-            from fusion.families.folders import load_model, recorded_sampling
-
-            model, loss, tok, itok, meta = load_model(edit_model)
-            s = recorded_sampling(meta)  # the edit recipe's, as scripts/evaluate.py uses
-            ecfg = EditEvalConfig(per_kind=demo.edit_per_kind,
-                                  guidance_scale=s["guidance_scale"],
-                                  image_guidance_scale=s["image_guidance_scale"],
-                                  diffusion_steps=s["diffusion_steps"],
-                                  temperature=s["temperature"], top_k=s["top_k"],
-                                  seed=cfg.seed)
-            res = evaluate_editing(family_sampler(model, loss, tok, itok), tok,
-                                   meta["image_size"], ecfg, world_seed=data.seed,
-                                   grid_path=out / "edits.png")
-            res.pop("results", None)
-            edit_eval.write_text(json.dumps(res, indent=2) + "\n")
-            return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
-                                      f"{res['edits']} held-out edits -> {out / 'edits.png'}"}
-
-        edit = stages.run("edit_evaluate", {"per_kind": demo.edit_per_kind, "model": tuned,
-                                            "sampling": _recorded(edit_model)},
-                          [edit_eval], edit_evaluate)
-
-    results = {"family": family, "train_steps": trained["steps"],
-               "text_tokenizer_vocab": tok_result["vocab_size"],
-               "detector_exact_recovery": det["exact_recovery"],
-               **{k: v for k, v in ev.items() if isinstance(v, int | float)}}
-    if edit:
-        results["edit_accuracy"] = edit["edit_accuracy"]
-        results.update({f"edit_accuracy_{kind}": edit[kind]["accuracy"]
-                        for kind in ("recolor", "move", "add", "remove") if kind in edit})
-        results["edit_psnr"] = edit["psnr"]
-    write_results(out, results)
-    return results
+    # -- results ---------------------------------------------------------------------------
+    def write_results(self, bpe: dict, detector: dict, trained: dict, scores: dict,
+                      edits: dict) -> dict:
+        results = {"family": self.family, "train_steps": trained["steps"],
+                   "text_tokenizer_vocab": bpe["vocab_size"],
+                   "detector_exact_recovery": detector["exact_recovery"],
+                   **{k: v for k, v in scores.items() if isinstance(v, int | float)}}
+        if edits:
+            results["edit_accuracy"] = edits["edit_accuracy"]
+            results.update({f"edit_accuracy_{kind}": edits[kind]["accuracy"]
+                            for kind in ("recolor", "move", "add", "remove") if kind in edits})
+            results["edit_psnr"] = edits["psnr"]
+        write_results(self.out, results)
+        return results
 
 
 def write_results(out: Path, results: dict) -> str:
