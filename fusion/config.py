@@ -199,6 +199,9 @@ class SamplingConfig:
     temperature: float = 1.0  # Chameleon image codes; captions are decoded greedily
     top_k: int | None = None
     top_p: float | None = None
+    # Transfusion: guide only at noise levels t/T in (lo, hi] (arXiv:2404.07724); null: the
+    # interval the model was trained with (model.loss.diffusion.guidance_interval).
+    guidance_interval: list[float] | None = None
     grid_every_n_steps: int = 0  # 0 = only at the end of training
     # A prompt longer than the model takes (max_seq_len minus the image/answer positions):
     # "error" refuses it before sampling, naming the prompt; "truncate" keeps its first
@@ -326,6 +329,13 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return check_keys(hydra_compose(config_name=config_name, overrides=overrides or []))
+
+
+def given_keys(overrides, group: str = "sampling") -> set[str]:
+    """The keys of ``group`` set on a Hydra command line (``HydraConfig.get().overrides.task``):
+    what the user chose on purpose, as opposed to defaults."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
+    return {k.removeprefix(f"{group}.") for k in keys if k.startswith(f"{group}.")}
 
 
 def to_dataclass(node, cls):

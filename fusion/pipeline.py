@@ -211,14 +211,10 @@ class MainJob:
     def _evaluate(self, path: Path) -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
         from fusion.families import family_sampler
-        from fusion.families.folders import load_model, recorded_sampling
 
-        model, loss, tok, itok, meta = load_model(self.model_dir)
-        # Sampled the way the recipe says (config.json "sampling"), as scripts/evaluate.py does.
+        model, loss, tok, itok, meta, settings = self._load(self.model_dir)
         ecfg = ModelEvalConfig(images_per_tag=self.demo.eval_images_per_tag,
-                               caption_images=self.demo.eval_caption_images, seed=self.cfg.seed,
-                               **{k: v for k, v in recorded_sampling(meta).items()
-                                  if k != "image_guidance_scale"})  # an editing setting
+                               caption_images=self.demo.eval_caption_images, sampling=settings)
         res = evaluate_model(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
                              ecfg, world_seed=self.data.seed, grid_path=self.out / "samples.png")
         path.write_text(json.dumps(res, indent=2) + "\n")
@@ -244,21 +240,25 @@ class MainJob:
     def _edit_evaluate(self, edit_model: Path, path: Path) -> dict:
         from fusion.eval.editing import EditEvalConfig, evaluate_editing
         from fusion.families import family_sampler
-        from fusion.families.folders import load_model, recorded_sampling
 
-        model, loss, tok, itok, meta = load_model(edit_model)
-        s = recorded_sampling(meta)  # the edit recipe's, as scripts/evaluate.py uses
-        ecfg = EditEvalConfig(per_kind=self.demo.edit_per_kind,
-                              guidance_scale=s["guidance_scale"],
-                              image_guidance_scale=s["image_guidance_scale"],
-                              diffusion_steps=s["diffusion_steps"],
-                              temperature=s["temperature"], top_k=s["top_k"], seed=self.cfg.seed)
+        model, loss, tok, itok, meta, settings = self._load(edit_model)
+        ecfg = EditEvalConfig(per_kind=self.demo.edit_per_kind, sampling=settings)
         res = evaluate_editing(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
                                ecfg, world_seed=self.data.seed, grid_path=self.out / "edits.png")
         res.pop("results", None)
         path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
                                   f"{res['edits']} held-out edits -> {self.out / 'edits.png'}"}
+
+    def _load(self, model_dir: Path) -> tuple:
+        """A model folder and the settings to sample it with: its recorded recipe, as
+        scripts/evaluate.py uses by default (fusion.families.folders.model_sampling)."""
+        from fusion.config import SamplingConfig
+        from fusion.families.folders import load_model, model_sampling
+
+        model, loss, tok, itok, meta = load_model(model_dir)
+        settings, _ = model_sampling(SamplingConfig(seed=self.cfg.seed), meta)
+        return model, loss, tok, itok, meta, settings
 
     # -- results ---------------------------------------------------------------------------
     def write_results(self, bpe: dict, detector: dict, trained: dict, scores: dict,

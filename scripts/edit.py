@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fusion.config import check_keys, register_configs
+from fusion.config import check_keys, given_keys, register_configs
 from fusion.errors import report_user_errors
 from fusion.jobs.edit import register_edit_config, run_editing
 
@@ -25,9 +25,7 @@ register_edit_config()
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     # Sampling settings not given here come from the model folder's recipe (run_editing).
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-    given = {k.removeprefix("sampling.") for k in keys if k.startswith("sampling.")}
-    result = run_editing(check_keys(cfg), given=given)
+    result = run_editing(check_keys(cfg), given=given_keys(HydraConfig.get().overrides.task))
     line = f"{result['count']} edit(s): {result['output']}"
     if "psnr" in result:
         line += f"   PSNR vs targets {result['psnr']:.2f} dB"

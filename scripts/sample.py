@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fusion.config import check_keys, register_configs
+from fusion.config import check_keys, given_keys, register_configs
 from fusion.errors import report_user_errors
 from fusion.jobs.sample import run_sampling
 
@@ -24,9 +24,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    explicit = [o.split("=", 1)[0].lstrip("+~").removeprefix("sampling.")
-                for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("sampling.")]
-    result = run_sampling(check_keys(cfg), explicit_sampling=explicit)
+    result = run_sampling(check_keys(cfg),
+                          explicit_sampling=given_keys(HydraConfig.get().overrides.task))
     skipped = f" ({result['skipped']} unreadable images skipped)" if result.get("skipped") else ""
     print(f"{result['task']}: {result['count']} results in {result['output_dir']}{skipped}")
 

@@ -526,8 +526,11 @@ def test_edit_finetune_then_edit_and_evaluate(artifacts, tmp_path):
                                      "instruction=x"]))
     # edit accuracy of the (barely trained) model: runs and reports every kind
     model, loss, tok, image_tok, meta = load_model(out / "model")
-    summary = evaluate_editing(family_sampler(model, loss, tok, image_tok), tok, 64,
-                               EditEvalConfig(per_kind=1, diffusion_steps=2), progress=False)
+    from fusion.config import SamplingConfig
+
+    cfg = EditEvalConfig(per_kind=1, sampling=SamplingConfig(diffusion_steps=2))
+    summary = evaluate_editing(family_sampler(model, loss, tok, image_tok), tok, 64, cfg,
+                               progress=False)
     assert summary["edits"] == 4 and {"recolor", "move", "add", "remove"} <= set(summary)
 
 

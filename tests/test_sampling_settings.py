@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fusion.config import compose
+from fusion.config import SamplingConfig, compose
 from fusion.sampling.text import TokenSampling
 
 
@@ -16,7 +16,7 @@ class RecordingSampler:
         self.seen = []
 
     def generate_images(self, prompts, guidance_scale=None, steps=None, seed=0,
-                        progress=False, sampling=None):
+                        progress=False, sampling=None, guidance_interval=None):
         self.seen.append(sampling)
         return torch.zeros(len(prompts), 3, 32, 32)
 
@@ -31,10 +31,10 @@ def test_evaluate_model_passes_its_token_sampling():
     from fusion.eval.model import ModelEvalConfig, evaluate_model
 
     # the defaults are what Chameleon's sampler drew with before these fields existed
-    assert TokenSampling.from_config(ModelEvalConfig()) == TokenSampling(temperature=1.0)
+    assert TokenSampling.from_config(ModelEvalConfig().sampling) == TokenSampling(temperature=1.0)
     sampler = RecordingSampler()
-    cfg = ModelEvalConfig(images_per_tag=1, caption_images=1, fid=False, temperature=0.7,
-                          top_k=64, top_p=0.9)
+    cfg = ModelEvalConfig(images_per_tag=1, caption_images=1, fid=False,
+                          sampling=SamplingConfig(temperature=0.7, top_k=64, top_p=0.9))
     evaluate_model(sampler, TOK, 32, cfg, progress=False)
     assert sampler.seen and all(s == TokenSampling(0.7, 64, 0.9) for s in sampler.seen)
 
@@ -65,5 +65,5 @@ def test_sample_script_follows_the_models_recorded_recipe_unless_told_otherwise(
                              "sampling.temperature=0.5"])
     run.run_sampling(cfg, explicit_sampling=["temperature"])
     assert sampler.seen == [TokenSampling(0.5, 64, None)]  # top-k from the model
-    settings, taken = run.resolve_sampling(cfg.sampling, meta["sampling"], ["temperature"])
+    settings, taken = run.model_sampling(cfg.sampling, meta, ["temperature"])
     assert taken == {"top_k": 64, "guidance_scale": 6.0} and settings.guidance_scale == 6.0

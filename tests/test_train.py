@@ -147,18 +147,19 @@ def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
     import argparse
 
     import fusion.jobs.evaluate as ev
+
     recorded = {"sampling": {"guidance_scale": 6.0, "temperature": 0.7, "top_k": 64,
                              "diffusion_steps": 25}}
     args = argparse.Namespace(steps=ev.FROM_MODEL, temperature=0.9, top_k=ev.FROM_MODEL,
-                              guidance_scale=ev.FROM_MODEL)
+                              guidance_scale=ev.FROM_MODEL, seed=3)
     used = ev._resolve_sampling(args, recorded)
-    assert used == {"diffusion_steps": 25, "temperature": 0.9, "top_k": 64,
-                    "guidance_scale": 6.0}  # the command line wins over the record
+    assert (used.diffusion_steps, used.temperature, used.top_k, used.guidance_scale,
+            used.seed) == (25, 0.9, 64, 6.0, 3)  # the command line wins over the record
     # a folder saved before models recorded their sampling: the documented fallbacks
     old = argparse.Namespace(steps=ev.FROM_MODEL, temperature=ev.FROM_MODEL,
-                             top_k=ev.FROM_MODEL, guidance_scale=None)  # 'none' = CFG off
-    assert ev._resolve_sampling(old, {}) == {"diffusion_steps": 25, "temperature": 1.0,
-                                             "top_k": None, "guidance_scale": None}
+                             top_k=ev.FROM_MODEL, guidance_scale=None, seed=0)  # 'none' = off
+    assert ev._used(old, ev._resolve_sampling(old, {})) == {
+        "diffusion_steps": 25, "temperature": 1.0, "top_k": None, "guidance_scale": None}
 
 
 def test_evaluate_pools_several_prompt_sets():
@@ -180,25 +181,35 @@ def test_evaluate_pools_several_prompt_sets():
                                         world_seeds=[0, 1], device="cpu", **_FROM_MODEL(ev)))
 
 
-def test_evaluate_guidance_interval_option(monkeypatch):
+def test_evaluate_guidance_interval_option():
     import argparse
-    from types import SimpleNamespace
 
-    import fusion.families as families
     import fusion.jobs.evaluate as ev
-    diffusion_like = SimpleNamespace(guidance_interval=None)
-    token_like = SimpleNamespace()
+
     for given, expected in ((["0.1", "0.7"], [0.1, 0.7]), (["none"], [0.0, 1.0])):
-        monkeypatch.setattr(families, "family_sampler", lambda *a: diffusion_like)
-        ev._sampler(argparse.Namespace(guidance_interval=given), None, None, None, None)
-        assert diffusion_like.guidance_interval == expected
+        args = argparse.Namespace(guidance_interval=given, seed=0)
+        assert ev._resolve_sampling(args, {}).guidance_interval == expected
+    assert ev._resolve_sampling(argparse.Namespace(guidance_interval=ev.FROM_MODEL, seed=0),
+                                {}).guidance_interval is None  # the model's own interval
     for bad, message in ((["0.7", "0.1"], "guidance_interval must be"),
                          (["low", "high"], "takes LO HI or 'none'")):
         with pytest.raises(ValueError, match=message):
-            ev._sampler(argparse.Namespace(guidance_interval=bad), None, None, None, None)
-    monkeypatch.setattr(families, "family_sampler", lambda *a: token_like)
-    with pytest.raises(ValueError, match="Transfusion models only"):
-        ev._sampler(argparse.Namespace(guidance_interval=["0", "1"]), None, None, None, None)
+            ev.parse_guidance_interval(bad)
+
+
+def test_a_chameleon_sampler_refuses_a_guidance_interval():
+    from fusion.errors import UserError
+    from fusion.models.chameleon import Chameleon
+    from fusion.models.packing import SpecialIds
+    from fusion.models.schemas import ChameleonConfig
+    from fusion.sampling.chameleon import ChameleonSampler
+
+    model = Chameleon(ChameleonConfig(backbone_overrides=dict(
+        d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32, multiple_of=32)),
+        20, 8, 4)
+    sampler = ChameleonSampler(model, SpecialIds(0, 1, 2, 3, 4), (2, 2))
+    with pytest.raises(UserError, match="Transfusion models only"):
+        sampler.generate_images([[7]], guidance_interval=[0.0, 0.7])
 
 
 def _FROM_MODEL(ev) -> dict:

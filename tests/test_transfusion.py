@@ -123,11 +123,12 @@ def test_cached_and_uncached_sampling_give_the_same_image(patchifier):
 
 
 def _guided_sampler():
-    """A tiny model's sampler and a function: guidance scale -> images of two fixed prompts."""
+    """A tiny model's sampler and a function: (guidance scale, interval) -> images of two
+    fixed prompts."""
     model, loss = make_model()
     s = TransfusionSampler(model, SPECIAL, loss.diffusion)
-    return s, lambda scale: s.generate_images([[7, 8, 9], [10]], guidance_scale=scale, steps=4,
-                                              seed=1)
+    return s, lambda scale, interval=None: s.generate_images(
+        [[7, 8, 9], [10]], guidance_scale=scale, steps=4, seed=1, guidance_interval=interval)
 
 
 def test_guidance_scale_one_equals_unguided():
@@ -141,12 +142,11 @@ def test_guidance_scale_one_equals_unguided():
 def test_guidance_interval_guides_only_the_steps_inside_it():
     s, generate = _guided_sampler()
     always, plain = generate(3.0), generate(None)
-    s.guidance_interval = [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
-    assert torch.equal(generate(3.0), always)
-    s.guidance_interval = [0.0, 1e-4]  # no step is that clean: the conditional stream alone
-    assert torch.allclose(generate(3.0), plain, atol=1e-5)
-    s.guidance_interval = [0.0, 0.6]  # some steps guided, some not: neither extreme
-    partial = generate(3.0)
+    # every sampler step has 0 < t/T <= 1
+    assert torch.equal(generate(3.0, [0.0, 1.0]), always)
+    # no step is that clean: the conditional stream alone
+    assert torch.allclose(generate(3.0, [0.0, 1e-4]), plain, atol=1e-5)
+    partial = generate(3.0, [0.0, 0.6])  # some steps guided, some not: neither extreme
     assert not torch.allclose(partial, always, atol=1e-3)
     assert not torch.allclose(partial, plain, atol=1e-3)
 

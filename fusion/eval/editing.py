@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,15 +38,11 @@ from fusion.image.losses import psnr as image_psnr
 @dataclass
 class EditEvalConfig:
     per_kind: int = 100  # held-out edits of each kind
-    # Over the instruction, and over the source image (InstructPix2Pix's s_I): SamplingConfig's
-    # defaults; scripts/evaluate.py passes the model's recorded ones.
-    guidance_scale: float | None = SamplingConfig.guidance_scale
-    image_guidance_scale: float | None = SamplingConfig.image_guidance_scale
-    diffusion_steps: int = 25  # Transfusion
-    temperature: float = 1.0  # Chameleon image codes
-    top_k: int | None = None
+    # How edits are drawn: guidance over the instruction and over the source image
+    # (InstructPix2Pix's s_I), steps, Chameleon's code sampling (fusion.config.SamplingConfig;
+    # scripts/evaluate.py passes the model's recorded ones).
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 64
-    seed: int = 0
     heldout_start: int = 1_000_000  # scenes from here on are never trained on by default
     center_tol: float | None = None  # pixels; None = image_size / 16
 
@@ -177,25 +173,22 @@ def evaluate_editing(sampler, tokenizer, image_size: int, cfg: EditEvalConfig | 
     cfg = cfg or EditEvalConfig()
     world = ShapesWorld(seed=world_seed, size=image_size)
     edits = shapes_edit_set(world, cfg.per_kind, cfg.heldout_start)
-    sampling = SamplingConfig(guidance_scale=cfg.guidance_scale,
-                              image_guidance_scale=cfg.image_guidance_scale,
-                              diffusion_steps=cfg.diffusion_steps, temperature=cfg.temperature,
-                              top_k=cfg.top_k, seed=cfg.seed)
     outputs = []
     for start in tqdm(range(0, len(edits), cfg.batch_size), desc="editing",
                       disable=not progress):
         chunk = edits[start:start + cfg.batch_size]
         sources = torch.stack([to_tensor(render(e.source)) for e in chunk])
         outputs.append(edit_images(sampler, tokenizer, sources, [e.instruction for e in chunk],
-                                   sampling, cfg.batch_size,
+                                   cfg.sampling, cfg.batch_size,
                                    seed_offset=start))
     outputs = np.concatenate(outputs)
     if grid_path is not None:
         save_edit_grid(edits, outputs, grid_path)
     summary = score_edits(edits, outputs, cfg.center_tol, progress=progress)
-    summary["settings"] = {"guidance_scale": cfg.guidance_scale,
-                           "image_guidance_scale": cfg.image_guidance_scale,
-                           "diffusion_steps": cfg.diffusion_steps, "seed": cfg.seed,
+    s = cfg.sampling
+    summary["settings"] = {"guidance_scale": s.guidance_scale,
+                           "image_guidance_scale": s.image_guidance_scale,
+                           "diffusion_steps": s.diffusion_steps, "seed": s.seed,
                            "heldout_start": cfg.heldout_start, "world_seed": world_seed}
     return summary
 

@@ -8,39 +8,36 @@
   ``fusion.eval.captioning.score_captions`` (``single_object_accuracy`` = right class and
   colour for one-object images).
 
-Works for any family whose sampler has ``generate_images`` (taking a ``sampling``
-TokenSampling, which only token-based families use) and ``caption``.
+Works for any family's sampler (fusion.sampling.base.FamilySampler): ``generate_images`` with
+the settings of ``cfg.sampling`` (fusion.sampling.base.image_settings), and ``caption``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusion.config import SamplingConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.data.prompts import shapes_prompt_set
 from fusion.data.shapes import TAGS, ShapesWorld
-from fusion.sampling.text import TokenSampling
+from fusion.sampling.base import image_settings
 
 
 @dataclass
 class ModelEvalConfig:
-    images_per_tag: int = 200  # GenEval: images per tag, spread over the tag's prompts
+    images_per_tag: int = 100  # GenEval: images per tag, spread over the tag's prompts
     caption_images: int = 200  # image -> text: held-out single-object scenes
-    guidance_scale: float | None = 3.0
-    diffusion_steps: int = 25
-    # Chameleon's image codes (fusion.sampling.text.TokenSampling; Transfusion ignores them).
-    # Captions are always greedy.
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    # How images are drawn (guidance, steps, interval, Chameleon's temperature / top-k / top-p):
+    # the one settings object (fusion.config.SamplingConfig); batch b draws with seed
+    # sampling.seed + b. Captions are always greedy.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 64
-    seed: int = 0
     heldout_start: int = 1_000_000  # scenes from here on are never trained on by default
     fid: bool = True
 
@@ -62,7 +59,7 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
     from fusion.eval.geneval import score_geneval
 
     cfg = cfg or ModelEvalConfig()
-    token_sampling = TokenSampling.from_config(cfg)
+    s = cfg.sampling
     world = ShapesWorld(seed=world_seed, size=image_size)
     prompts = shapes_prompt_set(world, start=cfg.heldout_start)
     by_tag = {t: [p for p in prompts if p.tag == t] for t in TAGS}
@@ -80,9 +77,7 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
     bar = tqdm(total=len(jobs), desc="text->image", disable=not progress)
     for b, chunk in enumerate(_chunks(jobs, cfg.batch_size)):
         pixels = sampler.generate_images([tokenizer.encode(t) for _, t in chunk],
-                                         guidance_scale=cfg.guidance_scale,
-                                         steps=cfg.diffusion_steps, seed=cfg.seed + b,
-                                         sampling=token_sampling)
+                                         **image_settings(s, seed=s.seed + b))
         for (i, _), img in zip(chunk, to_uint8(pixels), strict=True):
             images[i].append(img)
             generated.append(img)

@@ -68,24 +68,41 @@ def image_tokenizer_matches(recorded: str, path) -> bool:
             or image_tokenizer_fingerprint(path, legacy=True) == recorded)
 
 
+# The settings a training recipe records in its model folder (config.json "sampling"): how the
+# model is meant to be sampled. Every other SamplingConfig field is the caller's.
 RECIPE_SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "diffusion_steps", "temperature",
                         "top_k", "top_p")
 
 
 def recipe_sampling(sampling_cfg) -> dict:
     """The sampling settings a run was configured with, recorded in the model's config.json
-    so that scripts/evaluate.py samples the model the way its recipe says by default."""
+    so that sampling the folder later follows its recipe by default."""
     return {k: sampling_cfg[k] for k in RECIPE_SAMPLING_KEYS if k in sampling_cfg}
 
 
 def recorded_sampling(meta: dict) -> dict:
-    """The sampling settings a model folder's config.json recorded from its recipe, with
-    SamplingConfig's defaults for any it lacks (folders saved before models recorded them):
-    what scripts/evaluate.py and the main job sample with unless told otherwise."""
+    """The recipe settings a model folder's config.json recorded, with SamplingConfig's
+    defaults for any it lacks (folders saved before models recorded them)."""
     from fusion.config import SamplingConfig
 
     recorded, fallback = meta.get("sampling") or {}, SamplingConfig()
     return {k: recorded.get(k, getattr(fallback, k)) for k in RECIPE_SAMPLING_KEYS}
+
+
+def model_sampling(settings, meta: dict, given=()) -> tuple:
+    """The one rule for sampling a model folder, used by scripts/sample.py, scripts/edit.py,
+    scripts/evaluate.py and the main job: each recipe setting (:data:`RECIPE_SAMPLING_KEYS`)
+    is the one the folder recorded, unless ``given`` names it (set on the command line); every
+    other field, and a recipe setting the folder did not record, is ``settings``'s.
+    ``settings``: a SamplingConfig (or a node of one).
+
+    Returns (the settings as a SamplingConfig, {setting: value taken from the model})."""
+    from fusion.config import SamplingConfig, to_dataclass
+
+    settings = to_dataclass(settings, SamplingConfig)
+    recorded = meta.get("sampling") or {}  # a folder saved before this: settings' defaults
+    taken = {k: recorded[k] for k in RECIPE_SAMPLING_KEYS if k in recorded and k not in given}
+    return dataclasses.replace(settings, **taken), taken
 
 
 def file_sha256(path) -> str:

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from fusion.config import SamplingConfig, resolve_path
+from fusion.config import SamplingConfig, resolve_path, to_dataclass
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor
 from fusion.errors import UserError
 from fusion.eval.editing import psnr
 from fusion.families import family_sampler
-from fusion.families.folders import load_model, recorded_sampling
+from fusion.families.folders import load_model, model_sampling
 from fusion.jobs.sample import pick_device
 from fusion.sampling.edit import edit_images
 
@@ -97,15 +96,13 @@ def run_editing(cfg, given: Collection[str] | None = None) -> dict:
         raise UserError("a single edit needs both image=<file> and a non-empty "
                         "instruction='...'")
     model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
-    sampling = OmegaConf.to_object(cfg.sampling) if isinstance(cfg.sampling, DictConfig) \
-        else cfg.sampling
+    sampling = to_dataclass(cfg.sampling, SamplingConfig)
     if given is not None:
         unknown = set(given) - {f.name for f in fields(SamplingConfig)}
         if unknown:
             raise UserError(f"unknown sampling keys {sorted(unknown)}; the keys are those of "
                             "SamplingConfig (fusion.config)")
-        sampling = replace(sampling, **{k: v for k, v in recorded_sampling(meta).items()
-                                        if k not in given})
+        sampling, _ = model_sampling(sampling, meta, given)
     size = meta["image_size"]
     if single:  # check the input before the model goes to the device
         arrays, instructions = [read_source_image(cfg.image, size, cfg.resize)], [

@@ -5,6 +5,7 @@ loads what they name and reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -127,19 +128,41 @@ SAMPLING_OPTIONS = {"steps": "diffusion_steps", "temperature": "temperature", "t
                     "image_guidance_scale": "image_guidance_scale"}  # option -> SamplingConfig field
 
 
-def _resolve_sampling(args, meta: dict) -> dict:
-    """Fill the sampling options not given on the command line; returns what was used."""
-    from fusion.families.folders import recorded_sampling
+def parse_guidance_interval(given: list[str]) -> list[float]:
+    """``--guidance-interval LO HI`` (or ``none``: guide at every step) as a checked interval."""
+    from fusion.models.diffusion import check_guidance_interval
 
-    defaults = recorded_sampling(meta)
-    used = {}
-    for name, key in SAMPLING_OPTIONS.items():
-        if getattr(args, name, None) is FROM_MODEL:
-            setattr(args, name, defaults[key])
-        if hasattr(args, name):
-            used[key] = getattr(args, name)
-    print("sampling: " + ", ".join(f"{k}={v}" for k, v in used.items()))
-    return used
+    if given == ["none"]:
+        return [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
+    try:
+        interval = [float(x) for x in given]
+    except ValueError:
+        raise UserError(f"--guidance-interval takes LO HI or 'none', got {given}") from None
+    check_guidance_interval(interval)
+    return interval
+
+
+def _resolve_sampling(args, meta: dict):
+    """The settings to sample with (a SamplingConfig): the options given on the command line,
+    the rest as the model folder recorded (fusion.families.folders.model_sampling, the rule of
+    every entry point). Prints what it used."""
+    from fusion.config import SamplingConfig
+    from fusion.families.folders import model_sampling
+
+    given = {key: getattr(args, name) for name, key in SAMPLING_OPTIONS.items()
+             if getattr(args, name, FROM_MODEL) is not FROM_MODEL}
+    interval = getattr(args, "guidance_interval", FROM_MODEL)
+    settings = SamplingConfig(**given, seed=args.seed, guidance_interval=None
+                              if interval is FROM_MODEL else parse_guidance_interval(interval))
+    settings, _ = model_sampling(settings, meta, given)
+    print("sampling: " + ", ".join(f"{k}={v}" for k, v in _used(args, settings).items()))
+    return settings
+
+
+def _used(args, settings) -> dict:
+    """The settings of the options this sub-command has, for its report."""
+    return {key: getattr(settings, key) for name, key in SAMPLING_OPTIONS.items()
+            if hasattr(args, name)}
 
 
 def cmd_editing(args) -> dict:
@@ -165,22 +188,20 @@ def cmd_editing(args) -> dict:
         if not args.model:
             raise UserError("give --model <model folder>, or --ground-truth / --unedited / "
                              "--tokenizer-ceiling")
+        from fusion.families import family_sampler
         from fusion.families.folders import load_model
 
         model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
         model.to(args.device), image_tok.to(args.device)
-        _resolve_sampling(args, meta)
+        settings = _resolve_sampling(args, meta)
+        sampler = family_sampler(model, loss, tok, image_tok)
         if args.diagnose:
-            return _diagnose_editing(args, _sampler(args, model, loss, tok, image_tok), tok,
-                                     image_tok, meta["image_size"])
-        cfg = EditEvalConfig(per_kind=args.per_kind, guidance_scale=args.guidance_scale,
-                             image_guidance_scale=args.image_guidance_scale,
-                             diffusion_steps=args.steps, temperature=args.temperature,
-                             top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
-                             heldout_start=args.start, center_tol=args.center_tol)
-        summary = evaluate_editing(_sampler(args, model, loss, tok, image_tok), tok,
-                                   meta["image_size"], cfg, world_seed=args.world_seed,
-                                   grid_path=args.grid)
+            return _diagnose_editing(args, settings, sampler, tok, image_tok, meta["image_size"])
+        cfg = EditEvalConfig(per_kind=args.per_kind, sampling=settings,
+                             batch_size=args.batch_size, heldout_start=args.start,
+                             center_tol=args.center_tol)
+        summary = evaluate_editing(sampler, tok, meta["image_size"], cfg,
+                                   world_seed=args.world_seed, grid_path=args.grid)
         summary["model"] = str(args.model)
     print(format_edit_summary(summary))
     if not args.keep_results:
@@ -188,7 +209,7 @@ def cmd_editing(args) -> dict:
     return summary
 
 
-def _diagnose_editing(args, sampler, tok, image_tok, image_size: int) -> dict:
+def _diagnose_editing(args, settings, sampler, tok, image_tok, image_size: int) -> dict:
     """``editing --diagnose``: copy cells vs changed cells, per kind
     (fusion.eval.edit_diagnosis)."""
     from fusion.data.shapes import EDIT_KINDS, ShapesWorld
@@ -201,52 +222,34 @@ def _diagnose_editing(args, sampler, tok, image_tok, image_size: int) -> dict:
     for kind in EDIT_KINDS:
         edits = shapes_edit_set(world, args.per_kind, args.start, kinds=[kind])
         result[kind] = diagnose_chameleon_edits(
-            sampler, tok, image_tok, edits, args.guidance_scale, args.image_guidance_scale,
-            TokenSampling(args.temperature, args.top_k), seed=args.seed,
+            sampler, tok, image_tok, edits, settings.guidance_scale,
+            settings.image_guidance_scale, TokenSampling.from_config(settings), seed=settings.seed,
             batch_size=args.batch_size, center_tol=args.center_tol)
         print(f"-- {kind}\n{format_diagnosis(result[kind])}")
     return result
 
 
-def _sampler(args, model, loss, tok, image_tok):
-    """The family's sampler, with ``--guidance-interval`` applied (Transfusion only)."""
-    from fusion.families import family_sampler
-    from fusion.models.diffusion import check_guidance_interval
-
-    sampler = family_sampler(model, loss, tok, image_tok)
-    if args.guidance_interval is FROM_MODEL:
-        return sampler
-    if not hasattr(sampler, "guidance_interval"):
-        raise ValueError("--guidance-interval is a diffusion setting: Transfusion models only")
-    given = args.guidance_interval
-    if given == ["none"]:
-        interval = [0.0, 1.0]  # every sampler step has 0 < t/T <= 1
-    else:
-        try:
-            interval = [float(x) for x in given]
-        except ValueError:
-            raise ValueError(f"--guidance-interval takes LO HI or 'none', got {given}") from None
-        check_guidance_interval(interval)
-    sampler.guidance_interval = interval
-    return sampler
-
-
 def cmd_model(args) -> dict:
     """What the main job's evaluation stage runs, for any saved model folder."""
     from fusion.eval.model import ModelEvalConfig, evaluate_model
+    from fusion.families import family_sampler
     from fusion.families.folders import load_model
 
     if args.world_seeds and args.world_seed:
         raise ValueError("give --world-seed or --world-seeds, not both")
     model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
     model.to(args.device), image_tok.to(args.device)
-    sampling = _resolve_sampling(args, meta)
+    settings = _resolve_sampling(args, meta)
+    sampling = _used(args, settings)
+    # the interval guided in: given, else the one the model was trained with (diffusion only)
+    interval = settings.guidance_interval or (
+        ((meta.get("model") or {}).get("loss") or {}).get("diffusion") or {}).get(
+        "guidance_interval")
+    if interval is not None:
+        sampling["guidance_interval"] = interval
+        print(f"guidance_interval={interval}")
     world_seeds = args.world_seeds or [args.world_seed]
-    sampler = _sampler(args, model, loss, tok, image_tok)
-    if hasattr(sampler, "guidance_interval"):
-        sampling["guidance_interval"] = (sampler.guidance_interval
-                                         or sampler.diffusion.cfg.guidance_interval)
-        print(f"guidance_interval={sampling['guidance_interval']}")
+    sampler = family_sampler(model, loss, tok, image_tok)
     per_set = {}
     for world_seed in world_seeds:
         # One prompt set varies by far more than its binomial error (docs/results.md), so
@@ -254,9 +257,8 @@ def cmd_model(args) -> dict:
         seed = args.seed + (world_seed if len(world_seeds) > 1 else 0)
         cfg = ModelEvalConfig(images_per_tag=args.images_per_tag,
                               caption_images=args.caption_images,
-                              guidance_scale=args.guidance_scale, diffusion_steps=args.steps,
-                              temperature=args.temperature, top_k=args.top_k,
-                              batch_size=args.batch_size, seed=seed, fid=not args.no_fid)
+                              sampling=dataclasses.replace(settings, seed=seed),
+                              batch_size=args.batch_size, fid=not args.no_fid)
         grid = args.grid if world_seed == world_seeds[0] else None
         per_set[world_seed] = evaluate_model(sampler, tok, meta["image_size"], cfg,
                                              world_seed=world_seed, grid_path=grid)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -19,8 +18,13 @@ from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
 from fusion.errors import UserError
 from fusion.families import family_sampler
-from fusion.families.folders import load_model
-from fusion.sampling.base import check_overflow_setting, encode_prompts, fit_prompts
+from fusion.families.folders import load_model, model_sampling
+from fusion.sampling.base import (
+    check_overflow_setting,
+    encode_prompts,
+    fit_prompts,
+    image_settings,
+)
 from fusion.sampling.text import TokenSampling
 
 TASKS = ("text_to_image", "image_to_text", "text_to_text")
@@ -88,28 +92,20 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def resolve_sampling(sampling, recorded: dict, explicit: Iterable[str] = ()) -> tuple:
-    """The settings to sample with: ``sampling`` (the config) where each setting the model
-    recorded from its training recipe (config.json "sampling", e.g. Chameleon's top-k 64) is
-    taken from the model, unless ``explicit`` names it (set on the command line).
-    Returns (settings, {setting: value taken from the model})."""
-    taken = {k: v for k, v in recorded.items() if k in sampling and k not in set(explicit)}
-    return OmegaConf.merge(sampling, taken), taken
-
-
 def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
     """``explicit_sampling``: the ``sampling.*`` settings given on the command line; the
-    others follow the model's recorded recipe where it has one (:func:`resolve_sampling`)."""
+    others follow the model's recorded recipe where it has one
+    (fusion.families.folders.model_sampling)."""
     if cfg.task not in TASKS:
         raise UserError(f"task={cfg.task} is not a task; pass task= one of {', '.join(TASKS)}")
-    overflow = check_overflow_setting(getattr(cfg.sampling, "prompt_overflow", "error"))
+    overflow = check_overflow_setting(cfg.sampling.prompt_overflow)
     device = pick_device(cfg.device)
     model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
     model.to(device), image_tok.to(device)
     sampler = family_sampler(model, loss, tok, image_tok)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s, taken = resolve_sampling(cfg.sampling, meta.get("sampling") or {}, explicit_sampling)
+    s, taken = model_sampling(cfg.sampling, meta, explicit_sampling)
     if taken:
         print("sampling as the model's recipe: "
               + ", ".join(f"{k}={v}" for k, v in taken.items()))
@@ -126,10 +122,7 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         images = []
         for i, batch in enumerate(tqdm(list(_batches(prompt_ids, cfg.batch_size)),
                                        desc="text->image")):
-            pixels = sampler.generate_images(batch,
-                                             guidance_scale=s.guidance_scale,
-                                             steps=s.diffusion_steps, seed=s.seed + i,
-                                             sampling=token_sampling)
+            pixels = sampler.generate_images(batch, **image_settings(s, seed=s.seed + i))
             images += list(to_uint8(pixels))
         save_grid(images, out / "text_to_image.png", prompts)
         records = [{"prompt": p} for p in prompts]

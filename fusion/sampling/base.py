@@ -151,6 +151,19 @@ def guidance_scales(guidance_scale: float | None,
     return () if guidance_scale is None else (guidance_scale,)
 
 
+def image_settings(settings, seed: int | None = None, edit: bool = False) -> dict:
+    """The keyword arguments of a family sampler's ``generate_images`` (``edit=True``: its
+    ``edit``) for a sampling-settings object (fusion.config.SamplingConfig): the one place
+    where the settings meet the samplers. ``seed``: this batch's seed (default the settings')."""
+    kwargs = dict(guidance_scale=settings.guidance_scale, steps=settings.diffusion_steps,
+                  seed=settings.seed if seed is None else seed,
+                  sampling=TokenSampling.from_config(settings),
+                  guidance_interval=settings.guidance_interval)
+    if edit:
+        kwargs["image_guidance_scale"] = settings.image_guidance_scale
+    return kwargs
+
+
 @runtime_checkable
 class FamilySampler(Protocol):
     """What every family's sampler provides (fusion.families.registry.Family.sampler); the

@@ -21,10 +21,17 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from fusion.errors import UserError
 from fusion.models.chameleon import Chameleon, image_cells, source_alignment
 from fusion.models.packing import SpecialIds
 from fusion.sampling.base import StreamSampler, combine_guidance, fit_prompts, guidance_scales
 from fusion.sampling.text import TokenSampling, sample_token
+
+
+def no_guidance_interval(interval) -> None:
+    if interval is not None:
+        raise UserError(f"guidance_interval={list(interval)} is a diffusion setting: Transfusion "
+                        "models only; leave it unset (null) for a Chameleon model")
 
 
 class ChameleonSampler(StreamSampler):
@@ -70,11 +77,14 @@ class ChameleonSampler(StreamSampler):
     @torch.no_grad()
     def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
                         steps: int | None = None, seed: int = 0, progress: bool = False,
-                        sampling: TokenSampling | None = None) -> torch.Tensor:
+                        sampling: TokenSampling | None = None,
+                        guidance_interval: list[float] | None = None) -> torch.Tensor:
         """Prompt ids -> images (B, 3, H, W), or codes (B, h, w) without a decoder.
 
         ``sampling`` draws the codes (None: the sampler's ``image_sampling``); ``steps`` is
-        accepted for a family-agnostic call and ignored (one step per code)."""
+        accepted for a family-agnostic call and ignored (one step per code), and
+        ``guidance_interval``, a diffusion setting, is refused."""
+        no_guidance_interval(guidance_interval)
         fit_prompts(prompts, self.prompt_budget("text_to_image"))
         s = self.special
         scales = guidance_scales(guidance_scale)
@@ -87,11 +97,13 @@ class ChameleonSampler(StreamSampler):
     def edit(self, sources: torch.Tensor, instructions: list[list[int]],
              guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = False,
-             sampling: TokenSampling | None = None) -> torch.Tensor:
+             sampling: TokenSampling | None = None,
+             guidance_interval: list[float] | None = None) -> torch.Tensor:
         """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
 
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
         source image (None: that stream is left out). ``steps`` is ignored."""
+        no_guidance_interval(guidance_interval)
         fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model
         codes = (self.encode_images(sources.to(self.device)).flatten(1) + m.text_vocab).tolist()

@@ -17,8 +17,7 @@ import torch
 from fusion.config import SamplingConfig
 from fusion.data.images import to_uint8
 from fusion.data.text import TextTokenizer
-from fusion.sampling.base import check_overflow_setting, encode_prompts
-from fusion.sampling.text import TokenSampling
+from fusion.sampling.base import check_overflow_setting, encode_prompts, image_settings
 
 
 def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
@@ -30,16 +29,12 @@ def edit_images(sampler, tokenizer: TextTokenizer, sources: torch.Tensor,
     (``sampling.prompt_overflow``: refuse or cut a longer one; an empty one edits without
     an instruction, with a warning)."""
     s = sampling
-    token_sampling = TokenSampling.from_config(s)
     overflow = check_overflow_setting(getattr(s, "prompt_overflow", "error"))
     budget = sampler.prompt_budget("edit") if hasattr(sampler, "prompt_budget") else None
     ids = encode_prompts(tokenizer, instructions, budget, overflow, what="instruction")
     out = []
     for b, start in enumerate(range(0, len(instructions), batch_size)):
         pixels = sampler.edit(sources[start:start + batch_size], ids[start:start + batch_size],
-                              guidance_scale=s.guidance_scale,
-                              image_guidance_scale=s.image_guidance_scale,
-                              steps=s.diffusion_steps, seed=s.seed + seed_offset + b,
-                              sampling=token_sampling)
+                              **image_settings(s, seed=s.seed + seed_offset + b, edit=True))
         out.append(to_uint8(pixels))
     return np.concatenate(out)

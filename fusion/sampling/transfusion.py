@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from fusion.models.diffusion import Diffusion
+from fusion.models.diffusion import Diffusion, check_guidance_interval
 from fusion.models.packing import SpecialIds
 from fusion.models.transfusion import Transfusion
 from fusion.sampling.base import (
@@ -53,9 +53,6 @@ class TransfusionSampler(StreamSampler):
                  decode_latents=None, encode_images=None, use_cache: bool = True):
         super().__init__(model, special, use_cache)
         self.diffusion = diffusion
-        # None: the objective's configured interval (DiffusionConfig.guidance_interval);
-        # scripts/evaluate.py --guidance-interval sets another here.
-        self.guidance_interval: list[float] | None = None
         self.decode_latents, self.encode_images = decode_latents, encode_images
 
     def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
@@ -70,10 +67,14 @@ class TransfusionSampler(StreamSampler):
         return super()._reserved(task, max_new_tokens)
 
     def _denoise(self, state: Streams, batch: int, scales: tuple[float, ...], steps: int,
-                 generator: torch.Generator | None, progress: bool) -> torch.Tensor:
+                 generator: torch.Generator | None, progress: bool,
+                 interval: list[float] | None) -> torch.Tensor:
         """Diffuse one image block for each of ``batch`` prompts; streams are the
-        len(scales) + 1 guidance groups (:func:`combine_guidance`). Commits the clean block.
+        len(scales) + 1 guidance groups (:func:`combine_guidance`), guided only inside
+        ``interval`` (None: the objective's configured one). Commits the clean block.
         Returns clean latents (batch, C, h, w)."""
+        if interval is not None:
+            check_guidance_interval(interval)
         m, cfg = self.model, self.model.cfg
         streams = len(state.pad)
         shape = (batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
@@ -86,7 +87,7 @@ class TransfusionSampler(StreamSampler):
             h = self._run(state, tokens, image=True, commit=False)
             out = m.patchifier.unpatchify(h, tt, skips)
             # Outside the guidance interval: the most conditioned group alone (the first).
-            guided = self.diffusion.guided(t, self.guidance_interval)
+            guided = self.diffusion.guided(t, interval)
             out = combine_guidance(out, scales) if guided else out[:batch]
             x = sampler.step(out, t, x).prev_sample
         # Commit the clean image (t = 0) once, as the context for whatever follows.
@@ -100,12 +101,15 @@ class TransfusionSampler(StreamSampler):
     @torch.no_grad()
     def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
                         steps: int | None = None, seed: int = 0, progress: bool = False,
-                        sampling: TokenSampling | None = None) -> torch.Tensor:
+                        sampling: TokenSampling | None = None,
+                        guidance_interval: list[float] | None = None) -> torch.Tensor:
         """Prompt token ids -> images (B, 3, H, W) in [-1, 1] (or latents without a VAE).
 
         ``guidance_scale=None`` is unguided; otherwise the unconditional stream is the
-        caption-dropped document ``<bos> <boi>`` (what caption dropout trained).
-        ``sampling`` is accepted for a family-agnostic call and ignored (no image tokens)."""
+        caption-dropped document ``<bos> <boi>`` (what caption dropout trained), and guidance
+        applies at noise levels inside ``guidance_interval`` (None: the model's configured
+        interval; arXiv:2404.07724). ``sampling`` is accepted for a family-agnostic call and
+        ignored (no image tokens)."""
         fit_prompts(prompts, self.prompt_budget("text_to_image"))
         s = self.special
         streams = [[s.bos, *p, s.boi] for p in prompts]
@@ -114,18 +118,21 @@ class TransfusionSampler(StreamSampler):
         state, _ = self._start(streams)
         g = torch.Generator(device=self.device).manual_seed(seed)
         latents = self._denoise(state, len(prompts), guidance_scales(guidance_scale),
-                                steps or self.diffusion.cfg.sample_steps, g, progress)
+                                steps or self.diffusion.cfg.sample_steps, g, progress,
+                                guidance_interval)
         return self.decode_latents(latents) if self.decode_latents else latents
 
     @torch.no_grad()
     def edit(self, sources: torch.Tensor, instructions: list[list[int]],
              guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = False,
-             sampling: TokenSampling | None = None) -> torch.Tensor:
+             sampling: TokenSampling | None = None,
+             guidance_interval: list[float] | None = None) -> torch.Tensor:
         """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
 
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
-        source image (None: that stream is left out; 1.0 is the same as None).
+        source image (None: that stream is left out; 1.0 is the same as None), both inside
+        ``guidance_interval`` as in :meth:`generate_images`.
         ``sampling`` is accepted for a family-agnostic call and ignored."""
         fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model
@@ -142,7 +149,7 @@ class TransfusionSampler(StreamSampler):
         state, _ = self._start_blocks(streams)
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = self._denoise(state, B, scales, steps or self.diffusion.cfg.sample_steps, g,
-                            progress)
+                            progress, guidance_interval)
         return self.decode_latents(out) if self.decode_latents else out
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from fusion.data.images import to_tensor
 from fusion.data.text import TextTokenizer
 from fusion.families import family_sampler
-from fusion.sampling.text import TokenSampling
+from fusion.sampling.base import check_overflow_setting, encode_prompts, image_settings
 
 
 def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
@@ -17,10 +17,7 @@ def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
     and for Chameleon's image codes temperature / top-k / top-p). ``check_prompts_for``: a
     model whose prompt budget ``sampling.prompts`` are checked against now, so a grid prompt
     that does not fit fails before training rather than at its end."""
-    from fusion.sampling.base import check_overflow_setting, encode_prompts
-
     s = cfg.sampling
-    token_sampling = TokenSampling.from_config(s)
     overflow = check_overflow_setting(s.prompt_overflow)
     if check_prompts_for is not None and s.prompts:
         was_training = check_prompts_for.training  # a sampler puts its model in eval mode
@@ -35,9 +32,7 @@ def make_image_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss,
         def generate(prompts: list[str]):
             ids = encode_prompts(tokenizer, prompts, sampler.prompt_budget("text_to_image"),
                                  overflow)
-            return sampler.generate_images(ids, guidance_scale=s.guidance_scale,
-                                           steps=s.diffusion_steps, seed=s.seed,
-                                           sampling=token_sampling)
+            return sampler.generate_images(ids, **image_settings(s))
         return generate
 
     return for_model
@@ -56,12 +51,8 @@ def make_edit_sampler(cfg, tokenizer: TextTokenizer, image_tokenizer, loss, reco
         def generate(instructions: list[str]) -> torch.Tensor:
             if list(instructions) != [r.instruction for r in records]:
                 raise ValueError("the edit grid's captions must be its records' instructions")
-            s = cfg.sampling
             edited = sampler.edit(sources, [tokenizer.encode(t) for t in instructions],
-                                  guidance_scale=s.guidance_scale,
-                                  image_guidance_scale=s.image_guidance_scale,
-                                  steps=s.diffusion_steps,
-                                  seed=s.seed, sampling=TokenSampling.from_config(s))
+                                  **image_settings(cfg.sampling, edit=True))
             return torch.cat([sources.to(edited.device), edited.float(),
                               targets.to(edited.device)], dim=-1)
         return generate
