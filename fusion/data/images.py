@@ -116,3 +116,14 @@ def save_grid(images: Sequence[np.ndarray], path: str | Path, captions: Sequence
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+def source_batches(source, n: int | None = None, batch_size: int = 64,
+                   what: str = "this evaluation"):
+    """The images of ``source[:n]`` (``source[i].image``: uint8 (H, W, 3); None: all of it)
+    in batches: uint8 arrays (B, H, W, 3), in order. An empty selection is refused."""
+    n = len(source) if n is None else min(n, len(source))
+    if n == 0:
+        raise ValueError(f"{what} needs at least one image")
+    for start in range(0, n, batch_size):
+        yield np.stack([source[i].image for i in range(start, min(start + batch_size, n))])

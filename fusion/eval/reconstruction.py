@@ -133,20 +133,15 @@ def evaluate_reconstruction(tokenizer: torch.nn.Module, source: Sequence, n: int
     detections on the original and the reconstruction (``same_objects``).
     Returns ``{"images", "psnr", "ssim", "attribute_accuracy"}``.
     """
-    from fusion.data.images import to_tensor
+    from fusion.data.images import source_batches, to_tensor
+    from fusion.image.artifacts import eval_mode
 
-    n = len(source) if n is None else min(n, len(source))
-    if n == 0:
-        raise ValueError("evaluate_reconstruction needs at least one image")
-    was_training = tokenizer.training
-    tokenizer.eval()
     device = next(tokenizer.parameters()).device
     originals, recons = [], []
-    for start in range(0, n, batch_size):
-        batch = np.stack([source[i].image for i in range(start, min(start + batch_size, n))])
-        x = torch.stack([to_tensor(img) for img in batch]).to(device)
-        originals.append(batch)
-        recons.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
-    tokenizer.train(was_training)
+    with eval_mode(tokenizer):
+        for batch in source_batches(source, n, batch_size, "evaluate_reconstruction"):
+            x = torch.stack([to_tensor(img) for img in batch]).to(device)
+            originals.append(batch)
+            recons.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
     return reconstruction_metrics(np.concatenate(originals), np.concatenate(recons),
                                   progress=progress)

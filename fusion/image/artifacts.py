@@ -8,6 +8,7 @@ names the file and says what is wrong with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -85,3 +86,66 @@ def artifact_kind(path: str | Path) -> str:
         if read_json(path / CONFIG_NAME).get("kind") == "vqgan":
             return "vqgan"
     return "vae"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class ImageTokenizer(nn.Module):
+    """What every stage-1 image tokenizer (VAE, VQ-GAN) shares: its geometry, the check of its
+    input, and its artifact files. A subclass sets :attr:`kind_name` and :attr:`artifact_format`
+    and provides ``block_out_channels``, ``config_dict()`` and, when not every tensor of its
+    ``state_dict`` is a weight to save, ``weights_state()``."""
+
+    kind_name = "image tokenizer"  # for messages: "VAE", "VQ-GAN"
+    artifact_format = ""  # model.safetensors metadata: what wrote the file
+
+    @property
+    def block_out_channels(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def downsample_factor(self) -> int:
+        # Every encoder level but the last halves the resolution (diffusers Encoder).
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def latent_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latent or code grid for an image of ``image_size`` (int: square)."""
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        f = self.downsample_factor
+        if any(s % f for s in hw):
+            raise ValueError(f"image size {hw} is not divisible by the {self.kind_name}'s "
+                             f"factor f={f}")
+        return hw[0] // f, hw[1] // f
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        self.latent_grid(tuple(images.shape[-2:]))
+
+    def config_dict(self) -> dict:
+        raise NotImplementedError
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tensors ``model.safetensors`` holds (default: the whole state dict)."""
+        return self.state_dict()
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (tensors only; nothing is pickled)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.weights_state().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": self.artifact_format})
+        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2,
+                                                   default=jsonable) + "\n")
+        return path

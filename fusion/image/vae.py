@@ -25,7 +25,6 @@ No training logic lives here (docs/design.md, Principles): the LightningModule i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -33,16 +32,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import save_file
-from torch import nn
 
 # File helpers shared with the VQ-GAN (every failure names the file and what is wrong with it).
 from fusion.image.artifacts import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    ImageTokenizer,
     TokenizerLoadError,
 )
-from fusion.image.artifacts import jsonable as _jsonable
 from fusion.image.artifacts import load_state as _load_state
 from fusion.image.artifacts import load_weights as _load_weights
 from fusion.image.artifacts import read_json as _read_json
@@ -89,7 +86,7 @@ def build_autoencoder(block_out_channels: Iterable[int] = (32, 64, 128, 128),
     return ae
 
 
-class VAETokenizer(nn.Module):
+class VAETokenizer(ImageTokenizer):
     """Images <-> scaled continuous latents, around a diffusers ``AutoencoderKL``.
 
     ``encode`` returns ``(mean(q(z|x)) - shift) * scale`` and ``decode`` inverts that map
@@ -97,6 +94,8 @@ class VAETokenizer(nn.Module):
     ``.to``) and also written to the diffusers config (``shift_factor``/``scaling_factor``)
     so the autoencoder alone stays self-describing.
     """
+
+    kind_name, artifact_format = "VAE", FORMAT
 
     def __init__(self, autoencoder: AutoencoderKL, shift: float = 0.0, scale: float = 1.0,
                  info: dict | None = None, sample_posterior: bool = True):
@@ -115,17 +114,8 @@ class VAETokenizer(nn.Module):
         return int(self.autoencoder.config.latent_channels)
 
     @property
-    def downsample_factor(self) -> int:
-        # Every encoder level but the last halves the resolution (diffusers Encoder).
-        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
-
-    def latent_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the latent for an image of ``image_size`` (an int means square)."""
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        f = self.downsample_factor
-        if any(s % f for s in hw):
-            raise ValueError(f"image size {hw} is not divisible by the VAE's factor f={f}")
-        return hw[0] // f, hw[1] // f
+    def block_out_channels(self) -> list[int]:
+        return list(self.autoencoder.config.block_out_channels)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -133,11 +123,6 @@ class VAETokenizer(nn.Module):
         return self.autoencoder.decoder.conv_out.weight
 
     # ---- the tokenizer interface -------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        self.latent_grid(tuple(images.shape[-2:]))
-
     def encode_unscaled(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> raw latents z (B, C, h, w), before shift/scale."""
         self._check_images(images)
@@ -201,15 +186,9 @@ class VAETokenizer(nn.Module):
             "info": self.info,
         }
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (weights only; nothing is pickled)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.autoencoder.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2,
-                                                   default=_jsonable) + "\n")
-        return path
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        # shift and scale are written to config.json, not to the weights file
+        return self.autoencoder.state_dict()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: str | Path | None = None

@@ -32,22 +32,21 @@ the VAE) against ``fusion.image.losses.AutoencoderLoss``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import Decoder, Encoder
-from safetensors.torch import save_file
 from torch import nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from fusion.image.artifacts import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    ImageTokenizer,
     TokenizerLoadError,
-    jsonable,
+    eval_mode,
     load_weights,
     read_json,
 )
@@ -165,7 +164,7 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------
-class VQTokenizer(nn.Module):
+class VQTokenizer(ImageTokenizer):
     """Images <-> (h, w) integer codes: encoder -> quantiser -> decoder.
 
     Args:
@@ -178,6 +177,8 @@ class VQTokenizer(nn.Module):
             fields of ``VQConfig`` / ``FSQConfig`` / ``LFQConfig``).
         info: provenance and held-out figures, saved in ``config.json``.
     """
+
+    kind_name, artifact_format = "VQ-GAN", FORMAT
 
     def __init__(self, autoencoder: dict | None = None, quantizer: dict | None = None,
                  info: dict | None = None):
@@ -225,17 +226,8 @@ class VQTokenizer(nn.Module):
         return int(self.autoencoder_config["latent_channels"])
 
     @property
-    def downsample_factor(self) -> int:
-        # Every encoder level but the last halves the resolution (diffusers Encoder).
-        return 2 ** (len(self.autoencoder_config["block_out_channels"]) - 1)
-
-    def latent_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the code grid for an image of ``image_size`` (an int means square)."""
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        f = self.downsample_factor
-        if any(s % f for s in hw):
-            raise ValueError(f"image size {hw} is not divisible by the VQ-GAN's factor f={f}")
-        return hw[0] // f, hw[1] // f
+    def block_out_channels(self) -> list[int]:
+        return list(self.autoencoder_config["block_out_channels"])
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -243,11 +235,6 @@ class VQTokenizer(nn.Module):
         return self.decoder.conv_out.weight
 
     # ---- the tokenizer interface -------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        self.latent_grid(tuple(images.shape[-2:]))
-
     def _quantize(self, images: torch.Tensor, update_codebook: bool = True):
         """images -> (zq (B, C, h, w), codes (B, h, w), aux)."""
         self._check_images(images)
@@ -308,17 +295,6 @@ class VQTokenizer(nn.Module):
             "info": self.info,
         }
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (weights and codebook buffers only;
-        nothing is pickled)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2,
-                                                   default=jsonable) + "\n")
-        return path
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VQTokenizer:
         """Load a folder written by :meth:`save_pretrained`, in eval mode; offline."""
@@ -375,23 +351,15 @@ def evaluate_codes(tokenizer: VQTokenizer, source: Sequence, n: int | None = Non
     """Codebook usage and perplexity of the codes of ``source[:n]`` (``source[i].image``:
     uint8 (H, W, 3)), in eval mode: ``{"codebook_usage", "codebook_perplexity",
     "codes_per_image", "codebook_size"}``."""
-    import numpy as np
+    from fusion.data.images import source_batches, to_tensor
 
-    from fusion.data.images import to_tensor
-
-    n = len(source) if n is None else min(n, len(source))
-    if n == 0:
-        raise ValueError("evaluate_codes needs at least one image")
-    was_training = tokenizer.training
-    tokenizer.eval()
     device = next(tokenizer.parameters()).device
     counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long, device=device)
     per_image = 0
-    for start in range(0, n, batch_size):
-        batch = np.stack([source[i].image for i in range(start, min(start + batch_size, n))])
-        codes = tokenizer.encode(torch.stack([to_tensor(img) for img in batch]).to(device))
-        counts += torch.bincount(codes.flatten(), minlength=tokenizer.codebook_size)
-        per_image = math.prod(codes.shape[1:])
-    tokenizer.train(was_training)
+    with eval_mode(tokenizer):
+        for batch in source_batches(source, n, batch_size, "evaluate_codes"):
+            codes = tokenizer.encode(torch.stack([to_tensor(img) for img in batch]).to(device))
+            counts += torch.bincount(codes.flatten(), minlength=tokenizer.codebook_size)
+            per_image = math.prod(codes.shape[1:])
     return {**codebook_stats(counts.cpu()), "codes_per_image": per_image,
             "codebook_size": tokenizer.codebook_size}

@@ -99,10 +99,10 @@ class ChameleonSampler(StreamSampler):
              steps: int | None = None, seed: int = 0, progress: bool = False,
              sampling: TokenSampling | None = None,
              guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
-
-        ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
-        source image (None: that stream is left out). ``steps`` is ignored."""
+        """Draw the target's codes after the source's codes and the instruction: source
+        images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W). ``guidance_scale``
+        guides over the instruction, ``image_guidance_scale`` over the source image (None:
+        that stream is left out). ``steps`` is ignored."""
         no_guidance_interval(guidance_interval)
         fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model

@@ -128,8 +128,8 @@ class TransfusionSampler(StreamSampler):
              steps: int | None = None, seed: int = 0, progress: bool = False,
              sampling: TokenSampling | None = None,
              guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
-
+        """Denoise the target's latents after the clean source patches and the instruction:
+        source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
         ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
         source image (None: that stream is left out; 1.0 is the same as None), both inside
         ``guidance_interval`` as in :meth:`generate_images`.
