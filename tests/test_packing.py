@@ -79,7 +79,7 @@ def test_per_position_follows_each_document_to_its_row():
 def test_image_slots_follow_document_order_when_first_fit_reorders():
     # Document 2 fits into row 0 after document 1 has opened row 1. Slots must still be
     # numbered by document (callers build latents in document order), not by row: slot order
-    # by row paired images with the wrong captions in training before session 7.
+    # by row paired images with the wrong captions (docs/results.md, the packing fix).
     docs = [[[1, 5], ImageSlot(3), [2, 2, 2]],  # 8 positions: row 0
             [[1], ImageSlot(3), [6, 6, 6]],  # 7: does not fit row 0 -> row 1
             [[1], ImageSlot(3)]]  # 4: fits row 0 (8 + 4 = 12)

@@ -18,7 +18,7 @@ def _run(*args, timeout=300):
     return proc.stdout
 
 
-def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
+def test_transfusion_train_and_sample(tmp_path, tiny_vae):
     out = tmp_path / "run"
     common = ["scripts/train.py", "experiment=transfusion_tiny", "debug=default",
               f"image_tokenizer={tiny_vae}", f"output_dir={out}", "logger=csv",
@@ -31,9 +31,7 @@ def test_transfusion_train_resume_and_sample(tmp_path, tiny_vae):
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4
     assert list((out / "samples").glob("*.png"))
-    # an interrupted run resumes from last.ckpt: asking for 6 steps trains 2 more
-    _run(*common, "trainer.max_steps=6")
-    assert json.loads((model_dir / "config.json").read_text())["steps"] == 6
+    # (resuming an interrupted run: tests/test_resume.py)
     # scripts/sample.py is a thin wrapper of run_sampling; run its three tasks in-process
     from fusion.config import compose
     from fusion.jobs.sample import run_sampling

@@ -233,7 +233,7 @@ def test_pack_len_changes_the_rows_not_the_loss():
     # Attention never crosses documents and RoPE restarts per document, so shorter rows
     # (loss.pack_len) only drop masked-out work: every loss part is unchanged. Documents of
     # uneven length make first fit place later documents in earlier rows; each image must
-    # still meet its own caption (a row-ordered slot numbering broke this before session 7).
+    # still meet its own caption (a row-ordered slot numbering broke this; docs/results.md).
     g = torch.Generator().manual_seed(1)
     batch = []
     for i, n_text in enumerate([12, 9, 2, 1, 3, 12]):  # 20 + n_text positions each
