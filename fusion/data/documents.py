@@ -155,6 +155,14 @@ def edit_document(tokenizer: TextTokenizer, source: torch.Tensor, instruction: s
                      Image(target)))
 
 
+def caption_dropped(doc: Document, rng: random.Random, rate: float, edit: bool) -> bool:
+    """Caption dropout, which classifier-free guidance needs (Ho & Salimans 2022,
+    arXiv:2207.12598): whether a caption-first document trains without its caption, with
+    probability ``rate`` (one draw from ``rng``). Editing documents (``edit``: they have
+    :func:`drop_edit_conditions` instead) and image-first documents draw nothing."""
+    return not edit and doc.order == "caption_first" and rng.random() < rate
+
+
 def drop_edit_conditions(doc: Document, rng: random.Random, rate: float) -> Document:
     """Condition dropout for an editing document, as InstructPix2Pix trains for its two-scale
     classifier-free guidance (Brooks et al. 2023, arXiv:2211.09800, sec. 3.4): with

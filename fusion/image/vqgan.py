@@ -90,7 +90,8 @@ def use_running_norm(module: nn.Module) -> None:
 # The quantiser: three library quantisers behind one interface
 # --------------------------------------------------------------------------------------------
 class Quantizer(nn.Module):
-    """A vector-quantize-pytorch quantiser on (B, N, C) features.
+    """A vector-quantize-pytorch quantiser on (B, N, C) features, behind one interface; one
+    small subclass per library quantiser, picked by ``quantizer.kind`` (:data:`QUANTIZERS`).
 
     ``forward(z) -> (zq, codes, aux)``: zq (B, N, C) carries straight-through (or
     rotation-trick) gradients to the encoder, codes (B, N) int64, aux the quantiser's own
@@ -102,21 +103,13 @@ class Quantizer(nn.Module):
     channel axis before projecting and fails, so no quantiser here sees a map.
     """
 
-    def __init__(self, dim: int, kind: str = "fsq", **args):
+    kind = ""
+    library: type[nn.Module]
+
+    def __init__(self, dim: int, **args):
         super().__init__()
-        if kind not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {QUANTIZERS}")
-        self.kind, self.dim, self.args = kind, dim, dict(args)
-        if kind == "vq":
-            # LlamaGen §3.1: codes of dimension 8, l2-normalised, so that the nearest code is
-            # the most cosine-similar one -- with a 1-2k codebook this keeps usage near 100 %.
-            # The codebook moves by EMA (decay) instead of a codebook loss, and a code whose
-            # EMA count drops below threshold_ema_dead_code is re-seeded from the batch.
-            self.q = VectorQuantize(dim=dim, **args)
-        elif kind == "fsq":
-            self.q = FSQ(dim=dim, **args)  # levels: implicit codebook of prod(levels) codes
-        else:
-            self.q = LFQ(dim=dim, **args)  # codebook_size = 2 ** bits; entropy penalty
+        self.dim, self.args = dim, dict(args)
+        self.q = self.library(dim=dim, **args)
 
     @property
     def codebook_size(self) -> int:
@@ -124,25 +117,57 @@ class Quantizer(nn.Module):
 
     def forward(self, z: torch.Tensor, update_codebook: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """z (B, N, C) -> (zq (B, N, C), codes (B, N) int64, aux).
-
-        ``update_codebook=False`` keeps the VQ codebook (EMA, dead codes) untouched even in
-        train mode: encoding must not move the codebook.
-        """
-        if self.kind == "vq":
-            zq, codes, loss = self.q(z, freeze_codebook=not update_codebook)
-            return zq, codes.long(), {"codebook": loss}
-        if self.kind == "fsq":
-            zq, codes = self.q(z)
-            return zq, codes.long(), {}
+        """z (B, N, C) -> (zq (B, N, C), codes (B, N) int64, aux). ``update_codebook=False``
+        keeps a learned codebook untouched even in train mode: encoding must not move it."""
         zq, codes, loss = self.q(z)
         return zq, codes.long(), {"codebook": loss}
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N) int64 -> zq (B, N, C), what :meth:`forward` gives for those codes."""
-        if self.kind == "vq":
-            return self.q.get_output_from_indices(codes)
-        return self.q.indices_to_codes(codes)  # FSQ, LFQ: (B, N) in -> (B, N, C) out
+        return self.q.indices_to_codes(codes)
+
+
+class VQQuantizer(Quantizer):
+    """LlamaGen §3.1: codes of dimension 8, l2-normalised, so that the nearest code is the most
+    cosine-similar one -- with a 1-2k codebook this keeps usage near 100 %. The codebook moves
+    by EMA (decay) instead of a codebook loss, and a code whose EMA count drops below
+    threshold_ema_dead_code is re-seeded from the batch."""
+
+    kind, library = "vq", VectorQuantize
+
+    def forward(self, z, update_codebook=True):
+        zq, codes, loss = self.q(z, freeze_codebook=not update_codebook)
+        return zq, codes.long(), {"codebook": loss}
+
+    def lookup(self, codes):
+        return self.q.get_output_from_indices(codes)
+
+
+class FSQQuantizer(Quantizer):
+    """Finite scalar quantisation: an implicit codebook of prod(levels) codes, no loss."""
+
+    kind, library = "fsq", FSQ
+
+    def forward(self, z, update_codebook=True):
+        zq, codes = self.q(z)
+        return zq, codes.long(), {}
+
+
+class LFQQuantizer(Quantizer):
+    """Lookup-free quantisation: codebook_size = 2 ** bits, with an entropy penalty."""
+
+    kind, library = "lfq", LFQ
+
+
+QUANTIZER_CLASSES: dict[str, type[Quantizer]] = {
+    q.kind: q for q in (VQQuantizer, FSQQuantizer, LFQQuantizer)}
+
+
+def build_quantizer(dim: int, kind: str = "fsq", **args) -> Quantizer:
+    """The quantiser of ``kind`` (``vq`` | ``fsq`` | ``lfq``) on ``dim``-channel features."""
+    if kind not in QUANTIZER_CLASSES:
+        raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {QUANTIZERS}")
+    return QUANTIZER_CLASSES[kind](dim, **args)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
@@ -205,7 +230,7 @@ class VQTokenizer(ImageTokenizer):
         # double_z=False: one feature map to quantise, not AutoencoderKL's (mean, logvar).
         self.encoder = Encoder(in_channels=3, out_channels=c, double_z=False,
                                down_block_types=("DownEncoderBlock2D",) * levels, **common)
-        self.quantizer = Quantizer(c, **quantizer)
+        self.quantizer = build_quantizer(c, **quantizer)
         self.decoder = Decoder(in_channels=c, out_channels=3,
                                up_block_types=("UpDecoderBlock2D",) * levels, **common)
         if ae["norm"] == "batch":  # diffusers builds GroupNorms; swap the encoder's (the

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.data.documents import Document, Image, Text, drop_edit_conditions
+from fusion.data.documents import Document, Image, Text, caption_dropped, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3_POSITIONS_PER_SPAN, CM3Tokens, cm3_apply, cm3_spans
 from fusion.models.packing import (
@@ -297,8 +297,7 @@ class ChameleonLoss:
         out, k = [], 0
         for doc, edit in zip(docs, edits, strict=True):
             n_img = len(doc.images)
-            drop = (not edit and doc.order == "caption_first"
-                    and rng.random() < cfg.caption_dropout)
+            drop = caption_dropped(doc, rng, cfg.caption_dropout, edit)
             target_only = edit and cfg.edit_loss == "target"
             body = self.document_pieces(doc, codes[k:k + n_img], model.text_vocab, drop,
                                         target_only)

@@ -31,7 +31,7 @@ import random
 import torch
 from torch import nn
 
-from fusion.data.documents import Document, Image, Text, drop_edit_conditions
+from fusion.data.documents import Document, Image, Text, caption_dropped, drop_edit_conditions
 from fusion.models.attention import AttentionLayout
 from fusion.models.diffusion import Diffusion
 from fusion.models.packing import (
@@ -159,8 +159,7 @@ class TransfusionLoss:
             edit = doc.is_edit
             if edit:  # editing documents get InstructPix2Pix dropout instead of caption dropout
                 doc = drop_edit_conditions(doc, rng, cfg.edit_condition_dropout)
-            drop = (not edit and doc.order == "caption_first"
-                    and rng.random() < cfg.caption_dropout)
+            drop = caption_dropped(doc, rng, cfg.caption_dropout, edit)
             pieces.append(self.pieces(doc, model.tokens_per_image, drop,
                                       text_targets=not edit or cfg.instruction_loss))
             for seg in doc.segments:

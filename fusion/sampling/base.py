@@ -211,6 +211,56 @@ class StreamSampler:
         answer = max_new_tokens if task in ("text_to_text", "image_to_text") else 0
         return PromptBudget(task, self.max_len, reserved, what, answer)
 
+    # -- the image tasks, the same for every family (FamilySampler) -----------------------
+    @torch.no_grad()
+    def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
+                        steps: int | None = None, seed: int = 0, progress: bool = False,
+                        sampling: TokenSampling | None = None,
+                        guidance_interval: list[float] | None = None) -> torch.Tensor:
+        """Prompt token ids -> images (B, 3, H, W) in [-1, 1] (without a decoder: the
+        family's latents or codes). ``guidance_scale=None`` is unguided; otherwise the
+        unconditional stream is the caption-dropped document ``<bos> <boi>`` (what caption
+        dropout trained). ``steps`` and ``guidance_interval`` are diffusion settings,
+        ``sampling`` draws image tokens: each family uses the ones it has (its
+        ``_generate_images``). Prompts are checked against the model's room first."""
+        fit_prompts(prompts, self.prompt_budget("text_to_image"))
+        s, scales = self.special, guidance_scales(guidance_scale)
+        streams = [[s.bos, *p, s.boi] for p in prompts]
+        if scales:
+            streams += [[s.bos, s.boi]] * len(prompts)
+        return self._generate_images(streams, len(prompts), scales, steps, seed, progress,
+                                     sampling, guidance_interval)
+
+    @torch.no_grad()
+    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
+             guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
+             steps: int | None = None, seed: int = 0, progress: bool = False,
+             sampling: TokenSampling | None = None,
+             guidance_interval: list[float] | None = None) -> torch.Tensor:
+        """Source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W): the
+        target is generated after the clean source and the instruction (the family's
+        ``_edit``), guided over the instruction (``guidance_scale``) and over the source
+        image (``image_guidance_scale``; None leaves that stream out) as InstructPix2Pix does.
+        Instructions are checked against the model's room first."""
+        fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
+        scales = guidance_scales(guidance_scale, image_guidance_scale)
+        return self._edit(sources, instructions, scales, steps, seed, progress, sampling,
+                          guidance_interval)
+
+    def _generate_images(self, streams: list[list[int]], batch: int,
+                         scales: tuple[float, ...], steps: int | None, seed: int,
+                         progress: bool, sampling: TokenSampling | None,
+                         guidance_interval: list[float] | None) -> torch.Tensor:
+        """Generate one image after each of ``batch`` prompts; ``streams`` holds the
+        len(scales) + 1 guidance groups (:func:`combine_guidance`), each ending in <boi>."""
+        raise NotImplementedError
+
+    def _edit(self, sources: torch.Tensor, instructions: list[list[int]],
+              scales: tuple[float, ...], steps: int | None, seed: int, progress: bool,
+              sampling: TokenSampling | None,
+              guidance_interval: list[float] | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def _start(self, prompts: list[list[int]]) -> tuple[Streams, torch.Tensor]:
         """Left-pad prompts, run them, return the state and last-position logits (B, V)."""
         return self._start_blocks([[p] for p in prompts])

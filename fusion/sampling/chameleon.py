@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from fusion.errors import UserError
 from fusion.models.chameleon import Chameleon, image_cells, source_alignment
 from fusion.models.packing import SpecialIds
-from fusion.sampling.base import StreamSampler, combine_guidance, fit_prompts, guidance_scales
+from fusion.sampling.base import StreamSampler, combine_guidance, fit_prompts
 from fusion.sampling.text import TokenSampling, sample_token
 
 
@@ -74,40 +74,18 @@ class ChameleonSampler(StreamSampler):
     def _text_allowed(self, vocab: int) -> torch.Tensor:
         return super()._text_allowed(vocab) & ~self.model.image_token_mask(self.device)
 
-    @torch.no_grad()
-    def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
-                        steps: int | None = None, seed: int = 0, progress: bool = False,
-                        sampling: TokenSampling | None = None,
-                        guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Prompt ids -> images (B, 3, H, W), or codes (B, h, w) without a decoder.
-
-        ``sampling`` draws the codes (None: the sampler's ``image_sampling``); ``steps`` is
-        accepted for a family-agnostic call and ignored (one step per code), and
-        ``guidance_interval``, a diffusion setting, is refused."""
+    def _generate_images(self, streams, batch, scales, steps, seed, progress, sampling,
+                         guidance_interval):
+        # ``steps`` is not used: one step per code; ``sampling`` draws the codes
         no_guidance_interval(guidance_interval)
-        fit_prompts(prompts, self.prompt_budget("text_to_image"))
-        s = self.special
-        scales = guidance_scales(guidance_scale)
-        streams = [[s.bos, *p, s.boi] for p in prompts]
-        if scales:
-            streams += [[s.bos, s.boi]] * len(prompts)
-        return self._image(streams, len(prompts), scales, seed, progress, sampling)
+        return self._image(streams, batch, scales, seed, progress, sampling)
 
-    @torch.no_grad()
-    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
-             guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
-             steps: int | None = None, seed: int = 0, progress: bool = False,
-             sampling: TokenSampling | None = None,
-             guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Draw the target's codes after the source's codes and the instruction: source
-        images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W). ``guidance_scale``
-        guides over the instruction, ``image_guidance_scale`` over the source image (None:
-        that stream is left out). ``steps`` is ignored."""
+    def _edit(self, sources, instructions, scales, steps, seed, progress, sampling,
+              guidance_interval):
+        """Draw the target's codes after the source's codes and the instruction."""
         no_guidance_interval(guidance_interval)
-        fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
         s, m = self.special, self.model
         codes = (self.encode_images(sources.to(self.device)).flatten(1) + m.text_vocab).tolist()
-        scales = guidance_scales(guidance_scale, image_guidance_scale)
         streams = [[s.bos, s.boi, *c, s.eoi, *p, s.boi]
                    for c, p in zip(codes, instructions, strict=True)]
         if scales:

@@ -33,7 +33,6 @@ from fusion.sampling.base import (
     StreamSampler,
     combine_guidance,
     fit_prompts,
-    guidance_scales,
 )
 from fusion.sampling.text import TokenSampling
 
@@ -98,48 +97,22 @@ class TransfusionSampler(StreamSampler):
         return x
 
     # -- public ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_images(self, prompts: list[list[int]], guidance_scale: float | None = 3.0,
-                        steps: int | None = None, seed: int = 0, progress: bool = False,
-                        sampling: TokenSampling | None = None,
-                        guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Prompt token ids -> images (B, 3, H, W) in [-1, 1] (or latents without a VAE).
-
-        ``guidance_scale=None`` is unguided; otherwise the unconditional stream is the
-        caption-dropped document ``<bos> <boi>`` (what caption dropout trained), and guidance
-        applies at noise levels inside ``guidance_interval`` (None: the model's configured
-        interval; arXiv:2404.07724). ``sampling`` is accepted for a family-agnostic call and
-        ignored (no image tokens)."""
-        fit_prompts(prompts, self.prompt_budget("text_to_image"))
-        s = self.special
-        streams = [[s.bos, *p, s.boi] for p in prompts]
-        if guidance_scale is not None:
-            streams += [[s.bos, s.boi]] * len(prompts)
+    def _generate_images(self, streams, batch, scales, steps, seed, progress, sampling,
+                         guidance_interval):
+        # ``sampling`` is not used: no image tokens
         state, _ = self._start(streams)
         g = torch.Generator(device=self.device).manual_seed(seed)
-        latents = self._denoise(state, len(prompts), guidance_scales(guidance_scale),
-                                steps or self.diffusion.cfg.sample_steps, g, progress,
-                                guidance_interval)
+        latents = self._denoise(state, batch, scales, steps or self.diffusion.cfg.sample_steps,
+                                g, progress, guidance_interval)
         return self.decode_latents(latents) if self.decode_latents else latents
 
-    @torch.no_grad()
-    def edit(self, sources: torch.Tensor, instructions: list[list[int]],
-             guidance_scale: float | None = 3.0, image_guidance_scale: float | None = None,
-             steps: int | None = None, seed: int = 0, progress: bool = False,
-             sampling: TokenSampling | None = None,
-             guidance_interval: list[float] | None = None) -> torch.Tensor:
-        """Denoise the target's latents after the clean source patches and the instruction:
-        source images (B, 3, H, W) + instruction ids -> edited images (B, 3, H, W).
-        ``guidance_scale`` guides over the instruction, ``image_guidance_scale`` over the
-        source image (None: that stream is left out; 1.0 is the same as None), both inside
-        ``guidance_interval`` as in :meth:`generate_images`.
-        ``sampling`` is accepted for a family-agnostic call and ignored."""
-        fit_prompts(instructions, self.prompt_budget("edit"), what="instruction")
+    def _edit(self, sources, instructions, scales, steps, seed, progress, sampling,
+              guidance_interval):
+        """Denoise the target's latents after the clean source patches and the instruction."""
         s, m = self.special, self.model
         B = len(instructions)
         latents = self.encode_images(sources.to(self.device))  # (B, C, h, w)
         src = m.patchifier.patchify(latents, torch.zeros(B, device=self.device))[0]  # (B, N, D)
-        scales = guidance_scales(guidance_scale, image_guidance_scale)
         streams = [[[s.bos, s.boi], src[i], [s.eoi, *p, s.boi]]
                    for i, p in enumerate(instructions)]
         if scales:
