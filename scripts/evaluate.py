@@ -33,7 +33,10 @@ import json
 import sys
 from pathlib import Path
 
+from fusion.config import SamplingConfig
 from fusion.errors import UserError, report_user_errors
+from fusion.eval.editing import EditEvalConfig
+from fusion.eval.model import ModelEvalConfig
 from fusion.jobs.evaluate import (
     FROM_MODEL,
     cmd_editing,
@@ -123,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "(LO, HI]; 'none': at every step (default: the model's)")
     sampling.add_argument("--image-tokenizer", help="a copy of the image tokenizer the model was "
                           "trained with, when its recorded path now holds another artifact")
-    sampling.add_argument("--batch-size", type=int, default=64)
-    sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sampling.add_argument("--batch-size", type=int, default=ModelEvalConfig.batch_size)
+    sampling.add_argument("--seed", type=int, default=SamplingConfig.seed, help="sampling seed")
     sampling.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed")
 
     e = sub.add_parser("editing", parents=[common, sampling],
@@ -144,14 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
     e.add_argument("--diagnose", action="store_true",
                    help="with --model <Chameleon>: split its errors into the cells it should "
                         "copy and the cells that change (teacher-forced and sampled)")
-    e.add_argument("--per-kind", type=int, default=100, help="edits of each kind")
+    e.add_argument("--per-kind", type=int, default=EditEvalConfig.per_kind,
+                   help="edits of each kind")
     e.add_argument("--guidance-scale", type=optional_float, default=FROM_MODEL,
                    help="guidance over the instruction ('none': off; default: the model's, "
                         "else 3)")
     e.add_argument("--image-guidance-scale", type=optional_float, default=FROM_MODEL,
                    help="guidance over the source image ('none': off; default: the model's, "
                         "else 1.5)")
-    e.add_argument("--start", type=int, default=1_000_000, help="first held-out scene")
+    e.add_argument("--start", type=int, default=EditEvalConfig.heldout_start,
+                   help="first held-out scene")
     e.add_argument("--size", type=int, default=64, help="image size of the sanity checks")
     e.add_argument("--center-tol", type=float, help="pixels (default: image size / 16)")
     e.add_argument("--grid", type=Path, help="save source | output | target cells here")
@@ -162,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     m = sub.add_parser("model", parents=[common, sampling],
                        help="GenEval-shapes, FID-shapes and captioning of a trained model")
     m.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
-    m.add_argument("--images-per-tag", type=int, default=100)
-    m.add_argument("--caption-images", type=int, default=200)
+    # Defaults: the evaluation configs' (fusion.eval.model / editing), one set for every caller.
+    m.add_argument("--images-per-tag", type=int, default=ModelEvalConfig.images_per_tag)
+    m.add_argument("--caption-images", type=int, default=ModelEvalConfig.caption_images)
     m.add_argument("--guidance-scale", type=optional_float, default=FROM_MODEL,
                    help="classifier-free guidance ('none': off; default: the model's, else 3)")
     m.add_argument("--no-fid", action="store_true", help="skip FID-shapes")
