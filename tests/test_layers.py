@@ -19,7 +19,8 @@ LAYERS = (
     ("families",),
     ("eval",),
     ("training",),
-    ("jobs", "pipeline", "benchmarks", "__init__"),
+    ("jobs", "api", "pipeline", "benchmarks"),
+    ("__init__",),  # fusion.FusionPipeline, imported on first use
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -1,0 +1,130 @@
+"""fusion.FusionPipeline: a model folder used from Python, for both families."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusion import FusionPipeline
+from fusion.config import compose
+from fusion.data.text import TextTokenizer
+from fusion.errors import UserError
+from fusion.families import build_family, load_image_tokenizer
+from fusion.families.folders import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BPE = "tokenizers/shapes-bpe/tokenizer.json"
+
+
+def _folder(path: Path, family: str, image_tokenizer: str, documents: str = "caption") -> Path:
+    """An untrained model folder of ``family`` as scripts/train.py writes it."""
+    torch.manual_seed(0)
+    cfg = compose("train", [f"experiment={family}_tiny"])
+    tok = TextTokenizer.from_file(ROOT / BPE)
+    model, _ = build_family(cfg.model, tok, load_image_tokenizer(image_tokenizer), 64)
+    recipe = {"guidance_scale": 2.0, "diffusion_steps": 2, "temperature": 1.0, "top_k": 8}
+    return save_model(path, model, cfg.model, BPE, image_tokenizer,
+                      extra={"image_size": 64, "documents": documents, "sampling": recipe})
+
+
+@pytest.fixture(scope="module")
+def transfusion(tmp_path_factory, tiny_vae):
+    return _folder(tmp_path_factory.mktemp("tf") / "model", "transfusion", str(tiny_vae))
+
+
+@pytest.fixture(scope="module")
+def chameleon(tmp_path_factory):
+    return _folder(tmp_path_factory.mktemp("ch") / "model", "chameleon", "tokenizers/shapes-vqgan")
+
+
+@pytest.mark.parametrize("which", ["transfusion", "chameleon"])
+def test_text_to_image_is_seeded_and_follows_the_recorded_recipe(which, request):
+    pipe = FusionPipeline.from_pretrained(request.getfixturevalue(which))
+    assert pipe.family == which
+    s = pipe.settings()
+    assert (s.guidance_scale, s.diffusion_steps, s.top_k) == (2.0, 2, 8)  # the folder's
+    assert pipe.settings(guidance_scale=None).guidance_scale is None  # a keyword wins
+    images = pipe(["a photo of a red circle", "a blue square"], num_images=2, seed=3,
+                  progress=False)
+    assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (64, 64)
+                                    for i in images)
+    again = pipe(["a photo of a red circle", "a blue square"], num_images=2, seed=3,
+                 output_type="np", progress=False)
+    assert np.array_equal(np.stack([np.asarray(i) for i in images]), again)
+    other = pipe("a photo of a red circle", seed=4, output_type="np", progress=False)
+    assert not np.array_equal(other[0], again[0])
+    # the same as the family sampler given the same settings (what the scripts call)
+    from fusion.sampling.base import image_settings
+
+    ids = [pipe.tokenizer.encode("a photo of a red circle")]
+    direct = pipe.sampler.generate_images(ids, **image_settings(pipe.settings(seed=4)))
+    assert torch.equal(pipe("a photo of a red circle", seed=4, output_type="pt",
+                            progress=False), direct.float())
+
+
+@pytest.mark.parametrize("which", ["transfusion", "chameleon"])
+def test_caption_and_text_take_any_image_kind(which, request, tmp_path):
+    pipe = FusionPipeline.from_pretrained(request.getfixturevalue(which))
+    array = np.full((80, 96, 3), 200, np.uint8)  # another size: brought to 64 px
+    Image.fromarray(array).save(tmp_path / "x.png")
+    from_array = pipe.caption(array, max_new_tokens=3)
+    assert isinstance(from_array, str)
+    assert pipe.caption(Image.fromarray(array), max_new_tokens=3) == from_array
+    assert pipe.caption(tmp_path / "x.png", max_new_tokens=3) == from_array
+    assert len(pipe.caption([array, array], max_new_tokens=3)) == 2
+    assert isinstance(pipe.caption(torch.zeros(3, 64, 64), max_new_tokens=3), str)
+    assert isinstance(pipe.generate_text("a photo of", max_new_tokens=3, temperature=0.0), str)
+
+
+def test_bad_inputs_are_named(transfusion, tmp_path):
+    pipe = FusionPipeline.from_pretrained(transfusion)
+    with pytest.raises(UserError, match=r"unknown sampling setting\(s\) \['guidance'\]"):
+        pipe("a circle", guidance=3.0)
+    with pytest.raises(UserError, match="output_type='jpg'"):
+        pipe("a circle", output_type="jpg", progress=False)
+    with pytest.raises(UserError, match="num_images must be at least 1"):
+        pipe("a circle", num_images=0)
+    with pytest.raises(UserError, match=r"prompt 1 is \d+ tokens"):
+        pipe("a red circle " * 200)
+    with pytest.raises(UserError, match=r"must be \(3, 64, 64\)"):
+        pipe.caption(torch.zeros(3, 32, 32))
+    with pytest.raises(UserError, match="must be uint8"):
+        pipe.caption(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.caption(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="is not a readable image"):
+        pipe.caption(tmp_path / "junk.png")
+    with pytest.raises(UserError, match="cannot read an image from .int."):
+        pipe.caption(5)
+    with pytest.raises(UserError, match="no images given"):
+        pipe.caption([])
+    with pytest.raises(UserError, match="trained on 'caption' documents, not edits"):
+        pipe.edit(np.zeros((64, 64, 3), np.uint8), "make it blue")
+
+
+def test_edit_with_an_edit_model(tmp_path, tiny_vae):
+    pipe = FusionPipeline.from_pretrained(
+        _folder(tmp_path / "model", "transfusion", str(tiny_vae), documents="edit"))
+    source = np.zeros((64, 64, 3), np.uint8)
+    edited = pipe.edit(source, "make the red circle blue", seed=1)
+    assert isinstance(edited, Image.Image) and edited.size == (64, 64)
+    assert np.array_equal(np.asarray(edited),
+                          pipe.edit(source, "make the red circle blue", seed=1,
+                                    output_type="np"))
+    with pytest.raises(UserError, match="2 image\\(s\\) but 1 instruction"):
+        pipe.edit([source, source], ["one"])
+
+
+def test_the_readme_snippet_runs(transfusion):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use it from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "FusionPipeline.from_pretrained" in code
+    code = code.replace('"outputs/train/transfusion_tiny/model"', repr(str(transfusion)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert len(namespace["images"]) == 4 and isinstance(namespace["text"], str)
