@@ -5,9 +5,14 @@
     python scripts/sample.py ... task=image_to_text images=/path/to/pngs
     python scripts/sample.py ... task=text_to_text prompts='[a photo of]'
 
-Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl. Sampling settings
-the model recorded from its training recipe (guidance, top-k, ...) are used unless given on the
-command line (``sampling.top_k=...``).
+    # GenEval's prompts, 4 images each, also written in GenEval's folder layout (geneval/)
+    python scripts/sample.py ... prompt_file=.../evaluation_metadata.jsonl images_per_prompt=4
+
+Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl; text_to_image also
+writes each image as images/NNNNN.png, its jsonl row naming the file, prompt and seed. Sampling
+settings the model recorded from its training recipe (guidance, top-k, ...) are used unless
+given on the command line (``sampling.top_k=...``). fusion.FusionPipeline gives the same
+images for the same settings and seed.
 """
 
 import hydra

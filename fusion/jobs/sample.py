@@ -55,6 +55,28 @@ def read_prompt_list(cfg) -> list[str]:
     return list(cfg.prompts or cfg.sampling.prompts)
 
 
+def geneval_prompts(cfg) -> list | None:
+    """The prompt records of a GenEval metadata ``prompt_file`` (.jsonl), else None."""
+    if cfg.prompt_file and Path(str(cfg.prompt_file)).suffix == ".jsonl":
+        return read_prompts(resolve_path(cfg.prompt_file))
+    return None
+
+
+def write_images(out: Path, images: list[np.ndarray], prompts: list[str],
+                 seeds: list[int]) -> list[dict]:
+    """One PNG per image in ``<out>/images/NNNNN.png``; returns a record per image naming its
+    file, prompt and the seed of the batch it was drawn in (same seed, settings and batch:
+    the same image), for FID or a user's own tools."""
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, (image, prompt, seed) in enumerate(zip(images, prompts, seeds, strict=True)):
+        name = f"{k:05d}.png"
+        Image.fromarray(image).save(folder / name)
+        records.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
+    return records
+
+
 def read_image_folder(folder, size: int) -> tuple[list[np.ndarray], list[str], list[dict]]:
     """The images of ``folder`` (sorted by name) as uint8 (size, size, 3), their names, and
     one {"image", "skipped"} record per file that is not a readable image (truncated,
@@ -119,13 +141,21 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         ids = encode_prompts(tok, texts, budget and budget("text_to_image"), overflow)
         prompts = [p for p in texts for _ in range(cfg.images_per_prompt)]
         prompt_ids = [x for x in ids for _ in range(cfg.images_per_prompt)]
-        images = []
+        images, seeds = [], []
         for i, batch in enumerate(tqdm(list(_batches(prompt_ids, cfg.batch_size)),
                                        desc="text->image")):
             pixels = sampler.generate_images(batch, **image_settings(s, seed=s.seed + i))
             images += list(to_uint8(pixels))
+            seeds += [s.seed + i] * len(batch)
         save_grid(images, out / "text_to_image.png", prompts)
-        records = [{"prompt": p} for p in prompts]
+        records = write_images(out, images, prompts, seeds)
+        if geneval_prompts(cfg):  # GenEval's own layout too, for its scorer and ours
+            from fusion.eval.geneval import write_geneval_folder
+
+            n = cfg.images_per_prompt
+            write_geneval_folder(out / "geneval", geneval_prompts(cfg),
+                                 [images[k * n:(k + 1) * n] for k in range(len(texts))],
+                                 overwrite=True)
     elif cfg.task == "image_to_text":
         if budget:  # no prompt, but the image and max_new_tokens must fit
             fit_prompts([], budget("image_to_text", cfg.max_new_tokens))
