@@ -211,12 +211,14 @@ class MainJob:
     def _evaluate(self, path: Path) -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
         from fusion.families import family_sampler
+        from fusion.families.folders import record_scores
 
         model, loss, tok, itok, meta, settings = self._load(self.model_dir)
         ecfg = ModelEvalConfig(images_per_tag=self.demo.eval_images_per_tag,
                                caption_images=self.demo.eval_caption_images, sampling=settings)
         res = evaluate_model(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
                              ecfg, world_seed=self.data.seed, grid_path=self.out / "samples.png")
+        record_scores(self.model_dir, res)  # into its config.json and model card
         path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"GenEval-shapes {res['geneval_overall']:.3f}, "
                                   f"FID-shapes {res.get('fid_shapes', float('nan')):.2f}, "

@@ -162,3 +162,19 @@ def test_the_api_and_sample_py_give_the_same_images_and_files(transfusion, tmp_p
     summary = cmd_geneval(Namespace(images=str(out / "geneval"), outfile=None,
                                     detector="shapes", ground_truth=False, noise=False))
     assert summary["images"] == 6 and 0.0 <= summary["overall"] <= 1.0
+
+
+def test_a_model_folder_carries_a_model_card_with_its_scores(tmp_path, tiny_vae):
+    from fusion.families.folders import file_sha256, load_model, record_scores
+
+    folder = _folder(tmp_path / "model", "transfusion", str(tiny_vae))
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: fusion\n")  # the Hub's metadata block
+    assert "| family | transfusion |" in card and "guidance_scale=2.0" in card
+    assert "Not measured yet" in card
+    weights = file_sha256(folder / "model.safetensors")
+    record_scores(folder, {"geneval_overall": 0.25, "fid_shapes": 7.5, "caption_examples": []})
+    card = (folder / "README.md").read_text()
+    assert "| geneval_overall | 0.25 |" in card and "caption_examples" not in card
+    assert file_sha256(folder / "model.safetensors") == weights
+    assert load_model(folder)[4]["scores"] == {"geneval_overall": 0.25, "fid_shapes": 7.5}

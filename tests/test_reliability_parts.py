@@ -141,7 +141,9 @@ def test_save_model_records_the_weights_sha256(saved):
 
     meta = json.loads((saved / "config.json").read_text())
     assert meta["weights_sha256"] == file_sha256(saved / "model.safetensors")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    # no temporary file left behind; the model card is written last
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json",
+                                                       "model.safetensors"]
 
 
 def test_corrupt_weights_are_refused_naming_the_file(copy):

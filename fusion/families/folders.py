@@ -120,9 +120,9 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
 
     ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks,
     and the sha256 of ``model.safetensors`` (``weights_sha256``), which loading checks.
-    config.json is removed first and written last, each file through a temporary one, so a
-    crash while saving leaves a folder that refuses to load rather than a config that
-    describes weights it does not hold."""
+    config.json (and the model card, ``README.md``) are removed first and written last, each
+    file through a temporary one, so a crash while saving leaves a folder that refuses to load
+    rather than a config that describes weights it does not hold."""
     from safetensors.torch import save_model as save_safetensors
 
     out = Path(out_dir)
@@ -136,11 +136,63 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
             "image_tokenizer_sha256": image_tokenizer_fingerprint(image_tokenizer_path),
             **(extra or {})}
     cfg_file, weights = out / "config.json", out / "model.safetensors"
-    cfg_file.unlink(missing_ok=True)
+    for stale in (cfg_file, out / "README.md"):  # they describe the weights being replaced
+        stale.unlink(missing_ok=True)
     replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
     meta["weights_sha256"] = file_sha256(weights)
     replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_model_card(out, meta)
     return out
+
+
+def record_scores(folder, scores: dict) -> None:
+    """Add measured scores (numbers; e.g. evaluate_model's) to a model folder's config.json
+    (``scores``) and its model card. The weights and their sha256 are untouched."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    meta = read_model_config(cfg_file)
+    meta["scores"] = {k: v for k, v in scores.items()
+                      if isinstance(v, int | float) and not isinstance(v, bool)}
+    replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_model_card(folder, meta)
+
+
+def write_model_card(folder: Path, meta: dict) -> Path:
+    """``README.md``: the model card a Hugging Face Hub repository shows (YAML metadata, then
+    what the model is, how it was trained, how to load it, its measured scores). Written from
+    ``config.json``; nothing is uploaded."""
+    family = (meta.get("model") or {}).get("family", "?")
+    sampling = ", ".join(f"{k}={v}" for k, v in (meta.get("sampling") or {}).items())
+    rows = [("family", family), ("documents", meta.get("documents", "caption")),
+            ("training steps", meta.get("steps", "?")),
+            ("started from", meta.get("init_from") or "a random initialisation"),
+            ("image size", f"{meta.get('image_size', '?')} px"),
+            ("text tokenizer", f"`{meta.get('text_tokenizer')}` (vocabulary sha256 "
+                               f"{str(meta.get('text_tokenizer_sha256'))[:12]}...)"),
+            ("image tokenizer", f"`{meta.get('image_tokenizer')}` (sha256 "
+                                f"{str(meta.get('image_tokenizer_sha256'))[:12]}...; needed "
+                                "beside this folder to load it)"),
+            ("sampling recipe", sampling or "SamplingConfig's defaults"),
+            ("weights", f"`model.safetensors`, sha256 {str(meta.get('weights_sha256'))[:12]}...")]
+    scores = meta.get("scores") or {}
+    score_lines = ("\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                             for k, v in scores.items()) if scores else "")
+    card = (f"---\nlibrary_name: fusion\ntags:\n- early-fusion\n- {family}\n"
+            "- text-to-image\n- image-to-text\n---\n\n"
+            f"# A fusion {family} model\n\n"
+            "An early-fusion text-and-image model trained with fusion "
+            "(`scripts/train.py`).\n\n| | |\n|---|---|\n"
+            + "\n".join(f"| {k} | {v} |" for k, v in rows)
+            + "\n\n## Use\n\n```python\nfrom fusion import FusionPipeline\n\n"
+            f"pipe = FusionPipeline.from_pretrained(\"{folder}\")\n"
+            "images = pipe(\"a photo of a red circle\", num_images=4, seed=0)\n```\n\n"
+            "## Scores\n\n"
+            + (f"| metric | value |\n|---|---|\n{score_lines}\n" if scores else
+               "Not measured yet: `python scripts/evaluate.py model --model <this folder>` "
+               "measures GenEval-shapes, FID-shapes and captioning.\n"))
+    path = Path(folder) / "README.md"
+    replace_atomically(path, lambda tmp: tmp.write_text(card))
+    return path
 
 
 # The keys load_model reads from a model folder's config.json.
