@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="score the prompt sets of several ShapesWorld seeds and pool them "
                         "(set W is sampled with seed --seed + W); e.g. --world-seeds 0 1 2")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
+    m.add_argument("--keep-images", metavar="DIR",
+                   help="also write the scored images here in GenEval's folder layout "
+                        "(<DIR>/world<W> for each of several --world-seeds)")
     m.set_defaults(fn=cmd_model)
 
     args = parser.parse_args(argv)

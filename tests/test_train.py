@@ -47,9 +47,13 @@ def test_transfusion_train_and_sample(tmp_path, tiny_vae):
     report = tmp_path / "eval.json"
     # no --steps: the model folder's recorded recipe sampling (diffusion_steps=2) is used
     assert meta["sampling"]["diffusion_steps"] == 2
+    kept = tmp_path / "kept"
     _run("scripts/evaluate.py", "model", "--model", str(model_dir), "--images-per-tag", "2",
-         "--caption-images", "2", "--no-fid", "--json", str(report))
+         "--caption-images", "2", "--no-fid", "--json", str(report), "--keep-images", str(kept))
     scores = json.loads(report.read_text())
+    # the scored images, kept in GenEval's layout: one per scored image
+    assert len(list(kept.glob("*/samples/*.png"))) == scores["generated_images"] > 0
+    assert all((d / "metadata.jsonl").is_file() for d in kept.iterdir())
     # transfusion_tiny's recipe: CFG 5 inside the noise-level interval (0, 0.7]
     assert scores["sampling"]["diffusion_steps"] == 2 and scores["sampling"]["guidance_scale"] == 5
     assert scores["sampling"]["guidance_interval"] == [0.0, 0.7]

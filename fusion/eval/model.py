@@ -40,6 +40,9 @@ class ModelEvalConfig:
     batch_size: int = 64
     heldout_start: int = 1_000_000  # scenes from here on are never trained on by default
     fid: bool = True
+    # Also write the generated images here in GenEval's folder layout (fusion.eval.geneval),
+    # for GenEval's own scorer or scripts/evaluate.py geneval.
+    keep_images: str | None = None
 
 
 def _chunks(items: list, size: int):
@@ -89,6 +92,11 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
         save_grid([images[i][0] for i in shown], grid_path, [prompts[i].prompt for i in shown])
     geneval = score_geneval([images[i] for i in keep], [prompts[i] for i in keep],
                             ShapesDetector(), progress=progress)
+    if cfg.keep_images:
+        from fusion.eval.geneval import write_geneval_folder
+
+        write_geneval_folder(cfg.keep_images, [prompts[i] for i in keep],
+                             [images[i] for i in keep], overwrite=True)
     results = {"geneval_overall": geneval["overall"],
                **{f"geneval_{t}": v for t, v in geneval["tasks"].items()},
                "geneval_empty_share": geneval["empty_images"],

@@ -255,10 +255,14 @@ def cmd_model(args) -> dict:
         # One prompt set varies by far more than its binomial error (docs/results.md), so
         # several sets are the way to compare models; each gets its own sampling seed.
         seed = args.seed + (world_seed if len(world_seeds) > 1 else 0)
+        keep = getattr(args, "keep_images", None)
+        if keep and len(world_seeds) > 1:
+            keep = str(Path(keep) / f"world{world_seed}")
         cfg = ModelEvalConfig(images_per_tag=args.images_per_tag,
                               caption_images=args.caption_images,
                               sampling=dataclasses.replace(settings, seed=seed),
-                              batch_size=args.batch_size, fid=not args.no_fid)
+                              batch_size=args.batch_size, fid=not args.no_fid,
+                              keep_images=keep)
         grid = args.grid if world_seed == world_seeds[0] else None
         per_set[world_seed] = evaluate_model(sampler, tok, meta["image_size"], cfg,
                                              world_seed=world_seed, grid_path=grid)
