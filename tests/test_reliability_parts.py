@@ -109,6 +109,18 @@ def test_a_text_tokenizer_replaced_at_its_recorded_path_is_refused(tmp_path, tok
                {"image_size": 64})
     load_model(tmp_path / "model")  # the tokenizer it was saved with: fine
 
+    # the folder's own copy is what it loads; another vocabulary there is refused
+    copy = tmp_path / "model" / "tokenizer.json"
+    saved_copy = copy.read_bytes()
+    tokenizer.save(copy)
+    with pytest.raises(UserError, match=(
+            rf"but {copy} now holds a different one \({tokenizer.vocab_size} tokens")):
+        load_model(tmp_path / "model")
+    copy.write_bytes(saved_copy)
+    load_model(tmp_path / "model")
+
+    # a folder without its copy (saved before copies) checks the recorded path
+    copy.unlink()
     tokenizer.save(tok_file)  # another vocabulary at the same path
     with pytest.raises(UserError, match=(
             rf"trained with the text tokenizer {tok_file} \(vocabulary sha256 \w+\.\.\.\), but "
@@ -143,7 +155,7 @@ def test_save_model_records_the_weights_sha256(saved):
     assert meta["weights_sha256"] == file_sha256(saved / "model.safetensors")
     # no temporary file left behind; the model card is written last
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json",
-                                                       "model.safetensors"]
+                                                       "model.safetensors", "tokenizer.json"]
 
 
 def test_corrupt_weights_are_refused_naming_the_file(copy):
@@ -188,7 +200,7 @@ def test_a_crash_while_saving_leaves_no_config_pointing_at_partial_weights(copy,
     with pytest.raises(KeyboardInterrupt):
         save_model(copy, model, cfg.model, BPE, cfg.image_tokenizer, {"image_size": 64})
     # the old weights stay, no temporary file is left, and the folder no longer loads
-    assert sorted(p.name for p in copy.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in copy.iterdir()) == ["model.safetensors", "tokenizer.json"]
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(copy)
 

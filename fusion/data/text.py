@@ -82,6 +82,10 @@ class TextTokenizer:
             raise ValueError(f"{path} is not a valid HF tokenizer.json: {err}") from err
         return cls(tok)
 
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text (what :meth:`save` writes)."""
+        return self._tok.to_str(pretty=True)
+
     def save(self, path: str | Path) -> Path:
         """Save to ``path`` (a ``.json`` file, or a folder that gets ``tokenizer.json``)."""
         path = Path(path)

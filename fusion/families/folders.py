@@ -114,6 +114,9 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+TOKENIZER_COPY = "tokenizer.json"  # a model folder's own copy of its text tokenizer
+
+
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
@@ -138,6 +141,8 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
     cfg_file, weights = out / "config.json", out / "model.safetensors"
     for stale in (cfg_file, out / "README.md"):  # they describe the weights being replaced
         stale.unlink(missing_ok=True)
+    # its own copy of the text tokenizer: the folder is complete without the repository
+    replace_atomically(out / TOKENIZER_COPY, lambda tmp: tmp.write_text(tok.to_json()))
     replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
     meta["weights_sha256"] = file_sha256(weights)
     replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -167,7 +172,8 @@ def write_model_card(folder: Path, meta: dict) -> Path:
             ("training steps", meta.get("steps", "?")),
             ("started from", meta.get("init_from") or "a random initialisation"),
             ("image size", f"{meta.get('image_size', '?')} px"),
-            ("text tokenizer", f"`{meta.get('text_tokenizer')}` (vocabulary sha256 "
+            ("text tokenizer", f"`tokenizer.json`, a copy of `{meta.get('text_tokenizer')}` "
+                               f"(vocabulary sha256 "
                                f"{str(meta.get('text_tokenizer_sha256'))[:12]}...)"),
             ("image tokenizer", f"`{meta.get('image_tokenizer')}` (sha256 "
                                 f"{str(meta.get('image_tokenizer_sha256'))[:12]}...; needed "
@@ -224,9 +230,11 @@ def check_weights(weights: Path, meta: dict, cfg_file: Path,
                     "scripts/train.py")
 
 
-def check_text_tokenizer(meta: dict, tokenizer: TextTokenizer, cfg_file: Path) -> None:
-    """Refuse a text tokenizer file whose vocabulary is not the one the model recorded: a
-    retrained tokenizer at the same path maps the model's ids to other words, silently."""
+def check_text_tokenizer(meta: dict, tokenizer: TextTokenizer, cfg_file: Path,
+                         where: str | Path | None = None) -> None:
+    """Refuse a text tokenizer file (``where``: default the recorded path) whose vocabulary
+    is not the one the model recorded: another tokenizer maps the model's ids to other words,
+    silently."""
     recorded = meta.get("text_tokenizer_sha256")
     if not recorded:
         return
@@ -234,9 +242,24 @@ def check_text_tokenizer(meta: dict, tokenizer: TextTokenizer, cfg_file: Path) -
     if found != recorded:
         raise UserError(
             f"{cfg_file}: the model was trained with the text tokenizer {meta['text_tokenizer']}"
-            f" (vocabulary sha256 {recorded[:12]}...), but that path now holds a different "
+            f" (vocabulary sha256 {recorded[:12]}...), but "
+            f"{'that path' if where is None else where} now holds a different "
             f"one ({tokenizer.vocab_size} tokens, sha256 {found[:12]}...); restore the "
             "original there, e.g. with `git show <commit>:<file>`")
+
+
+def folder_text_tokenizer(folder: Path, meta: dict, cfg_file: Path) -> TextTokenizer:
+    """The text tokenizer of a model folder: its own copy (``tokenizer.json``, what
+    :func:`save_model` writes, so a published folder is complete), else the recorded path
+    (folders saved before copies); checked against the recorded vocabulary either way."""
+    copy = folder / TOKENIZER_COPY
+    if copy.is_file():
+        tokenizer = TextTokenizer.from_file(copy)
+        check_text_tokenizer(meta, tokenizer, cfg_file, copy)
+    else:
+        tokenizer = TextTokenizer.from_file(resolve_path(meta["text_tokenizer"]))
+        check_text_tokenizer(meta, tokenizer, cfg_file)
+    return tokenizer
 
 
 def load_model(path, image_tokenizer: str | None = None):
@@ -261,8 +284,7 @@ def load_model(path, image_tokenizer: str | None = None):
                         f"loading a model needs ({', '.join(MODEL_CONFIG_KEYS)}); point at a "
                         "model folder written by scripts/train.py, or add them")
     check_weights(weights, meta, cfg_file)
-    tokenizer = TextTokenizer.from_file(resolve_path(meta["text_tokenizer"]))
-    check_text_tokenizer(meta, tokenizer, cfg_file)
+    tokenizer = folder_text_tokenizer(folder, meta, cfg_file)
     image_path = image_tokenizer or meta["image_tokenizer"]
     recorded = meta.get("image_tokenizer_sha256")
     if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
