@@ -92,7 +92,7 @@ def diagnose_chameleon_edits(sampler, tokenizer, image_tokenizer, edits: Sequenc
     targets = torch.stack([to_tensor(render(e.target)) for e in edits])
     instructions = [tokenizer.encode(e.instruction) for e in edits]
     right, nll, drawn, truth, source_codes = [], [], [], [], []
-    decode, sampler.decode_codes = sampler.decode_codes, None  # the sampler returns codes
+    decode, sampler.decode_images = sampler.decode_images, None  # the sampler returns codes
     try:
         for start in range(0, len(edits), batch_size):
             part = slice(start, start + batch_size)
@@ -108,7 +108,7 @@ def diagnose_chameleon_edits(sampler, tokenizer, image_tokenizer, edits: Sequenc
                                       image_guidance_scale=image_guidance_scale,
                                       seed=seed + start // batch_size, sampling=sampling).cpu())
     finally:
-        sampler.decode_codes = decode
+        sampler.decode_images = decode
     truth, drawn = torch.cat(truth), torch.cat(drawn)  # (N, h, w)
     changed = truth != torch.cat(source_codes)
 

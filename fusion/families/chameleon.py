@@ -4,7 +4,7 @@ vocabulary, next-token loss with the CM3 causal-masked objective."""
 from __future__ import annotations
 
 from fusion.config import to_dataclass
-from fusion.families.registry import Family, register
+from fusion.families.registry import Family, register, sampler_io
 from fusion.models.chameleon import Chameleon, ChameleonLoss
 from fusion.models.cm3 import CM3Tokens
 from fusion.models.packing import SpecialIds, row_length
@@ -24,9 +24,8 @@ def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
 def sampler(model, loss, tokenizer, image_tokenizer, use_cache: bool = True):
     from fusion.sampling.chameleon import ChameleonSampler
 
-    return ChameleonSampler(model, SpecialIds.from_tokenizer(tokenizer), model.code_grid,
-                            decode_codes=image_tokenizer.decode,
-                            encode_images=image_tokenizer.encode, use_cache=use_cache)
+    return ChameleonSampler(model, code_grid=model.code_grid,
+                            **sampler_io(tokenizer, image_tokenizer, use_cache))
 
 
 FAMILY = register(Family(

@@ -49,6 +49,16 @@ class Family:
                              f"{tuple(KIND_NAMES)}, got {self.image_tokenizer_kind!r}")
 
 
+def sampler_io(tokenizer, image_tokenizer, use_cache: bool = True) -> dict:
+    """The keyword arguments every family's sampler takes: the text tokenizer's special ids,
+    the frozen image tokenizer's ``decode`` / ``encode``, and whether to use the KV cache."""
+    from fusion.models.packing import SpecialIds
+
+    return dict(special=SpecialIds.from_tokenizer(tokenizer),
+                decode_images=image_tokenizer.decode, encode_images=image_tokenizer.encode,
+                use_cache=use_cache)
+
+
 _FAMILIES: dict[str, Family] = {}
 
 

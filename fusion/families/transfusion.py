@@ -7,7 +7,7 @@ import dataclasses
 
 from fusion.config import to_dataclass
 from fusion.errors import UserError
-from fusion.families.registry import Family, register
+from fusion.families.registry import Family, register, sampler_io
 from fusion.models.packing import SpecialIds, row_length
 from fusion.models.schemas import TransfusionModelConfig
 from fusion.models.transfusion import Transfusion, TransfusionLoss
@@ -32,9 +32,8 @@ def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
 def sampler(model, loss, tokenizer, image_tokenizer, use_cache: bool = True):
     from fusion.sampling.transfusion import TransfusionSampler
 
-    return TransfusionSampler(model, SpecialIds.from_tokenizer(tokenizer), loss.diffusion,
-                              decode_latents=image_tokenizer.decode,
-                              encode_images=image_tokenizer.encode, use_cache=use_cache)
+    return TransfusionSampler(model, diffusion=loss.diffusion,
+                              **sampler_io(tokenizer, image_tokenizer, use_cache))
 
 
 FAMILY = register(Family(

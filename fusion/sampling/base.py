@@ -187,10 +187,14 @@ class FamilySampler(Protocol):
 class StreamSampler:
     """Start streams from prompts, append positions, decode text. Subclassed per family."""
 
-    def __init__(self, model, special, use_cache: bool = True):
+    def __init__(self, model, special, use_cache: bool = True, decode_images=None,
+                 encode_images=None):
+        """``decode_images`` / ``encode_images``: the frozen image tokenizer's (None: images
+        come back as the family's latents or codes, and none can be read in)."""
         self.model = model.eval()
         self.special = special
         self.use_cache = use_cache
+        self.decode_images, self.encode_images = decode_images, encode_images
         self.device = model.embed.weight.device
 
     @property

@@ -36,11 +36,10 @@ def no_guidance_interval(interval) -> None:
 
 class ChameleonSampler(StreamSampler):
     def __init__(self, model: Chameleon, special: SpecialIds, code_grid: tuple[int, int],
-                 decode_codes=None, encode_images=None, use_cache: bool = True,
+                 decode_images=None, encode_images=None, use_cache: bool = True,
                  image_sampling: TokenSampling | None = None):
-        super().__init__(model, special, use_cache)
+        super().__init__(model, special, use_cache, decode_images, encode_images)
         self.code_grid = code_grid
-        self.decode_codes, self.encode_images = decode_codes, encode_images
         self.image_sampling = image_sampling or TokenSampling(temperature=1.0)
         # (streams,) aligned source code of the position whose logits come next (-1: none),
         # for a source_copy model's output; set by _image only while it draws an edit
@@ -142,7 +141,7 @@ class ChameleonSampler(StreamSampler):
         self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,
                                               device=self.device))
         grid = (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)
-        return self.decode_codes(grid) if self.decode_codes else grid
+        return self.decode_images(grid) if self.decode_images else grid
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,

@@ -42,17 +42,16 @@ class TransfusionSampler(StreamSampler):
 
     Args:
         model: the model (eval mode is set here).
-        decode_latents / encode_images: the frozen VAE's decode and encode.
+        decode_images / encode_images: the frozen VAE's decode and encode.
         special: special token ids; diffusion: the objective the model was trained with.
         use_cache: False recomputes the whole sequence at every step (a reference for tests
             and the cached-vs-uncached benchmark).
     """
 
     def __init__(self, model: Transfusion, special: SpecialIds, diffusion: Diffusion,
-                 decode_latents=None, encode_images=None, use_cache: bool = True):
-        super().__init__(model, special, use_cache)
+                 decode_images=None, encode_images=None, use_cache: bool = True):
+        super().__init__(model, special, use_cache, decode_images, encode_images)
         self.diffusion = diffusion
-        self.decode_latents, self.encode_images = decode_latents, encode_images
 
     def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
         n = self.model.tokens_per_image
@@ -104,7 +103,7 @@ class TransfusionSampler(StreamSampler):
         g = torch.Generator(device=self.device).manual_seed(seed)
         latents = self._denoise(state, batch, scales, steps or self.diffusion.cfg.sample_steps,
                                 g, progress, guidance_interval)
-        return self.decode_latents(latents) if self.decode_latents else latents
+        return self.decode_images(latents) if self.decode_images else latents
 
     def _edit(self, sources, instructions, scales, steps, seed, progress, sampling,
               guidance_interval):
@@ -123,7 +122,7 @@ class TransfusionSampler(StreamSampler):
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = self._denoise(state, B, scales, steps or self.diffusion.cfg.sample_steps, g,
                             progress, guidance_interval)
-        return self.decode_latents(out) if self.decode_latents else out
+        return self.decode_images(out) if self.decode_images else out
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,
