@@ -862,7 +862,7 @@ def test_edit_diagnosis_splits_copy_and_changed_cells(artifacts, capsys, monkeyp
     assert acc["true_changed_cells"] == acc["true_grid"]
     assert acc["sampled"] == acc["true_copy_cells"]  # its copy cells were already right
     assert "changed cells" in format_diagnosis(d)
-    assert sampler.decode_codes is not None  # handed back after drawing codes
+    assert sampler.decode_images is not None  # handed back after drawing codes
 
     with pytest.raises(ValueError, match="Chameleon models only"):
         diagnose_chameleon_edits(type("S", (), {"model": torch.nn.Linear(1, 1)})(), tok,
