@@ -269,3 +269,17 @@ def test_checking_grid_prompts_leaves_the_model_in_training_mode(families, bpe, 
     with pytest.raises(Exception, match="sampling.prompts entry 1"):
         make_image_sampler(cfg, bpe, load_image_tokenizer(str(tiny_vae)), loss,
                            check_prompts_for=model)
+
+
+def test_checkpoints_also_come_by_wall_time(tmp_path):
+    # The reported case: checkpoints every 500 steps only, so a run killed at step 60 had
+    # none. A time interval saves regardless of the step count (here: every step's worth).
+    flaky = _Flaky(bad=set())
+    module = FusionModule(flaky, flaky.loss, None, OptimConfig(warmup_steps=1), max_steps=5)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[FusionCheckpoint(tmp_path / "ckpt", 0, 1e-6, 10)])
+    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4))
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("step*.ckpt"))
+    assert len(saved) >= 3, saved  # no step interval at all: these came by time
+    assert find_resume_checkpoint(tmp_path / "ckpt")[1] == 5
