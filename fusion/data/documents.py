@@ -109,13 +109,16 @@ def fitting_records(source, tokenizer: TextTokenizer, limit: TextLimit | None,
                            "tokens left after its images); raise the row length "
                            "(model.arch max_seq_len or model.loss.pack_len)")
     keep, too_long = [], []
-    for i in range(len(source)):
-        key, texts = record_text(source, i)
-        longest = max((len(ids) for ids in tokenizer.encode_batch(list(texts))), default=0)
-        if longest <= limit.max_tokens or limit.truncate:
-            keep.append(i)
-        if longest > limit.max_tokens:
-            too_long.append(f"{key} ({longest} tokens)")
+    for start in range(0, len(source), 4096):  # one tokenizer call per chunk of records
+        records = [record_text(source, i) for i in range(start, min(start + 4096, len(source)))]
+        lengths = iter(len(ids) for ids in tokenizer.encode_batch(
+            [t for _, texts in records for t in texts]))
+        for i, (key, texts) in enumerate(records, start):
+            longest = max((next(lengths) for _ in texts), default=0)
+            if longest <= limit.max_tokens or limit.truncate:
+                keep.append(i)
+            if longest > limit.max_tokens:
+                too_long.append(f"{key} ({longest} tokens)")
     if too_long and limit.truncate:
         log.warning("%s: %d record(s) have text longer than the %d tokens a document holds; "
                     "it is cut to fit (data.truncate_captions=true; first: %s)", where,
