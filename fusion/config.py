@@ -34,6 +34,8 @@ class DataConfig:
     source: str = "shapes"  # shapes | folder
     # caption: (image, caption) documents, both orders; edit: (source image, instruction,
     # target image) documents -- ShapesWorld edits, or a folder's edits.jsonl (docs/editing.md)
+    # story: interleaved ShapesWorld documents, a scene and edits of it in a row, text and
+    # images alternating (fusion.data.shapes.story_texts; docs/interleaved.md)
     documents: str = "caption"
     root: str | None = None  # folder source: images + captions.jsonl
     val_root: str | None = None  # folder source: held-out folder (default: last val_share)
@@ -49,6 +51,7 @@ class DataConfig:
     num_val: int = 512  # ... and the next num_val are held out
     caption_tags: list[str] | None = None  # shapes source: which caption kinds to draw
     edit_kinds: list[str] | None = None  # shapes edits: recolor/move/add/remove; null = all
+    story_images: list[int] = field(default_factory=lambda: [2, 3])  # images per story, cycled
     image_first_ratio: float = 0.2  # Transfusion's 80/20 caption->image / image->caption
     batch_size: int = 32
     num_workers: int = 0

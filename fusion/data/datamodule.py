@@ -12,16 +12,23 @@ from fusion.config import DataConfig, resolve_path
 from fusion.data.documents import (
     CaptionDocuments,
     EditDocuments,
+    StoryDocuments,
     TextLimit,
     collate_documents,
 )
 from fusion.data.shapes import EDIT_KINDS
-from fusion.data.sources import CaptionFolder, EditFolder, ShapesEditSource, ShapesSource
+from fusion.data.sources import (
+    CaptionFolder,
+    EditFolder,
+    ShapesEditSource,
+    ShapesSource,
+    ShapesStorySource,
+)
 from fusion.data.text import TextTokenizer
 from fusion.errors import UserError
 
 SOURCES = ("shapes", "folder")
-DOCUMENTS = ("caption", "edit")
+DOCUMENTS = ("caption", "edit", "story")
 
 
 def _folder_split(cfg: DataConfig, folder_cls) -> tuple:
@@ -72,6 +79,23 @@ def build_edit_sources(cfg: DataConfig) -> tuple:
     raise UserError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
 
+def build_story_sources(cfg: DataConfig) -> tuple:
+    """(train, val) interleaved story sources: ShapesWorld stories of scenes 0..num_train-1
+    (held out: the next num_val). Stories come from ShapesWorld only."""
+    if cfg.source != "shapes":
+        raise UserError(f"data.documents=story is built from ShapesWorld; data.source="
+                        f"{cfg.source} has no stories (pass data.source=shapes)")
+    kw = dict(seed=cfg.seed, size=cfg.image_size, images_per_story=tuple(cfg.story_images))
+    return (ShapesStorySource(cfg.num_train, **kw),
+            ShapesStorySource(cfg.num_val, offset=cfg.num_train, **kw))
+
+
+# data.documents -> (record sources, Documents class, images per document at most)
+_KINDS = {"caption": (build_caption_sources, CaptionDocuments, lambda cfg: 1),
+          "edit": (build_edit_sources, EditDocuments, lambda cfg: 2),
+          "story": (build_story_sources, StoryDocuments, lambda cfg: max(cfg.story_images))}
+
+
 class ResumableSampler(Sampler[int]):
     """A seeded random order per epoch that can start part-way through one.
 
@@ -108,7 +132,7 @@ class ResumableSampler(Sampler[int]):
 
 
 class DocumentDataModule(L.LightningDataModule):
-    """Caption/image or editing Documents (``data.documents``) for either family; batches
+    """Caption/image, editing or story Documents (``data.documents``) for either family; batches
     are lists of Documents.
 
     ``text_budget(n_images)`` -> the most text tokens a document with that many images can
@@ -135,13 +159,12 @@ class DocumentDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        edit = self.cfg.documents == "edit"
-        train, val = (build_edit_sources if edit else build_caption_sources)(self.cfg)
-        kw = dict(tokenizer=self.tokenizer, limit=self._limit(2 if edit else 1),
+        build_sources, documents, images = _KINDS[self.cfg.documents]
+        train, val = build_sources(self.cfg)
+        kw = dict(tokenizer=self.tokenizer, limit=self._limit(images(self.cfg)),
                   max_bad_share=self.cfg.max_bad_share)
-        if not edit:
+        if documents is not EditDocuments:
             kw.update(image_first_ratio=self.cfg.image_first_ratio, seed=self.cfg.seed)
-        documents = EditDocuments if edit else CaptionDocuments
         self.train_set = documents(train, where="training data", **kw)
         self.val_set = documents(val, where="validation data", **kw)
 

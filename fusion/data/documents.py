@@ -95,9 +95,12 @@ def record_text(source, i: int) -> tuple[str, tuple[str, ...]]:
 
 
 def fitting_records(source, tokenizer: TextTokenizer, limit: TextLimit | None,
-                    max_bad_share: float = 1.0, where: str = "data") -> list[int]:
+                    max_bad_share: float = 1.0, where: str = "data",
+                    texts_together: bool = False) -> list[int]:
     """The indices of ``source`` whose every text fits ``limit``, checked once when the data
     opens, so that a long caption is one skipped record instead of a crash mid-run.
+    ``texts_together``: a record's texts all go into its one document (an interleaved story),
+    so their sum must fit, and such a record is never cut, only skipped.
 
     Records that do not fit are skipped and counted with one warning line, or kept (to be cut
     when their document is built) when ``limit.truncate``. More than ``max_bad_share`` of the
@@ -108,18 +111,22 @@ def fitting_records(source, tokenizer: TextTokenizer, limit: TextLimit | None,
         raise BadDataError(f"{where}: a document has no room for text ({limit.max_tokens} "
                            "tokens left after its images); raise the row length "
                            "(model.arch max_seq_len or model.loss.pack_len)")
+    def combine(lengths):
+        return sum(lengths) if texts_together else max(lengths, default=0)
+
+    truncate = limit.truncate and not texts_together
     keep, too_long = [], []
     for start in range(0, len(source), 4096):  # one tokenizer call per chunk of records
         records = [record_text(source, i) for i in range(start, min(start + 4096, len(source)))]
         lengths = iter(len(ids) for ids in tokenizer.encode_batch(
             [t for _, texts in records for t in texts]))
         for i, (key, texts) in enumerate(records, start):
-            longest = max((next(lengths) for _ in texts), default=0)
-            if longest <= limit.max_tokens or limit.truncate:
+            longest = combine([next(lengths) for _ in texts])
+            if longest <= limit.max_tokens or truncate:
                 keep.append(i)
             if longest > limit.max_tokens:
                 too_long.append(f"{key} ({longest} tokens)")
-    if too_long and limit.truncate:
+    if too_long and truncate:
         log.warning("%s: %d record(s) have text longer than the %d tokens a document holds; "
                     "it is cut to fit (data.truncate_captions=true; first: %s)", where,
                     len(too_long), limit.max_tokens, ", ".join(too_long[:3]))
@@ -158,6 +165,28 @@ def edit_document(tokenizer: TextTokenizer, source: torch.Tensor, instruction: s
                      Image(target)))
 
 
+def story_document(tokenizer: TextTokenizer, images: list[torch.Tensor], texts: list[str],
+                   image_first: bool) -> Document:
+    """An interleaved document: ``texts[k]`` then ``images[k]`` for each k (text first), or,
+    ``image_first``, the first image before any text, then the first two texts as one ("...;
+    ..."), then on as before: text about an image that came first, the reverse direction."""
+    if len(images) != len(texts):
+        raise ValueError(f"a story pairs each image with the text before it: {len(images)} "
+                         f"images, {len(texts)} texts")
+    if image_first and len(texts) > 1:
+        texts = [f"{texts[0]}; {texts[1]}", *texts[2:]]
+        segments = [Image(images[0])]
+        for text, image in zip(texts, images[1:], strict=True):
+            segments += [_text(tokenizer, text, None), Image(image)]
+    elif image_first:  # one image: its text after it
+        segments = [Image(images[0]), _text(tokenizer, texts[0], None)]
+    else:
+        segments = []
+        for text, image in zip(texts, images, strict=True):
+            segments += [_text(tokenizer, text, None), Image(image)]
+    return Document(tuple(segments))
+
+
 def caption_dropped(doc: Document, rng: random.Random, rate: float, edit: bool) -> bool:
     """Caption dropout, which classifier-free guidance needs (Ho & Salimans 2022,
     arXiv:2207.12598): whether a caption-first document trains without its caption, with
@@ -194,11 +223,13 @@ class _Documents(Dataset):
     """Records of ``source`` that fit ``limit`` (:func:`fitting_records`), as Documents."""
 
     images_per_document = 1
+    texts_together = False  # fitting_records' texts_together: all texts in one document
 
     def __init__(self, source, tokenizer: TextTokenizer, limit: TextLimit | None = None,
                  max_bad_share: float = 1.0, where: str = "data"):
         self.source, self.tokenizer, self.limit = source, tokenizer, limit
-        self.indices = fitting_records(source, tokenizer, limit, max_bad_share, where)
+        self.indices = fitting_records(source, tokenizer, limit, max_bad_share, where,
+                                       self.texts_together)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -220,10 +251,14 @@ class CaptionDocuments(_Documents):
         super().__init__(source, tokenizer, limit, max_bad_share, where)
         self.image_first_ratio, self.seed = image_first_ratio, seed
 
+    def image_first(self, i: int) -> bool:
+        """Whether record ``i``'s document puts its image first (fixed by seed and index)."""
+        return random.Random(f"order/{self.seed}/{i}").random() < self.image_first_ratio
+
     def __getitem__(self, j: int) -> Document:
         i = self.indices[j]
         rec: CaptionRecord = self.source[i]
-        image_first = random.Random(f"order/{self.seed}/{i}").random() < self.image_first_ratio
+        image_first = self.image_first(i)
         # image -> caption documents learn the full description when the source has one, so a
         # caption names every object's colour and class rather than one prompt template.
         text = (rec.description or rec.caption) if image_first else rec.caption
@@ -240,6 +275,21 @@ class EditDocuments(_Documents):
         rec: EditRecord = self.source[self.indices[j]]
         return edit_document(self.tokenizer, to_tensor(rec.source), rec.instruction,
                              to_tensor(rec.target), self.limit)
+
+
+class StoryDocuments(CaptionDocuments):
+    """Interleaved story records (fusion.data.sources.StoryRecord) -> Documents, text-first
+    or image-first by a fixed ratio (as :class:`CaptionDocuments`). A story's texts all go
+    into its one document, so their sum is checked against the row."""
+
+    texts_together = True
+
+    def __getitem__(self, j: int) -> Document:
+        i = self.indices[j]
+        rec = self.source[i]
+        image_first = self.image_first(i)
+        return story_document(self.tokenizer, [to_tensor(x) for x in rec.images],
+                              list(rec.texts), image_first)
 
 
 def collate_documents(batch: list[Document]) -> list[Document]:

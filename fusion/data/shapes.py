@@ -122,6 +122,20 @@ class ShapesEdit:
     target: Scene
 
 
+@dataclass(frozen=True)
+class ShapesStory:
+    """A scene and the edits made to it one after another (:meth:`ShapesWorld.story`):
+    ``instructions[k]`` turns ``scenes[k]`` into ``scenes[k + 1]``."""
+
+    scenes: tuple[Scene, ...]
+    instructions: tuple[str, ...]
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The text before each image (:func:`story_texts`)."""
+        return story_texts(self)
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
@@ -222,6 +236,24 @@ def describe(scene: Scene) -> str:
     parts = [f"{article(c)} {c} {s}" if n == 1 else f"{NUMBER_WORDS[n]} {c} {PLURALS[s]}"
              for (c, s), n in groups.items()]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def story_texts(story: ShapesStory) -> tuple[str, ...]:
+    """The text before each image of an interleaved ShapesWorld document. The first names how
+    many images follow and describes the first scene ("three photos of a red circle and a blue
+    square"); each later one is the edit and the scene it makes ("make the red circle green: a
+    green circle and a blue square"), so every image is fully described by the text just
+    before it, after its last colon (:func:`story_description`)."""
+    first = f"{NUMBER_WORDS[len(story.scenes)]} photos of {describe(story.scenes[0])}"
+    return (first, *(f"{instruction}: {describe(scene)}"
+                     for instruction, scene in zip(story.instructions, story.scenes[1:],
+                                                   strict=True)))
+
+
+def story_description(text: str) -> str:
+    """The scene description inside one of :func:`story_texts`' texts: what follows the last
+    colon (the whole text when it has none)."""
+    return text.rsplit(":", 1)[-1]
 
 
 def geneval_prompts(scene: Scene, rng: random.Random) -> dict[str, dict]:
@@ -366,14 +398,30 @@ class ShapesWorld:
         """
         if kind is not None and kind not in EDIT_KINDS:
             raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
-        rng = self._rng(index, "edit")
-        source = self.scene(index)
+        return self._edit_scene(self.scene(index), self._rng(index, "edit"), kind)
+
+    def _edit_scene(self, source: Scene, rng: random.Random, kind: str | None) -> ShapesEdit:
+        """:meth:`edit` of any scene: ``kind``, or the next possible one in ``EDIT_KINDS``."""
         start = EDIT_KINDS.index(kind) if kind else rng.randrange(len(EDIT_KINDS))
         for k in range(len(EDIT_KINDS)):
             result = self._try_edit(EDIT_KINDS[(start + k) % len(EDIT_KINDS)], source, rng)
             if result is not None:
                 return result
-        raise AssertionError(f"no edit possible for scene {index}")  # recolor always applies
+        raise AssertionError("no edit possible")  # recolor always applies
+
+    def story(self, index: int, images: int) -> ShapesStory:
+        """Scene ``index`` edited ``images - 1`` times in a row, each edit of a kind drawn from
+        the index (as :meth:`edit` draws it) and applied to the previous edit's result: the
+        content of an interleaved document (:func:`story_texts`)."""
+        if images < 1:
+            raise ValueError(f"a story has at least one image, got {images}")
+        rng = self._rng(index, f"story{images}")
+        scenes, instructions = [self.scene(index)], []
+        for _ in range(images - 1):
+            step = self._edit_scene(scenes[-1], rng, None)
+            scenes.append(step.target)
+            instructions.append(step.instruction)
+        return ShapesStory(tuple(scenes), tuple(instructions))
 
     def _try_edit(self, kind: str, src: Scene, rng: random.Random) -> ShapesEdit | None:
         counts = src.counts()

@@ -1,10 +1,11 @@
 """Record sources: where (image, caption) pairs and edit triplets come from.
 
-Two kinds share one interface (``len``, ``[i]`` -> record, and ``text_of(i)`` -> the record's
+Three kinds share one interface (``len``, ``[i]`` -> record, and ``text_of(i)`` -> the record's
 key and texts without decoding its images, for the length check of
 :func:`fusion.data.documents.fitting_records`):
 
-* :class:`ShapesSource` -- ShapesWorld, generated on the fly;
+* :class:`ShapesSource` -- ShapesWorld, generated on the fly (:class:`ShapesEditSource`: its
+  edit triplets; :class:`ShapesStorySource`: its interleaved stories);
 * :class:`CaptionFolder` / :class:`EditFolder` -- a user's folder of images plus a JSON-lines
   index, in the layout ``scripts/make_shapes.py`` also writes::
 
@@ -52,6 +53,15 @@ class EditRecord:
     source: np.ndarray  # (S, S, 3) uint8
     instruction: str
     target: np.ndarray  # (S, S, 3) uint8
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class StoryRecord:
+    """An interleaved document's content: ``texts[k]`` comes just before ``images[k]``."""
+
+    images: tuple[np.ndarray, ...]  # (S, S, 3) uint8 each
+    texts: tuple[str, ...]
     key: str = ""
 
 
@@ -123,6 +133,40 @@ class ShapesEditSource:
         kind = self.kinds[i % len(self.kinds)] if self.kinds else None
         return f"shapes-edit:{self.offset + i}", (self.world.edit(self.offset + i,
                                                                   kind).instruction,)
+
+
+class ShapesStorySource:
+    """ShapesWorld stories (:meth:`fusion.data.shapes.ShapesWorld.story`), rendered: a scene
+    and ``images - 1`` edits of it in a row, ``images`` cycling through ``images_per_story``.
+    Scenes hold at most ``max_objects`` objects, so that three images and their texts fit one
+    row of the tiny recipes."""
+
+    def __init__(self, num_samples: int, seed: int = 0, size: int = 64, offset: int = 0,
+                 images_per_story: tuple[int, ...] = (2, 3), max_objects: int = 3):
+        if not images_per_story or min(images_per_story) < 1 or max(images_per_story) > 4:
+            raise UserError(f"data.story_images must hold image counts from 1 to 4, got "
+                            f"{list(images_per_story)}")
+        self.world = ShapesWorld(seed=seed, size=size, max_objects=max_objects)
+        self.num_samples, self.offset = num_samples, offset
+        self.images_per_story = tuple(images_per_story)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def story(self, i: int):
+        """The :class:`~fusion.data.shapes.ShapesStory` of record ``i`` (not rendered)."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
+        return self.world.story(self.offset + i,
+                                self.images_per_story[i % len(self.images_per_story)])
+
+    def __getitem__(self, i: int) -> StoryRecord:
+        story = self.story(i)
+        return StoryRecord(tuple(render(s) for s in story.scenes), story.texts,
+                           key=f"shapes-story:{self.offset + i}")
+
+    def text_of(self, i: int) -> tuple[str, tuple[str, ...]]:
+        return f"shapes-story:{self.offset + i}", self.story(i).texts
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+from tqdm.auto import tqdm
 
 from fusion.errors import UserError
 from fusion.models.attention import AttentionLayout
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # sampling.prompt_overflow: what a prompt longer than the model can take does
 PROMPT_OVERFLOW = ("error", "truncate")
-TASKS = ("text_to_image", "image_to_text", "text_to_text", "edit")
+TASKS = ("text_to_image", "image_to_text", "text_to_text", "edit", "interleaved")
+# Why an interleaved document ended (InterleavedDocument.stopped)
+STOPS = ("eos", "max_new_tokens", "max_len")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,21 @@ class Streams:
     history: list = field(default_factory=list)  # uncached mode: (embeddings, layout) chunks
 
 
+@dataclass
+class InterleavedDocument:
+    """One generated interleaved document: ``segments`` in order, text as token ids
+    (list[int]; the prompt is the first, the model's own text follows as its own segment) and
+    images as float (3, H, W) in [-1, 1] (without a
+    decoder: the family's latents or codes); ``stopped``: why it ended (:data:`STOPS`)."""
+
+    segments: list
+    stopped: str
+
+    @property
+    def images(self) -> list[torch.Tensor]:
+        return [x for x in self.segments if isinstance(x, torch.Tensor)]
+
+
 def combine_guidance(out: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
     """Classifier-free guidance over nested conditions.
 
@@ -164,6 +182,15 @@ def image_settings(settings, seed: int | None = None, edit: bool = False) -> dic
     return kwargs
 
 
+def _extend(context: list, piece) -> None:
+    """Append ``piece`` to :meth:`StreamSampler._start_blocks` pieces, joining token ids to
+    the ids before them (Chameleon reads an image's cells from its <boi> in the same ids)."""
+    if isinstance(piece, list) and context and isinstance(context[-1], list):
+        context[-1] = context[-1] + piece
+    else:
+        context.append(piece)
+
+
 @runtime_checkable
 class FamilySampler(Protocol):
     """What every family's sampler provides (fusion.families.registry.Family.sampler); the
@@ -182,6 +209,9 @@ class FamilySampler(Protocol):
 
     def edit(self, sources: torch.Tensor, instructions: list[list[int]],
              **settings) -> torch.Tensor: ...
+
+    def generate_interleaved(self, prompts: list[list[int]], max_new_tokens: int = 96,
+                             max_images: int = 4, **settings) -> list[InterleavedDocument]: ...
 
 
 class StreamSampler:
@@ -202,11 +232,19 @@ class StreamSampler:
         """Positions one stream can hold: the backbone's ``max_seq_len``."""
         return self.model.transformer.cfg.max_seq_len
 
+    @property
+    def image_length(self) -> int:
+        """Positions one image takes in a stream between its <boi> and <eoi>."""
+        raise NotImplementedError
+
     def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
         """(positions ``task`` adds to a prompt, what they hold). Families with images
         override this for their image tasks."""
         if task == "text_to_text":
             return 1 + max_new_tokens, f"<bos> and max_new_tokens={max_new_tokens}"
+        if task == "interleaved":  # <bos> prompt, and room for one image: <boi> [image] <eoi>
+            n = self.image_length
+            return n + 3, f"<bos> and one image (<boi>, {n} positions, <eoi>)"
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
     def prompt_budget(self, task: str, max_new_tokens: int = 0) -> PromptBudget:
@@ -250,6 +288,92 @@ class StreamSampler:
         scales = guidance_scales(guidance_scale, image_guidance_scale)
         return self._edit(sources, instructions, scales, steps, seed, progress, sampling,
                           guidance_interval)
+
+    @torch.no_grad()
+    def generate_interleaved(self, prompts: list[list[int]], max_new_tokens: int = 96,
+                             max_images: int = 4, guidance_scale: float | None = 3.0,
+                             steps: int | None = None, seed: int = 0, progress: bool = False,
+                             sampling: TokenSampling | None = None,
+                             guidance_interval: list[float] | None = None,
+                             text_sampling: TokenSampling | None = None,
+                             ) -> list[InterleavedDocument]:
+        """Interleaved (mixed-modal) generation: each prompt is continued with text, and when
+        the model itself emits <boi> a whole image is generated (the family's
+        ``_interleaved_image``: Chameleon draws its codes, Transfusion denoises the block, as
+        the Transfusion paper's inference does, arXiv:2408.11039 sec. 3), then <eoi> is fed
+        and text goes on, until <eos>, ``max_new_tokens`` text tokens, or the model's length.
+        After ``max_images`` images, or when an image no longer fits, <boi> is masked out.
+
+        Text tokens are drawn with ``text_sampling`` (default greedy), image tokens (where a
+        family has them) with ``sampling``, as in :meth:`generate_images`; each image is guided over
+        everything before it against the unconditional ``<bos> <boi>`` stream (one scale, as
+        text->image). Document ``i`` draws everything from seed ``seed + i``, so the same
+        call gives the same documents; one document is decoded at a time, since documents
+        open images at different steps."""
+        fit_prompts(prompts, self.prompt_budget("interleaved"))
+        if max_images < 0:
+            raise UserError(f"max_images must be >= 0, got {max_images}")
+        return [self._interleaved_one(p, max_new_tokens, max_images,
+                                      guidance_scales(guidance_scale), steps, seed + i,
+                                      sampling, text_sampling or TokenSampling(0.0),
+                                      guidance_interval)
+                for i, p in enumerate(tqdm(prompts, desc="interleaved", disable=not progress,
+                                           leave=False))]
+
+    def _interleaved_one(self, prompt: list[int], max_new_tokens: int, max_images: int,
+                         scales: tuple[float, ...], steps: int | None, seed: int,
+                         sampling: TokenSampling | None, text_sampling: TokenSampling,
+                         guidance_interval: list[float] | None) -> InterleavedDocument:
+        """:meth:`generate_interleaved` of one prompt. ``context`` holds the document so far
+        as :meth:`_start_blocks` pieces (ids, and each image in the family's context form);
+        every image restarts the streams from it, which recomputes the prefix once per image
+        rather than keeping an unconditional stream alive for the whole document."""
+        s = self.special
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        context: list = [[s.bos, *prompt]]
+        segments: list = [list(prompt), []]  # the prompt, then what the model writes
+        state, logits = self._start_blocks([context])
+        text_only = self._text_allowed(logits.shape[-1])
+        with_image = text_only.clone()
+        with_image[s.boi] = True
+        length, new_tokens, images = 1 + len(prompt), 0, 0
+        while True:
+            room = length + self.image_length + 2 <= self.max_len  # <boi> image <eoi>
+            allowed = with_image if images < max_images and room else text_only
+            tok = int(sample_token(logits, text_sampling, allowed, g)[0])
+            if tok == s.eos:
+                stopped = "eos"
+                break
+            if tok == s.boi:
+                _extend(context, [s.boi])
+                image_seed = int(torch.randint(2**31 - 1, (1,), generator=g,
+                                               device=self.device))
+                piece, pixels = self._interleaved_image(context, scales, steps, image_seed,
+                                                        sampling, guidance_interval)
+                _extend(context, piece)
+                _extend(context, [s.eoi])
+                segments += [pixels, []]
+                images += 1
+                length += self.image_length + 2
+                state, logits = self._start_blocks([context])
+                continue
+            if new_tokens >= max_new_tokens or length >= self.max_len:
+                stopped = "max_new_tokens" if new_tokens >= max_new_tokens else "max_len"
+                break
+            _extend(context, [tok])
+            segments[-1].append(tok)
+            new_tokens, length = new_tokens + 1, length + 1
+            logits = self._append_tokens(state, torch.tensor([[tok]], device=self.device))
+        return InterleavedDocument([x for x in segments if not isinstance(x, list) or x],
+                                   stopped)
+
+    def _interleaved_image(self, context: list, scales: tuple[float, ...], steps: int | None,
+                           seed: int, sampling: TokenSampling | None,
+                           guidance_interval: list[float] | None) -> tuple:
+        """One image after ``context`` (:meth:`_start_blocks` pieces ending in <boi>), guided
+        against ``<bos> <boi>`` -> (the image as a context piece, the image (3, H, W) as
+        :meth:`generate_images` returns it)."""
+        raise NotImplementedError
 
     def _generate_images(self, streams: list[list[int]], batch: int,
                          scales: tuple[float, ...], steps: int | None, seed: int,

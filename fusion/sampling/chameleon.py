@@ -45,6 +45,11 @@ class ChameleonSampler(StreamSampler):
         # for a source_copy model's output; set by _image only while it draws an edit
         self._copy_source: torch.Tensor | None = None
 
+    @property
+    def image_length(self) -> int:
+        h, w = self.code_grid
+        return h * w
+
     def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
         h, w = self.code_grid
         n = h * w
@@ -110,14 +115,26 @@ class ChameleonSampler(StreamSampler):
         # the prompt's last position (the target's <boi>) predicts cell 0
         self._copy_source = source[:, 0] if source is not None else None
         try:
-            return self._draw_codes(streams, batch, scales, seed, progress, sampling, source)
+            grid = self._draw_codes(streams, batch, scales, seed, progress, sampling, source)
         finally:
             self._copy_source = None
+        return self.decode_images(grid) if self.decode_images else grid
+
+    def _interleaved_image(self, context, scales, steps, seed, sampling, guidance_interval):
+        """Draw the codes after the document so far (its ids: Chameleon's context is one id
+        list); the context piece is the codes as ids."""
+        no_guidance_interval(guidance_interval)
+        s, (ids,) = self.special, context
+        grid = self._draw_codes([ids] + [[s.bos, s.boi]] * len(scales), 1, scales, seed,
+                                False, sampling or self.image_sampling, None)
+        pixels = self.decode_images(grid) if self.decode_images else grid
+        return (grid.flatten() + self.model.text_vocab).tolist(), pixels[0]
 
     def _draw_codes(self, streams: list[list[int]], batch: int, scales: tuple[float, ...],
                     seed: int, progress: bool, sampling: TokenSampling,
                     source: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`_image`'s loop, with ``_copy_source`` kept in step with each position."""
+        """:meth:`_image`'s loop, with ``_copy_source`` kept in step with each position ->
+        codes (batch, h, w)."""
         m = self.model
         state, logits = self._start(streams)
         allowed = m.image_token_mask(self.device)
@@ -140,8 +157,7 @@ class ChameleonSampler(StreamSampler):
                 state, m.embed_tokens(step, torch.full_like(step, cell), aligned))
         self._append_tokens(state, torch.full((len(streams), 1), self.special.eoi,
                                               device=self.device))
-        grid = (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)
-        return self.decode_images(grid) if self.decode_images else grid
+        return (torch.stack(codes, 1) - m.text_vocab).view(batch, h, w)
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,

@@ -53,6 +53,10 @@ class TransfusionSampler(StreamSampler):
         super().__init__(model, special, use_cache, decode_images, encode_images)
         self.diffusion = diffusion
 
+    @property
+    def image_length(self) -> int:
+        return self.model.tokens_per_image
+
     def _reserved(self, task: str, max_new_tokens: int) -> tuple[int, str]:
         n = self.model.tokens_per_image
         if task == "text_to_image":  # <bos> prompt <boi> [image]
@@ -123,6 +127,19 @@ class TransfusionSampler(StreamSampler):
         out = self._denoise(state, B, scales, steps or self.diffusion.cfg.sample_steps, g,
                             progress, guidance_interval)
         return self.decode_images(out) if self.decode_images else out
+
+    def _interleaved_image(self, context, scales, steps, seed, sampling, guidance_interval):
+        """Denoise the whole block after the document so far; its context piece is the clean
+        block's patch embeddings (N, D) at t = 0, as :meth:`_denoise` commits it."""
+        s, m = self.special, self.model
+        streams = [context] + ([[[s.bos, s.boi]]] * len(scales))
+        state, _ = self._start_blocks(streams)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        latents = self._denoise(state, 1, scales, steps or self.diffusion.cfg.sample_steps, g,
+                                False, guidance_interval)
+        block = m.patchifier.patchify(latents, torch.zeros(1, device=self.device))[0][0]
+        pixels = self.decode_images(latents) if self.decode_images else latents
+        return block, pixels[0]
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 24,

@@ -1,0 +1,144 @@
+"""Interleaved generation on held-out ShapesWorld stories (docs/interleaved.md).
+
+Each prompt is the first text of a held-out story ("three photos of a red circle and a blue
+square"): it names how many images the document should hold and describes the first. The
+model writes the rest itself: when to open an image, the edits between them, when to stop.
+Two measures:
+
+* ``right_image_count``: the share of documents with exactly the number of images their
+  prompt names;
+* ``image_consistency``: the share of generated images in which the ShapesWorld detector
+  finds exactly the objects (colour and class, with counts) that the text just before the
+  image describes (after its last colon: :func:`fusion.data.shapes.story_description`;
+  read as :func:`fusion.eval.captioning.caption_objects` reads captions). Also reported for
+  first images (drawn from the prompt) and later ones (drawn from the model's own text)
+  apart.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fusion.config import SamplingConfig
+from fusion.data.images import to_uint8
+from fusion.data.shapes import NUMBER_WORDS, ShapesWorld, detect, story_description
+from fusion.eval.captioning import caption_objects
+
+# the number words a story prompt opens with, back to numbers
+_COUNTS = {word: n for n, word in NUMBER_WORDS.items()}
+
+
+@dataclass
+class InterleavedEvalConfig:
+    num_prompts: int = 64  # held-out stories, their image counts cycling through story_images
+    story_images: list[int] = field(default_factory=lambda: [2, 3])
+    heldout_start: int = 1_000_000  # stories of scenes from here on are never trained on
+    max_objects: int = 3  # as the training stories (fusion.data.sources.ShapesStorySource)
+    max_new_tokens: int = 96  # text tokens the model may write per document
+    max_images: int = 4
+    # guidance, steps, Chameleon's code sampling (scripts/evaluate.py passes the model's
+    # recorded ones); text is decoded greedily
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def story_prompts(cfg: InterleavedEvalConfig, image_size: int = 64,
+                  world_seed: int = 0) -> list[str]:
+    """The held-out prompts: the first text of story ``heldout_start + i``."""
+    world = ShapesWorld(seed=world_seed, size=image_size, max_objects=cfg.max_objects)
+    images = cfg.story_images
+    return [world.story(cfg.heldout_start + i, images[i % len(images)]).texts[0]
+            for i in range(cfg.num_prompts)]
+
+
+def expected_images(prompt: str) -> int | None:
+    """How many images a story prompt asks for ("three photos of ..." -> 3), else None."""
+    return _COUNTS.get(prompt.split(" ", 1)[0])
+
+
+def texts_before_images(segments: Sequence) -> list[str]:
+    """For each image of a document (segments: str texts and images, in order), the text
+    written since the previous image (the prompt included for the first)."""
+    out, text = [], []
+    for seg in segments:
+        if isinstance(seg, str):
+            text.append(seg)
+        else:
+            out.append("".join(text))
+            text = []
+    return out
+
+
+def image_matches_text(image: np.ndarray, text: str) -> bool:
+    """Whether the detector finds exactly the objects ``text`` describes in ``image``."""
+    found = Counter((o.color, o.shape) for o in detect(image))
+    return found == caption_objects(story_description(text))
+
+
+def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> dict:
+    """Scores of generated documents (each: str texts and uint8 (H, W, 3) images in order,
+    starting with its prompt) against their prompts."""
+    if len(prompts) != len(documents):
+        raise ValueError(f"{len(prompts)} prompts but {len(documents)} documents")
+    if not prompts:
+        raise ValueError("no documents to score")
+    right = first_ok = first_n = later_ok = later_n = 0
+    counts = []
+    for prompt, doc in zip(prompts, documents, strict=True):
+        images = [x for x in doc if not isinstance(x, str)]
+        counts.append(len(images))
+        right += len(images) == expected_images(prompt)
+        for k, (image, text) in enumerate(zip(images, texts_before_images(doc), strict=True)):
+            ok = image_matches_text(image, text)
+            if k == 0:
+                first_ok, first_n = first_ok + ok, first_n + 1
+            else:
+                later_ok, later_n = later_ok + ok, later_n + 1
+    n_images = first_n + later_n
+    return {"documents": len(prompts), "right_image_count": right / len(prompts),
+            "mean_images": float(np.mean(counts)), "images": n_images,
+            "image_consistency": (first_ok + later_ok) / n_images if n_images else 0.0,
+            "first_image_consistency": first_ok / first_n if first_n else 0.0,
+            "later_image_consistency": later_ok / later_n if later_n else 0.0}
+
+
+@torch.no_grad()
+def generate_documents(sampler, tokenizer, prompts: Sequence[str], settings: SamplingConfig,
+                       max_new_tokens: int = 96, max_images: int = 4,
+                       progress: bool = True) -> tuple[list[list], list[str]]:
+    """Interleaved documents for text prompts with a family sampler (its
+    ``generate_interleaved``) -> (documents, why each stopped). A document is a list of str
+    texts (the prompt first) and uint8 (H, W, 3) images in order. Prompt ``i`` is drawn from
+    seed ``settings.seed + i``."""
+    from fusion.sampling.base import encode_prompts, image_settings
+    from fusion.sampling.text import TokenSampling
+
+    ids = encode_prompts(tokenizer, list(prompts), sampler.prompt_budget("interleaved"),
+                         settings.prompt_overflow)
+    docs = sampler.generate_interleaved(ids, max_new_tokens, max_images, progress=progress,
+                                        text_sampling=TokenSampling(0.0),
+                                        **image_settings(settings))
+    return ([[tokenizer.decode(x) if isinstance(x, list) else to_uint8(x)
+              for x in doc.segments] for doc in docs], [doc.stopped for doc in docs])
+
+
+def evaluate_interleaved(sampler, tokenizer, image_size: int,
+                         cfg: InterleavedEvalConfig | None = None, world_seed: int = 0,
+                         progress: bool = True) -> tuple[dict, list[list]]:
+    """Generate from the held-out story prompts and score them -> (summary, documents)."""
+    cfg = cfg or InterleavedEvalConfig()
+    prompts = story_prompts(cfg, image_size, world_seed)
+    docs, stops = generate_documents(sampler, tokenizer, prompts, cfg.sampling,
+                                     cfg.max_new_tokens, cfg.max_images, progress)
+    summary = score_interleaved(prompts, docs)
+    summary["stopped"] = dict(Counter(stops))
+    summary["settings"] = {"guidance_scale": cfg.sampling.guidance_scale,
+                           "diffusion_steps": cfg.sampling.diffusion_steps,
+                           "temperature": cfg.sampling.temperature,
+                           "top_k": cfg.sampling.top_k, "seed": cfg.sampling.seed,
+                           "heldout_start": cfg.heldout_start, "world_seed": world_seed}
+    return summary, docs
