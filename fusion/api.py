@@ -17,7 +17,7 @@ array (N, H, W, 3), ``"pt"``: a float tensor (N, 3, H, W) in [-1, 1]).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,10 @@ class FusionPipeline:
                         dtype: torch.dtype | None = None,
                         image_tokenizer: str | None = None) -> FusionPipeline:
         """Load a model folder written by ``scripts/train.py`` (``<output_dir>/model``), its
-        weights checked against their recorded sha256. ``image_tokenizer``: a copy of the
-        artifact it was trained with, when the recorded path now holds another."""
+        weights and tokenizers checked against their recorded fingerprints; the image
+        tokenizer is the folder's own copy (``image_tokenizer/``), else (older folders) the
+        recorded path. ``image_tokenizer``: a copy of the artifact it was trained with, to use
+        instead. What the scripts load through (scripts/sample.py, edit.py, evaluate.py)."""
         model, loss, tok, image_tok, meta = load_model(path, image_tokenizer=image_tokenizer)
         return cls(model, loss, tok, image_tok, meta).to(device, dtype)
 
@@ -80,8 +82,17 @@ class FusionPipeline:
         if unknown:
             raise UserError(f"unknown sampling setting(s) {unknown}; the settings are "
                             f"{', '.join(SETTINGS)}")
-        settings, _ = model_sampling(SamplingConfig(seed=seed, **given), self.meta, given)
+        settings, _ = self.sampling_settings(SamplingConfig(seed=seed, **given), given)
         return settings
+
+    def sampling_settings(self, settings, given: Iterable[str] = ()
+                          ) -> tuple[SamplingConfig, dict]:
+        """``settings`` (a whole SamplingConfig, or a script's ``sampling`` config node) with
+        each recipe setting not named in ``given`` (those set on purpose, e.g. on a command
+        line) taken from the model folder -> (the settings, {setting: value taken from the
+        folder}); the rule of :meth:`settings` and of every script
+        (fusion.families.folders.model_sampling)."""
+        return model_sampling(settings, self.meta, given)
 
     # -- text -> image ----------------------------------------------------------------------
     @torch.no_grad()

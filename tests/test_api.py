@@ -130,7 +130,9 @@ def test_the_readme_snippet_runs(transfusion):
     assert len(namespace["images"]) == 4 and isinstance(namespace["text"], str)
 
 
-def test_the_api_and_sample_py_give_the_same_images_and_files(transfusion, tmp_path):
+@pytest.mark.parametrize("which", ["transfusion", "chameleon"])
+def test_the_api_and_sample_py_give_the_same_images_and_files(which, request, tmp_path,
+                                                               capsys):
     import json
 
     from fusion.data.prompts import shapes_prompt_set
@@ -141,8 +143,9 @@ def test_the_api_and_sample_py_give_the_same_images_and_files(transfusion, tmp_p
     records = shapes_prompt_set(ShapesWorld(seed=0), start=10**6)[:3]
     prompt_file = tmp_path / "metadata.jsonl"
     prompt_file.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+    folder = request.getfixturevalue(which)
     out = tmp_path / "samples"
-    cfg = compose("sample", [f"model_dir={transfusion}", f"prompt_file={prompt_file}",
+    cfg = compose("sample", [f"model_dir={folder}", f"prompt_file={prompt_file}",
                              "images_per_prompt=2", "batch_size=4", f"output_dir={out}",
                              "device=cpu"])
     assert run_sampling(cfg)["count"] == 6
@@ -150,10 +153,14 @@ def test_the_api_and_sample_py_give_the_same_images_and_files(transfusion, tmp_p
     assert [r["prompt"] for r in rows] == [r.prompt for r in records for _ in range(2)]
     assert [r["seed"] for r in rows] == [0, 0, 0, 0, 1, 1]  # batches of 4
     from_files = np.stack([np.asarray(Image.open(out / r["file"])) for r in rows])
-    pipe = FusionPipeline.from_pretrained(transfusion)
+    pipe = FusionPipeline.from_pretrained(folder)
+    assert pipe.family == which
     from_api = pipe([r.prompt for r in records], num_images=2, batch_size=4, seed=0,
                     output_type="np", progress=False)
     assert np.array_equal(from_files, from_api)
+    # both took the settings the folder recorded (sample.py says which)
+    assert ("sampling as the model's recipe: guidance_scale=2.0, diffusion_steps=2, "
+            "temperature=1.0, top_k=8") in capsys.readouterr().out
     # GenEval's layout, scored by scripts/evaluate.py geneval's command
     assert sorted(p.name for p in (out / "geneval").iterdir()) == ["00000", "00001", "00002"]
     assert len(list((out / "geneval" / "00001" / "samples").glob("*.png"))) == 2
@@ -162,6 +169,54 @@ def test_the_api_and_sample_py_give_the_same_images_and_files(transfusion, tmp_p
     summary = cmd_geneval(Namespace(images=str(out / "geneval"), outfile=None,
                                     detector="shapes", ground_truth=False, noise=False))
     assert summary["images"] == 6 and 0.0 <= summary["overall"] <= 1.0
+
+
+def test_a_model_folder_carries_its_image_tokenizer(tmp_path, tiny_vae):
+    """The folder holds a copy of the artifact it was trained with (``image_tokenizer/``), so
+    it is complete on its own (e.g. uploaded to and downloaded from the Hub): moved away,
+    with the recorded path gone, it loads and gives the same images; a tampered copy is
+    refused, and a copy of the original passed explicitly still loads."""
+    import json
+    import shutil
+
+    from fusion.families.folders import image_tokenizer_fingerprint
+
+    art = tmp_path / "vae"
+    shutil.copytree(tiny_vae, art)
+    folder = _folder(tmp_path / "run" / "model", "transfusion", str(art))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "image_tokenizer", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (folder / "image_tokenizer").iterdir()) == [
+        "config.json", "model.safetensors"]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["image_tokenizer"] == str(art)
+    assert image_tokenizer_fingerprint(folder / "image_tokenizer") == meta[
+        "image_tokenizer_sha256"]
+    assert "| image tokenizer | `image_tokenizer/`, included: a copy of" in (
+        folder / "README.md").read_text()
+    kwargs = {"num_images": 2, "seed": 0, "output_type": "np", "progress": False}
+    before = FusionPipeline.from_pretrained(folder)("a red circle", **kwargs)
+
+    moved = tmp_path / "downloaded" / "model"
+    shutil.copytree(folder, moved)
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(art)  # the recorded path no longer exists
+    pipe = FusionPipeline.from_pretrained(moved)
+    assert pipe.image_tokenizer.artifact_path == str(moved / "image_tokenizer")
+    assert np.array_equal(pipe("a red circle", **kwargs), before)
+
+    weights = moved / "image_tokenizer" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=(
+            rf"{re.escape(str(moved / 'image_tokenizer'))}, this model folder's copy of its "
+            rf"image tokenizer {re.escape(str(art))}, does not match the sha256 recorded in "
+            rf"{re.escape(str(moved / 'config.json'))} \(\w{{12}}\.\.\.\): the copy is damaged "
+            r"or was replaced; copy the model folder again, or pass a copy of the original")):
+        FusionPipeline.from_pretrained(moved)
+    pipe = FusionPipeline.from_pretrained(moved, image_tokenizer=str(tiny_vae))
+    assert np.array_equal(pipe("a red circle", **kwargs), before)
 
 
 def test_a_model_folder_carries_a_model_card_with_its_scores(tmp_path, tiny_vae):

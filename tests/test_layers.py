@@ -19,7 +19,8 @@ LAYERS = (
     ("families",),
     ("eval",),
     ("training",),
-    ("jobs", "api", "pipeline", "benchmarks"),
+    ("api",),  # FusionPipeline: how a model folder is loaded and sampled, for the jobs too
+    ("jobs", "pipeline", "benchmarks"),
     ("__init__",),  # fusion.FusionPipeline, imported on first use
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

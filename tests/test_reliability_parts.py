@@ -129,12 +129,24 @@ def test_a_text_tokenizer_replaced_at_its_recorded_path_is_refused(tmp_path, tok
 
 
 def test_a_mismatched_image_tokenizer_is_a_user_error(copy, tmp_path):
+    import re
+
     from fusion.families.folders import load_model
 
     meta = json.loads((copy / "config.json").read_text())
     meta["image_tokenizer_sha256"] = "0" * 64
     (copy / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="holds a different artifact"):
+    # the folder's own copy (image_tokenizer/) is what it loads; another artifact there
+    with pytest.raises(UserError, match=(
+            rf"{re.escape(str(copy / 'image_tokenizer'))}, this model folder's copy of its image "
+            r"tokenizer tokenizers/shapes-vae, does not match the sha256 recorded in .*config\.json "
+            r"\(000000000000\.\.\.\): the copy is damaged or was replaced")):
+        load_model(copy)
+    # a folder without its copy (saved before copies) checks the recorded path
+    shutil.rmtree(copy / "image_tokenizer")
+    with pytest.raises(UserError, match=(
+            r"trained with the image tokenizer tokenizers/shapes-vae \(sha256 000000000000\.\.\.\)"
+            r", but tokenizers/shapes-vae holds a different artifact")):
         load_model(copy)
 
 
@@ -155,7 +167,8 @@ def test_save_model_records_the_weights_sha256(saved):
     assert meta["weights_sha256"] == file_sha256(saved / "model.safetensors")
     # no temporary file left behind; the model card is written last
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json",
-                                                       "model.safetensors", "tokenizer.json"]
+                                                       "image_tokenizer", "model.safetensors",
+                                                       "tokenizer.json"]
 
 
 def test_corrupt_weights_are_refused_naming_the_file(copy):
@@ -200,9 +213,37 @@ def test_a_crash_while_saving_leaves_no_config_pointing_at_partial_weights(copy,
     with pytest.raises(KeyboardInterrupt):
         save_model(copy, model, cfg.model, BPE, cfg.image_tokenizer, {"image_size": 64})
     # the old weights stay, no temporary file is left, and the folder no longer loads
-    assert sorted(p.name for p in copy.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in copy.iterdir()) == ["image_tokenizer", "model.safetensors",
+                                                      "tokenizer.json"]
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(copy)
+
+
+def test_a_crash_while_copying_the_image_tokenizer_leaves_no_partial_copy(copy, monkeypatch):
+    from fusion.families.folders import image_tokenizer_fingerprint, load_model, save_model
+
+    model, cfg = _model_and_cfg()
+    before = image_tokenizer_fingerprint(copy / "image_tokenizer")
+    real_copyfile, copied = shutil.copyfile, []
+
+    def crash(src, dst, *args, **kwargs):
+        if copied:  # the second file of the artifact
+            raise KeyboardInterrupt
+        copied.append(dst)
+        return real_copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(copy, model, cfg.model, BPE, cfg.image_tokenizer, {"image_size": 64})
+    # the previous copy stays whole, no temporary folder is left, and no config.json
+    assert sorted(p.name for p in copy.iterdir()) == ["image_tokenizer", "model.safetensors",
+                                                      "tokenizer.json"]
+    assert image_tokenizer_fingerprint(copy / "image_tokenizer") == before
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(copy)
+    monkeypatch.undo()
+    save_model(copy, model, cfg.model, BPE, cfg.image_tokenizer, {"image_size": 64})
+    load_model(copy)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ is skipped and reported instead of stopping the run."""
 
 import json
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -154,10 +153,9 @@ def sample(monkeypatch, tmp_path, tokenizer):
 
     model, loss, sampler = transfusion(tokenizer.vocab_size, SpecialIds.from_tokenizer(tokenizer))
     recording = Recording(sampler)
-    image_tok = SimpleNamespace(to=lambda device: None)
-    monkeypatch.setattr(run, "load_model", lambda path: (model, loss, tokenizer, image_tok,
-                                                         {"image_size": 16}))
-    monkeypatch.setattr(run, "family_sampler", lambda *a, **k: recording)
+    pipe = run.FusionPipeline.__new__(run.FusionPipeline)  # what run_sampling loads
+    pipe.sampler, pipe.tokenizer, pipe.meta = recording, tokenizer, {"image_size": 16}
+    monkeypatch.setattr(run.FusionPipeline, "from_pretrained", lambda *a, **k: pipe)
 
     def go(overrides=(), prompts=None, overflow=None):
         cfg = compose("sample", [f"output_dir={tmp_path / 'out'}", "device=cpu",

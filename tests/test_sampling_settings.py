@@ -27,6 +27,15 @@ class RecordingSampler:
 TOK = SimpleNamespace(encode=lambda text: [5, 6], decode=lambda ids: "")
 
 
+def _model_folder(monkeypatch, sampler, meta):
+    """What run_sampling loads: a FusionPipeline around ``sampler``, no model folder read."""
+    from fusion.api import FusionPipeline
+
+    pipe = FusionPipeline.__new__(FusionPipeline)
+    pipe.sampler, pipe.tokenizer, pipe.meta = sampler, TOK, meta
+    monkeypatch.setattr(FusionPipeline, "from_pretrained", lambda *a, **k: pipe)
+
+
 def test_evaluate_model_passes_its_token_sampling():
     from fusion.eval.model import ModelEvalConfig, evaluate_model
 
@@ -43,9 +52,7 @@ def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
     import fusion.jobs.sample as run
 
     sampler = RecordingSampler()
-    model = SimpleNamespace(to=lambda device: None)
-    monkeypatch.setattr(run, "load_model", lambda path: (model, None, TOK, model, {}))
-    monkeypatch.setattr(run, "family_sampler", lambda *a, **k: sampler)
+    _model_folder(monkeypatch, sampler, {})
     cfg = compose("sample", [f"output_dir={tmp_path}", "device=cpu", "prompts=[a,b,c]",
                              "batch_size=2", "sampling.top_k=64", "sampling.temperature=0.5"])
     run.run_sampling(cfg)
@@ -55,15 +62,14 @@ def test_sample_script_passes_its_token_sampling(monkeypatch, tmp_path):
 def test_sample_script_follows_the_models_recorded_recipe_unless_told_otherwise(monkeypatch,
                                                                                 tmp_path):
     import fusion.jobs.sample as run
+    from fusion.families.folders import model_sampling
 
     sampler = RecordingSampler()
-    model = SimpleNamespace(to=lambda device: None)
     meta = {"sampling": {"top_k": 64, "temperature": 0.7, "guidance_scale": 6.0}}
-    monkeypatch.setattr(run, "load_model", lambda path: (model, None, TOK, model, meta))
-    monkeypatch.setattr(run, "family_sampler", lambda *a, **k: sampler)
+    _model_folder(monkeypatch, sampler, meta)
     cfg = compose("sample", [f"output_dir={tmp_path}", "device=cpu", "prompts=[a]",
                              "sampling.temperature=0.5"])
     run.run_sampling(cfg, explicit_sampling=["temperature"])
     assert sampler.seen == [TokenSampling(0.5, 64, None)]  # top-k from the model
-    settings, taken = run.model_sampling(cfg.sampling, meta, ["temperature"])
+    settings, taken = model_sampling(cfg.sampling, meta, ["temperature"])
     assert taken == {"top_k": 64, "guidance_scale": 6.0} and settings.guidance_scale == 6.0

@@ -246,8 +246,11 @@ def test_a_model_refuses_a_retrained_image_tokenizer_at_its_recorded_path(tmp_pa
     assert image_tokenizer_fingerprint(art) == before
     load_model(tmp_path / "model")
 
-    # retraining it at the same path does not: loading fails, and names the way out
+    # retraining it at the same path does not: the folder loads its own copy
+    # (image_tokenizer/), and a folder saved before copies fails, naming the way out
     VAETokenizer(build_autoencoder((16, 16, 16, 16), 1, 4, 8, False)).save_pretrained(art)
+    load_model(tmp_path / "model")
+    shutil.rmtree(tmp_path / "model" / "image_tokenizer")
     with pytest.raises(ValueError, match="holds a different artifact.*--image-tokenizer"):
         load_model(tmp_path / "model")
     load_model(tmp_path / "model", image_tokenizer=str(original))  # a copy of the original

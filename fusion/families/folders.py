@@ -1,6 +1,7 @@
-"""Model folders: a trained family model as ``config.json`` + ``model.safetensors``, with the
-fingerprints that tie it to its tokenizers and the sha256 of its weights; saving (atomically)
-and loading (checked) for every family (docs/reliability.md, "Integrity of model folders")."""
+"""Model folders: a trained family model as ``config.json`` + ``model.safetensors``, with its
+own copies of both tokenizers (``tokenizer.json``, ``image_tokenizer/``), the fingerprints that
+tie it to them and the sha256 of its weights; saving (atomically) and loading (checked) for
+every family (docs/reliability.md, "Integrity of model folders")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -115,17 +118,76 @@ def file_sha256(path) -> str:
 
 
 TOKENIZER_COPY = "tokenizer.json"  # a model folder's own copy of its text tokenizer
+IMAGE_TOKENIZER_COPY = "image_tokenizer"  # ... and of its stage-1 image tokenizer artifact
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def copy_image_tokenizer(source, folder: Path) -> Path | None:
+    """Copy the stage-1 artifact at ``source`` into ``folder/image_tokenizer/``: a folder's
+    files (``config.json``, the weights, its card), or a single weights file as it is named.
+    The copy is made in a temporary folder beside it and renamed into place, so
+    ``image_tokenizer/`` is either a whole copy or absent (or the previous one). Returns the
+    copy, or None when ``source`` is not on disk (nothing is copied)."""
+    src = resolve_path(source)
+    if not (src.is_dir() or src.is_file()):
+        log.warning("image tokenizer %s not found: the model folder holds no copy of it", source)
+        return None
+    dst = folder / IMAGE_TOKENIZER_COPY
+    tmp = folder / f".{IMAGE_TOKENIZER_COPY}.tmp-{os.getpid()}"
+    old = folder / f".{IMAGE_TOKENIZER_COPY}.old-{os.getpid()}"
+    files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
+    for stale in (tmp, old):
+        _remove(stale)
+    try:
+        tmp.mkdir()
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)  # a link's target, not the link
+            _fsync(tmp / f.name)
+        if dst.exists() or dst.is_symlink():
+            dst.rename(old)
+        tmp.rename(dst)
+    finally:
+        _remove(tmp)
+        _remove(old)
+    return dst
+
+
+def folder_image_tokenizer_copy(folder: Path) -> Path | None:
+    """A model folder's own copy of its image tokenizer (what :func:`save_model` writes): the
+    ``image_tokenizer/`` folder, or the one weights file in it when the artifact was a file;
+    None for a folder saved before copies."""
+    copy = folder / IMAGE_TOKENIZER_COPY
+    if not copy.is_dir():
+        return None
+    if (copy / "config.json").is_file():
+        return copy
+    files = [p for p in copy.iterdir() if p.is_file() and p.suffix != ".md"]
+    return files[0] if len(files) == 1 else copy
 
 
 def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_path: str,
                extra: dict | None = None):
     """A trained family model as ``config.json`` + ``model.safetensors`` (no pickle).
 
-    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` checks,
-    and the sha256 of ``model.safetensors`` (``weights_sha256``), which loading checks.
+    The folder holds its own copies of both tokenizers (``tokenizer.json``, and the stage-1
+    artifact as ``image_tokenizer/``), so it is complete without the repository: laid out as a
+    Hugging Face Hub repository, ``huggingface_hub.upload_folder`` publishes it as it is.
+    ``config.json`` also holds fingerprints of both tokenizers, which ``init_from`` and loading
+    check, and the sha256 of ``model.safetensors`` (``weights_sha256``), which loading checks.
     config.json (and the model card, ``README.md``) are removed first and written last, each
     file through a temporary one, so a crash while saving leaves a folder that refuses to load
-    rather than a config that describes weights it does not hold."""
+    rather than a config that describes weights or an image tokenizer it does not hold."""
     from safetensors.torch import save_model as save_safetensors
 
     out = Path(out_dir)
@@ -143,6 +205,7 @@ def save_model(out_dir, model, model_cfg, tokenizer_path: str, image_tokenizer_p
         stale.unlink(missing_ok=True)
     # its own copy of the text tokenizer: the folder is complete without the repository
     replace_atomically(out / TOKENIZER_COPY, lambda tmp: tmp.write_text(tok.to_json()))
+    copy_image_tokenizer(image_tokenizer_path, out)
     replace_atomically(weights, lambda tmp: save_safetensors(model, str(tmp)))
     meta["weights_sha256"] = file_sha256(weights)
     replace_atomically(cfg_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -168,6 +231,12 @@ def write_model_card(folder: Path, meta: dict) -> Path:
     ``config.json``; nothing is uploaded."""
     family = (meta.get("model") or {}).get("family", "?")
     sampling = ", ".join(f"{k}={v}" for k, v in (meta.get("sampling") or {}).items())
+    image_sha = f"sha256 {str(meta.get('image_tokenizer_sha256'))[:12]}..."
+    image_tokenizer = (
+        f"`{IMAGE_TOKENIZER_COPY}/`, included: a copy of `{meta.get('image_tokenizer')}` "
+        f"({image_sha})" if folder_image_tokenizer_copy(Path(folder)) is not None else
+        f"`{meta.get('image_tokenizer')}` ({image_sha}; not included: needed beside this "
+        "folder to load it)")
     rows = [("family", family), ("documents", meta.get("documents", "caption")),
             ("training steps", meta.get("steps", "?")),
             ("started from", meta.get("init_from") or "a random initialisation"),
@@ -175,9 +244,7 @@ def write_model_card(folder: Path, meta: dict) -> Path:
             ("text tokenizer", f"`tokenizer.json`, a copy of `{meta.get('text_tokenizer')}` "
                                f"(vocabulary sha256 "
                                f"{str(meta.get('text_tokenizer_sha256'))[:12]}...)"),
-            ("image tokenizer", f"`{meta.get('image_tokenizer')}` (sha256 "
-                                f"{str(meta.get('image_tokenizer_sha256'))[:12]}...; needed "
-                                "beside this folder to load it)"),
+            ("image tokenizer", image_tokenizer),
             ("sampling recipe", sampling or "SamplingConfig's defaults"),
             ("weights", f"`model.safetensors`, sha256 {str(meta.get('weights_sha256'))[:12]}...")]
     scores = meta.get("scores") or {}
@@ -262,14 +329,42 @@ def folder_text_tokenizer(folder: Path, meta: dict, cfg_file: Path) -> TextToken
     return tokenizer
 
 
+def folder_image_tokenizer(folder: Path, meta: dict, cfg_file: Path,
+                           given: str | None = None) -> str:
+    """Where a model folder's image tokenizer is read from (see :func:`load_model`), checked
+    against the fingerprint ``config.json`` recorded: ``given``, else the folder's own copy,
+    else the recorded path. A path that is not on disk is left to the loader to name."""
+    recorded = meta.get("image_tokenizer_sha256")
+    copy = None if given else folder_image_tokenizer_copy(folder)
+    if copy is not None:
+        if recorded and not image_tokenizer_matches(recorded, copy):
+            raise UserError(
+                f"{copy}, this model folder's copy of its image tokenizer "
+                f"{meta['image_tokenizer']}, does not match the sha256 recorded in {cfg_file} "
+                f"({recorded[:12]}...): the copy is damaged or was replaced; copy the model "
+                "folder again, or pass a copy of the original artifact (scripts/evaluate.py "
+                "--image-tokenizer PATH, FusionPipeline.from_pretrained(image_tokenizer=...))")
+        return str(copy)
+    image_path = given or meta["image_tokenizer"]
+    if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
+            recorded, image_path):
+        raise UserError(
+            f"{cfg_file}: the model was trained with the image tokenizer {meta['image_tokenizer']}"
+            f" (sha256 {recorded[:12]}...), but {image_path} holds a different artifact (a "
+            "retrained one?); pass a copy of the original (scripts/evaluate.py "
+            "--image-tokenizer PATH), e.g. restored with `git show <commit>:<file>`")
+    return image_path
+
+
 def load_model(path, image_tokenizer: str | None = None):
     """Inverse of :func:`save_model` -> (model, loss, text tokenizer, image tokenizer, meta).
 
-    The image tokenizer is the one recorded in ``config.json`` unless ``image_tokenizer`` names
-    another copy; either way it must be the artifact the model was trained with (its recorded
-    fingerprint): a retrained artifact at the same path would decode the model's latents or
-    codes into wrong images without any error. The text tokenizer and the weights file are
-    checked against their recorded fingerprints the same way."""
+    The image tokenizer is ``image_tokenizer`` when given, else the folder's own copy
+    (``image_tokenizer/``), else (a folder saved before copies) the path ``config.json``
+    recorded; whichever it is must be the artifact the model was trained with (its recorded
+    fingerprint): another artifact would decode the model's latents or codes into wrong images
+    without any error. The text tokenizer and the weights file are checked against their
+    recorded fingerprints the same way."""
     from safetensors.torch import load_model as load_safetensors
 
     folder = Path(path)
@@ -285,16 +380,8 @@ def load_model(path, image_tokenizer: str | None = None):
                         "model folder written by scripts/train.py, or add them")
     check_weights(weights, meta, cfg_file)
     tokenizer = folder_text_tokenizer(folder, meta, cfg_file)
-    image_path = image_tokenizer or meta["image_tokenizer"]
-    recorded = meta.get("image_tokenizer_sha256")
-    if recorded and resolve_path(image_path).exists() and not image_tokenizer_matches(
-            recorded, image_path):
-        raise UserError(
-            f"{cfg_file}: the model was trained with the image tokenizer {meta['image_tokenizer']}"
-            f" (sha256 {recorded[:12]}...), but {image_path} holds a different artifact (a "
-            "retrained one?); pass a copy of the original (scripts/evaluate.py "
-            "--image-tokenizer PATH), e.g. restored with `git show <commit>:<file>`")
-    image_tokenizer = load_image_tokenizer(image_path)
+    image_tokenizer = load_image_tokenizer(folder_image_tokenizer(folder, meta, cfg_file,
+                                                                  image_tokenizer))
     model_cfg = OmegaConf.create(meta["model"])
     model, loss = build_family(model_cfg, tokenizer, image_tokenizer, meta["image_size"])
     try:

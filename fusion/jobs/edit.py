@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fusion.api import FusionPipeline
 from fusion.config import SamplingConfig, resolve_path, to_dataclass
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor
 from fusion.errors import UserError
 from fusion.eval.editing import psnr
-from fusion.families import family_sampler
-from fusion.families.folders import load_model, model_sampling
 from fusion.jobs.sample import pick_device
 from fusion.sampling.edit import edit_images
 
@@ -95,15 +94,15 @@ def run_editing(cfg, given: Collection[str] | None = None) -> dict:
     if single and (not cfg.image or not (cfg.instruction or "").strip()):
         raise UserError("a single edit needs both image=<file> and a non-empty "
                         "instruction='...'")
-    model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
+    pipe = FusionPipeline.from_pretrained(resolve_path(cfg.model_dir))  # on the CPU for now
     sampling = to_dataclass(cfg.sampling, SamplingConfig)
     if given is not None:
         unknown = set(given) - {f.name for f in fields(SamplingConfig)}
         if unknown:
             raise UserError(f"unknown sampling keys {sorted(unknown)}; the keys are those of "
                             "SamplingConfig (fusion.config)")
-        sampling, _ = model_sampling(sampling, meta, given)
-    size = meta["image_size"]
+        sampling, _ = pipe.sampling_settings(sampling, given)
+    size = pipe.meta["image_size"]
     if single:  # check the input before the model goes to the device
         arrays, instructions = [read_source_image(cfg.image, size, cfg.resize)], [
             cfg.instruction.strip()]
@@ -115,11 +114,10 @@ def run_editing(cfg, given: Collection[str] | None = None) -> dict:
         instructions = [r.instruction for r in records]
         targets = np.stack([r.target for r in records])
         names = [r.key for r in records]
-    device = pick_device(cfg.device)
-    model.to(device), image_tok.to(device)
-    sampler = family_sampler(model, loss, tok, image_tok)
+    pipe.to(pick_device(cfg.device))
     sources = torch.stack([to_tensor(a) for a in arrays])
-    edited = edit_images(sampler, tok, sources, instructions, sampling, cfg.batch_size)
+    edited = edit_images(pipe.sampler, pipe.tokenizer, sources, instructions, sampling,
+                         cfg.batch_size)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records_out = []

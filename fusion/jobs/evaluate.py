@@ -142,6 +142,15 @@ def parse_guidance_interval(given: list[str]) -> list[float]:
     return interval
 
 
+def _pipeline(args):
+    """``--model`` loaded as fusion.FusionPipeline loads it (``--image-tokenizer``: a copy of
+    the artifact to use instead of the folder's own), on ``--device``."""
+    from fusion.api import FusionPipeline
+
+    return FusionPipeline.from_pretrained(args.model, device=args.device,
+                                          image_tokenizer=args.image_tokenizer)
+
+
 def _resolve_sampling(args, meta: dict):
     """The settings to sample with (a SamplingConfig): the options given on the command line,
     the rest as the model folder recorded (fusion.families.folders.model_sampling, the rule of
@@ -188,15 +197,12 @@ def cmd_editing(args) -> dict:
         if not args.model:
             raise UserError("give --model <model folder>, or --ground-truth / --unedited / "
                              "--tokenizer-ceiling")
-        from fusion.families import family_sampler
-        from fusion.families.folders import load_model
-
-        model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
-        model.to(args.device), image_tok.to(args.device)
+        pipe = _pipeline(args)
+        sampler, tok, meta = pipe.sampler, pipe.tokenizer, pipe.meta
         settings = _resolve_sampling(args, meta)
-        sampler = family_sampler(model, loss, tok, image_tok)
         if args.diagnose:
-            return _diagnose_editing(args, settings, sampler, tok, image_tok, meta["image_size"])
+            return _diagnose_editing(args, settings, sampler, tok, pipe.image_tokenizer,
+                                     meta["image_size"])
         cfg = EditEvalConfig(per_kind=args.per_kind, sampling=settings,
                              batch_size=args.batch_size, heldout_start=args.start,
                              center_tol=args.center_tol)
@@ -232,13 +238,11 @@ def _diagnose_editing(args, settings, sampler, tok, image_tok, image_size: int) 
 def cmd_model(args) -> dict:
     """What the main job's evaluation stage runs, for any saved model folder."""
     from fusion.eval.model import ModelEvalConfig, evaluate_model
-    from fusion.families import family_sampler
-    from fusion.families.folders import load_model
 
     if args.world_seeds and args.world_seed:
         raise ValueError("give --world-seed or --world-seeds, not both")
-    model, loss, tok, image_tok, meta = load_model(args.model, image_tokenizer=args.image_tokenizer)
-    model.to(args.device), image_tok.to(args.device)
+    pipe = _pipeline(args)
+    sampler, tok, meta = pipe.sampler, pipe.tokenizer, pipe.meta
     settings = _resolve_sampling(args, meta)
     sampling = _used(args, settings)
     # the interval guided in: given, else the one the model was trained with (diffusion only)
@@ -249,7 +253,6 @@ def cmd_model(args) -> dict:
         sampling["guidance_interval"] = interval
         print(f"guidance_interval={interval}")
     world_seeds = args.world_seeds or [args.world_seed]
-    sampler = family_sampler(model, loss, tok, image_tok)
     per_set = {}
     for world_seed in world_seeds:
         # One prompt set varies by far more than its binomial error (docs/results.md), so

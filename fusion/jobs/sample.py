@@ -12,13 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from fusion.api import FusionPipeline
 from fusion.config import resolve_path
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
 from fusion.errors import UserError
-from fusion.families import family_sampler
-from fusion.families.folders import load_model, model_sampling
 from fusion.sampling.base import (
     check_overflow_setting,
     encode_prompts,
@@ -115,19 +114,20 @@ def _batches(items: list, size: int):
 
 
 def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
-    """``explicit_sampling``: the ``sampling.*`` settings given on the command line; the
-    others follow the model's recorded recipe where it has one
-    (fusion.families.folders.model_sampling)."""
+    """The model folder is loaded as :class:`fusion.FusionPipeline` loads it (one loading
+    path: the same model, tokenizers and sampler, so the same images for the same settings
+    and seed). ``explicit_sampling``: the ``sampling.*`` settings given on the command line;
+    the others follow the model's recorded recipe where it has one
+    (FusionPipeline.sampling_settings)."""
     if cfg.task not in TASKS:
         raise UserError(f"task={cfg.task} is not a task; pass task= one of {', '.join(TASKS)}")
     overflow = check_overflow_setting(cfg.sampling.prompt_overflow)
     device = pick_device(cfg.device)
-    model, loss, tok, image_tok, meta = load_model(resolve_path(cfg.model_dir))
-    model.to(device), image_tok.to(device)
-    sampler = family_sampler(model, loss, tok, image_tok)
+    pipe = FusionPipeline.from_pretrained(resolve_path(cfg.model_dir), device=device)
+    sampler, tok, meta = pipe.sampler, pipe.tokenizer, pipe.meta
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s, taken = model_sampling(cfg.sampling, meta, explicit_sampling)
+    s, taken = pipe.sampling_settings(cfg.sampling, explicit_sampling)
     if taken:
         print("sampling as the model's recipe: "
               + ", ".join(f"{k}={v}" for k, v in taken.items()))
