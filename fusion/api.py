@@ -4,6 +4,7 @@
     pipe = FusionPipeline.from_pretrained("outputs/train/transfusion_tiny/model")
     images = pipe("a photo of a red circle", num_images=4, guidance_scale=5.0, seed=0)
     text = pipe.caption(images[0])
+    pieces = pipe.generate("two photos of a red circle")  # text and images, interleaved
 
 Every sampling setting is a keyword argument (a field of fusion.config.SamplingConfig:
 ``guidance_scale``, ``diffusion_steps``, ``guidance_interval``, ``temperature``, ``top_k``,
@@ -31,6 +32,7 @@ from fusion.errors import UserError
 from fusion.families import family_sampler
 from fusion.families.folders import load_model, model_sampling
 from fusion.sampling.base import encode_prompts, image_settings
+from fusion.sampling.interleaved import generate_documents
 from fusion.sampling.text import TokenSampling
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -162,6 +164,26 @@ class FusionPipeline:
         edited = self.sampler.edit(pixels.to(self.device), ids, **image_settings(s, edit=True))
         out = _output(edited.float().cpu(), output_type)
         return out[0] if single else out
+
+    # -- interleaved --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 96,
+                 max_images: int = 4, seed: int = 0, output_type: str = "pil",
+                 text_temperature: float = 0.0, progress: bool = True, **settings):
+        """Interleaved (mixed-modal) generation: the prompt is continued with text, and the
+        model opens images itself (docs/interleaved.md). Returns the document as a list of
+        pieces in order, the prompt first: ``str`` text and images (``output_type``); a list
+        of such lists for a list of prompts. ``text_temperature`` draws the text (0: greedy);
+        the images follow the sampling settings as ``__call__``'s do. Prompt ``i`` draws from
+        seed ``seed + i``. Stops at ``<eos>``, ``max_new_tokens`` text tokens or the model's
+        length; at most ``max_images`` images."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        s = self.settings(seed, **settings)
+        docs, _ = generate_documents(self.sampler, self.tokenizer, prompts, s, max_new_tokens,
+                                     max_images, TokenSampling(text_temperature), progress)
+        out = [[x if isinstance(x, str) else _output(x[None], output_type)[0] for x in doc]
+               for doc in docs]
+        return out[0] if isinstance(prompt, str) else out
 
     # -- inputs -------------------------------------------------------------------------
     def _pixels(self, images) -> tuple[torch.Tensor, bool]:

@@ -242,14 +242,18 @@ class SampleConfig:
     """``scripts/sample.py``: generate from a trained model folder (either family)."""
 
     model_dir: str = "outputs/train/transfusion_tiny/model"
-    task: str = "text_to_image"  # text_to_image | image_to_text | text_to_text
-    prompts: list[str] | None = None  # default: sampling.prompts
+    # text_to_image | image_to_text | text_to_text | interleaved (docs/interleaved.md)
+    task: str = "text_to_image"
+    # default: sampling.prompts (interleaved: 8 held-out ShapesWorld story prompts)
+    prompts: list[str] | None = None
     prompt_file: str | None = None  # one prompt per line, or a GenEval metadata .jsonl
     images: str | None = None  # image_to_text: a folder of images (default: ShapesWorld)
     num_images: int = 8  # image_to_text with ShapesWorld: held-out scenes to caption
     images_per_prompt: int = 1
     batch_size: int = 16
-    max_new_tokens: int = 24
+    # text the model may write: 24 tokens for captions and text, 96 for an interleaved document
+    max_new_tokens: int | None = None
+    max_images: int = 4  # interleaved: images per document at most
     output_dir: str = "outputs/samples"
     device: str = "auto"  # auto | cpu | cuda
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -1,4 +1,5 @@
-"""Evaluate images and models: GenEval scoring, FID/KID, reconstruction, editing, models.
+"""Evaluate images and models: GenEval scoring, FID/KID, reconstruction, editing, models,
+interleaved generation.
 
     # GenEval on a folder in GenEval's layout (<dir>/<NNNNN>/metadata.jsonl + samples/<NNNN>.png)
     python scripts/evaluate.py geneval --images outputs/samples --detector shapes
@@ -19,6 +20,8 @@
     # a trained family model: GenEval-shapes, FID-shapes and captioning on held-out scenes
     python scripts/evaluate.py model --model outputs/train/transfusion_tiny/model
     python scripts/evaluate.py model --model ... --no-fid --world-seeds 0 1 2  # 3 prompt sets
+    # interleaved generation: image counts and text-image consistency on held-out stories
+    python scripts/evaluate.py interleaved --model outputs/train/interleaved_transfusion_tiny/model
 
 A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
 config; it reads folders and writes a results file, and Hydra's run-directory handling would
@@ -36,12 +39,14 @@ from pathlib import Path
 from fusion.config import SamplingConfig
 from fusion.errors import UserError, report_user_errors
 from fusion.eval.editing import EditEvalConfig
+from fusion.eval.interleaved import InterleavedEvalConfig
 from fusion.eval.model import ModelEvalConfig
 from fusion.jobs.evaluate import (
     FROM_MODEL,
     cmd_editing,
     cmd_fid,
     cmd_geneval,
+    cmd_interleaved,
     cmd_model,
     cmd_reconstruction,
     optional_float,
@@ -181,6 +186,24 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also write the scored images here in GenEval's folder layout "
                         "(<DIR>/world<W> for each of several --world-seeds)")
     m.set_defaults(fn=cmd_model)
+
+    i = sub.add_parser("interleaved", parents=[common, sampling],
+                       help="interleaved generation: image counts and text-image consistency "
+                            "on held-out ShapesWorld stories")
+    i.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
+    i.add_argument("--prompts", type=int, default=InterleavedEvalConfig.num_prompts,
+                   help="held-out story prompts")
+    i.add_argument("--start", type=int, default=InterleavedEvalConfig.heldout_start,
+                   help="first held-out story")
+    i.add_argument("--max-new-tokens", type=int, default=InterleavedEvalConfig.max_new_tokens,
+                   help="text tokens the model may write per document")
+    i.add_argument("--max-images", type=int, default=InterleavedEvalConfig.max_images)
+    i.add_argument("--guidance-scale", type=optional_float, default=FROM_MODEL,
+                   help="classifier-free guidance of each image ('none': off; default: the "
+                        "model's, else 3)")
+    i.add_argument("--page", type=Path, help="write the documents here as a Markdown page "
+                                             "with their PNGs")
+    i.set_defaults(fn=cmd_interleaved)
 
     args = parser.parse_args(argv)
     try:

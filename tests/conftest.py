@@ -25,3 +25,26 @@ def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae")
     VAETokenizer(build_autoencoder((16, 16, 16, 16), 1, 4, 8, False)).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make the samplers' text decoder emit ``script`` (one token per draw; one it may not
+    draw now is passed over), then whatever the model prefers: the decisions an interleaved
+    model makes, made for an untrained one (tests/test_interleaved.py, tests/test_api.py)."""
+    import fusion.sampling.base as base
+
+    real = base.sample_token
+
+    def use(script):
+        tokens = iter(script)
+
+        def draw(logits, sampling, allowed=None, generator=None):
+            for tok in tokens:  # a scripted token that is not allowed now is passed over
+                if allowed is None or bool(allowed[tok]):
+                    return torch.full((logits.shape[0],), tok, dtype=torch.long)
+            return real(logits, sampling, allowed, generator)
+
+        monkeypatch.setattr(base, "sample_token", draw)
+
+    return use

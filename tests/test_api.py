@@ -233,3 +233,42 @@ def test_a_model_folder_carries_a_model_card_with_its_scores(tmp_path, tiny_vae)
     assert "| geneval_overall | 0.25 |" in card and "caption_examples" not in card
     assert file_sha256(folder / "model.safetensors") == weights
     assert load_model(folder)[4]["scores"] == {"geneval_overall": 0.25, "fid_shapes": 7.5}
+
+
+@pytest.mark.parametrize("which", ["transfusion", "chameleon"])
+def test_interleaved_documents_from_the_api_and_sample_py_are_the_same(which, request, tmp_path,
+                                                                     scripted):
+    import json
+
+    from fusion.jobs.sample import run_sampling
+
+    folder = request.getfixturevalue(which)
+    pipe = FusionPipeline.from_pretrained(folder)
+    s, tok = pipe.sampler.special, pipe.tokenizer
+    # an untrained model opens no image by itself: the decisions are scripted
+    script = [s.boi, *tok.encode(" make the red circle blue"), s.boi, s.eos]
+    prompt = "two photos of a red circle"
+    out = tmp_path / "page"
+    cfg = compose("sample", [f"model_dir={folder}", "task=interleaved", f"prompts=[{prompt!r}]",
+                             f"output_dir={out}", "device=cpu"])
+    scripted(script)
+    assert run_sampling(cfg)["count"] == 1
+    (row,) = [json.loads(x) for x in (out / "interleaved.jsonl").read_text().splitlines()]
+    assert row["prompt"] == prompt and row["stopped"] == "eos"
+    files = [x["image"] for x in row["segments"] if "image" in x]
+    assert len(files) == 2 and all(f"]({f})" in (out / "interleaved.md").read_text()
+                                   for f in files)
+
+    scripted(script)
+    doc = pipe.generate(prompt, output_type="np", progress=False)
+    assert doc[0] == prompt and doc[2] == " make the red circle blue"
+    assert [x for x in doc[1:] if isinstance(x, str)] == [x["text"] for x in row["segments"]
+                                                          if "text" in x]
+    images = [x for x in doc if not isinstance(x, str)]
+    assert all(np.array_equal(np.asarray(Image.open(out / f)), x)
+               for f, x in zip(files, images, strict=True))
+
+    scripted(script)
+    again = pipe.generate(prompt, progress=False)
+    assert [type(x) for x in again] == [str, Image.Image, str, Image.Image]
+    assert np.array_equal(np.asarray(again[1]), images[0])

@@ -94,6 +94,9 @@ class BagSampler:
     def edit(self, sources, instructions, **settings):
         raise NotImplementedError
 
+    def generate_interleaved(self, prompts, max_new_tokens=96, max_images=4, **settings):
+        raise NotImplementedError
+
 
 def build(model_cfg, tokenizer, image_tokenizer, image_size):
     cfg = to_dataclass(model_cfg, BagConfig)

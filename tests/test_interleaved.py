@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fusion.sampling.base as base
-from fusion.data.documents import Image, StoryDocuments, Text, TextLimit, story_document
+from fusion.data.documents import Image, StoryDocuments, TextLimit, story_document
 from fusion.data.shapes import (
     NUMBER_WORDS,
     ShapesWorld,
@@ -165,7 +165,7 @@ def test_both_losses_fall_when_overfitting_a_batch_of_stories(family):
     docs = stories(side)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
-    for step in range(40):
+    for _ in range(40):
         g = torch.Generator().manual_seed(0)  # the same noise each step: a fixed target
         out = loss(model, docs, encode, random.Random(0), g)
         if first is None:
@@ -186,27 +186,6 @@ def sampler(family, use_cache=True):
         return TransfusionSampler(model, SPECIAL, loss.diffusion, use_cache=use_cache)
     model, _ = chameleon()
     return ChameleonSampler(model, SPECIAL, (2, 2), use_cache=use_cache)
-
-
-@pytest.fixture
-def scripted(monkeypatch):
-    """Make the text decoder emit ``script`` (one token per draw; one it may not draw now is
-    passed over), then
-    whatever the model prefers: the decisions an interleaved model makes, made for it."""
-    real = base.sample_token
-
-    def use(script):
-        tokens = iter(script)
-
-        def draw(logits, sampling, allowed=None, generator=None):
-            for tok in tokens:  # a scripted token that is not allowed now is passed over
-                if allowed is None or bool(allowed[tok]):
-                    return torch.full((logits.shape[0],), tok, dtype=torch.long)
-            return real(logits, sampling, allowed, generator)
-
-        monkeypatch.setattr(base, "sample_token", draw)
-
-    return use
 
 
 @pytest.mark.parametrize("family", ["transfusion", "chameleon"])

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from fusion.config import SamplingConfig
 from fusion.data.images import to_uint8
 from fusion.data.shapes import NUMBER_WORDS, ShapesWorld, detect, story_description
 from fusion.eval.captioning import caption_objects
+from fusion.sampling.interleaved import generate_documents
 
 # the number words a story prompt opens with, back to numbers
 _COUNTS = {word: n for n, word in NUMBER_WORDS.items()}
@@ -106,34 +106,16 @@ def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> 
             "later_image_consistency": later_ok / later_n if later_n else 0.0}
 
 
-@torch.no_grad()
-def generate_documents(sampler, tokenizer, prompts: Sequence[str], settings: SamplingConfig,
-                       max_new_tokens: int = 96, max_images: int = 4,
-                       progress: bool = True) -> tuple[list[list], list[str]]:
-    """Interleaved documents for text prompts with a family sampler (its
-    ``generate_interleaved``) -> (documents, why each stopped). A document is a list of str
-    texts (the prompt first) and uint8 (H, W, 3) images in order. Prompt ``i`` is drawn from
-    seed ``settings.seed + i``."""
-    from fusion.sampling.base import encode_prompts, image_settings
-    from fusion.sampling.text import TokenSampling
-
-    ids = encode_prompts(tokenizer, list(prompts), sampler.prompt_budget("interleaved"),
-                         settings.prompt_overflow)
-    docs = sampler.generate_interleaved(ids, max_new_tokens, max_images, progress=progress,
-                                        text_sampling=TokenSampling(0.0),
-                                        **image_settings(settings))
-    return ([[tokenizer.decode(x) if isinstance(x, list) else to_uint8(x)
-              for x in doc.segments] for doc in docs], [doc.stopped for doc in docs])
-
-
 def evaluate_interleaved(sampler, tokenizer, image_size: int,
                          cfg: InterleavedEvalConfig | None = None, world_seed: int = 0,
-                         progress: bool = True) -> tuple[dict, list[list]]:
-    """Generate from the held-out story prompts and score them -> (summary, documents)."""
+                         progress: bool = True) -> tuple[dict, list[list], list[str]]:
+    """Generate from the held-out story prompts and score them -> (summary, documents as
+    str texts and uint8 (H, W, 3) images, why each stopped)."""
     cfg = cfg or InterleavedEvalConfig()
     prompts = story_prompts(cfg, image_size, world_seed)
     docs, stops = generate_documents(sampler, tokenizer, prompts, cfg.sampling,
-                                     cfg.max_new_tokens, cfg.max_images, progress)
+                                     cfg.max_new_tokens, cfg.max_images, progress=progress)
+    docs = [[x if isinstance(x, str) else to_uint8(x) for x in doc] for doc in docs]
     summary = score_interleaved(prompts, docs)
     summary["stopped"] = dict(Counter(stops))
     summary["settings"] = {"guidance_scale": cfg.sampling.guidance_scale,
@@ -141,4 +123,4 @@ def evaluate_interleaved(sampler, tokenizer, image_size: int,
                            "temperature": cfg.sampling.temperature,
                            "top_k": cfg.sampling.top_k, "seed": cfg.sampling.seed,
                            "heldout_start": cfg.heldout_start, "world_seed": world_seed}
-    return summary, docs
+    return summary, docs, stops

@@ -235,6 +235,28 @@ def _diagnose_editing(args, settings, sampler, tok, image_tok, image_size: int) 
     return result
 
 
+def cmd_interleaved(args) -> dict:
+    """Interleaved generation from held-out story prompts, scored
+    (fusion.eval.interleaved); ``--page``: the documents as a Markdown page."""
+    from fusion.eval.interleaved import InterleavedEvalConfig, evaluate_interleaved
+    from fusion.jobs.interleaved import write_interleaved
+
+    pipe = _pipeline(args)
+    settings = _resolve_sampling(args, pipe.meta)
+    cfg = InterleavedEvalConfig(num_prompts=args.prompts, heldout_start=args.start,
+                                max_new_tokens=args.max_new_tokens,
+                                max_images=args.max_images, sampling=settings)
+    summary, docs, stops = evaluate_interleaved(pipe.sampler, pipe.tokenizer,
+                                                pipe.meta["image_size"], cfg,
+                                                world_seed=args.world_seed)
+    summary["model"] = str(args.model)
+    if args.page:
+        page, _ = write_interleaved(args.page, [d[0] for d in docs], docs, stops, summary)
+        print(f"wrote {page}")
+    _print_floats(summary)
+    return summary
+
+
 def cmd_model(args) -> dict:
     """What the main job's evaluation stage runs, for any saved model folder."""
     from fusion.eval.model import ModelEvalConfig, evaluate_model

@@ -18,15 +18,20 @@ from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
 from fusion.errors import UserError
+from fusion.eval.interleaved import InterleavedEvalConfig, story_prompts
+from fusion.jobs.interleaved import write_interleaved
 from fusion.sampling.base import (
     check_overflow_setting,
     encode_prompts,
     fit_prompts,
     image_settings,
 )
+from fusion.sampling.interleaved import generate_documents
 from fusion.sampling.text import TokenSampling
 
-TASKS = ("text_to_image", "image_to_text", "text_to_text")
+TASKS = ("text_to_image", "image_to_text", "text_to_text", "interleaved")
+# max_new_tokens when not given: a caption or a text continuation; a whole interleaved document
+DEFAULT_NEW_TOKENS = {"interleaved": 96}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 log = logging.getLogger(__name__)
@@ -132,6 +137,7 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         print("sampling as the model's recipe: "
               + ", ".join(f"{k}={v}" for k, v in taken.items()))
     token_sampling = TokenSampling.from_config(s)
+    max_new_tokens = cfg.max_new_tokens or DEFAULT_NEW_TOKENS.get(cfg.task, 24)
     # Prompts are checked against the model's length before any model call; a sampler
     # without a budget (a test double) leaves them unchecked.
     budget = getattr(sampler, "prompt_budget", None)
@@ -158,7 +164,7 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
                                  overwrite=True)
     elif cfg.task == "image_to_text":
         if budget:  # no prompt, but the image and max_new_tokens must fit
-            fit_prompts([], budget("image_to_text", cfg.max_new_tokens))
+            fit_prompts([], budget("image_to_text", max_new_tokens))
         if cfg.images:
             arrays, names, skipped = read_image_folder(cfg.images, meta["image_size"])
         else:  # held-out ShapesWorld scenes
@@ -168,17 +174,25 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         captions = []
         for batch in tqdm(list(_batches(arrays, cfg.batch_size)), desc="image->text"):
             pixels = torch.stack([to_tensor(a) for a in batch]).to(device)
-            ids = sampler.caption(pixels, cfg.max_new_tokens, TokenSampling(0.0))
+            ids = sampler.caption(pixels, max_new_tokens, TokenSampling(0.0))
             captions += [tok.decode(x) for x in ids]
         save_grid(arrays, out / "image_to_text.png", captions)
         records = [{"image": n, "caption": c} for n, c in zip(names, captions, strict=True)]
+    elif cfg.task == "interleaved":
+        prompts = (read_prompt_list(cfg) if cfg.prompts or cfg.prompt_file
+                   else story_prompts(InterleavedEvalConfig(num_prompts=8), meta["image_size"]))
+        docs, stops = generate_documents(sampler, tok, prompts, s, max_new_tokens,
+                                         cfg.max_images)
+        docs = [[x if isinstance(x, str) else to_uint8(x) for x in doc] for doc in docs]
+        page, records = write_interleaved(out, prompts, docs, stops)
+        print(f"wrote {page}")
     else:
         prompts = read_prompt_list(cfg)
-        ids = encode_prompts(tok, prompts, budget and budget("text_to_text", cfg.max_new_tokens),
+        ids = encode_prompts(tok, prompts, budget and budget("text_to_text", max_new_tokens),
                              overflow)
         for batch, batch_ids in zip(_batches(prompts, cfg.batch_size),
                                     _batches(ids, cfg.batch_size), strict=True):
-            out_ids = sampler.generate_text(batch_ids, cfg.max_new_tokens, token_sampling,
+            out_ids = sampler.generate_text(batch_ids, max_new_tokens, token_sampling,
                                             seed=s.seed)
             records += [{"prompt": p, "continuation": tok.decode(x)}
                         for p, x in zip(batch, out_ids, strict=True)]
