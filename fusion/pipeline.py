@@ -210,14 +210,13 @@ class MainJob:
 
     def _evaluate(self, path: Path) -> dict:
         from fusion.eval.model import ModelEvalConfig, evaluate_model
-        from fusion.families import family_sampler
         from fusion.families.folders import record_scores
 
-        model, loss, tok, itok, meta, settings = self._load(self.model_dir)
+        pipe, settings = self._load(self.model_dir)
         ecfg = ModelEvalConfig(images_per_tag=self.demo.eval_images_per_tag,
                                caption_images=self.demo.eval_caption_images, sampling=settings)
-        res = evaluate_model(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
-                             ecfg, world_seed=self.data.seed, grid_path=self.out / "samples.png")
+        res = evaluate_model(pipe.sampler, pipe.tokenizer, pipe.image_size, ecfg,
+                             world_seed=self.data.seed, grid_path=self.out / "samples.png")
         record_scores(self.model_dir, res)  # into its config.json and model card
         path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"GenEval-shapes {res['geneval_overall']:.3f}, "
@@ -241,26 +240,23 @@ class MainJob:
 
     def _edit_evaluate(self, edit_model: Path, path: Path) -> dict:
         from fusion.eval.editing import EditEvalConfig, evaluate_editing
-        from fusion.families import family_sampler
 
-        model, loss, tok, itok, meta, settings = self._load(edit_model)
+        pipe, settings = self._load(edit_model)
         ecfg = EditEvalConfig(per_kind=self.demo.edit_per_kind, sampling=settings)
-        res = evaluate_editing(family_sampler(model, loss, tok, itok), tok, meta["image_size"],
-                               ecfg, world_seed=self.data.seed, grid_path=self.out / "edits.png")
+        res = evaluate_editing(pipe.sampler, pipe.tokenizer, pipe.image_size, ecfg,
+                               world_seed=self.data.seed, grid_path=self.out / "edits.png")
         res.pop("results", None)
         path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
                                   f"{res['edits']} held-out edits -> {self.out / 'edits.png'}"}
 
     def _load(self, model_dir: Path) -> tuple:
-        """A model folder and the settings to sample it with: its recorded recipe, as
-        scripts/evaluate.py uses by default (fusion.families.folders.model_sampling)."""
-        from fusion.config import SamplingConfig
-        from fusion.families.folders import load_model, model_sampling
+        """A model folder, loaded as fusion.FusionPipeline loads it, and the settings to
+        sample it with: its recorded recipe, as scripts/evaluate.py uses by default."""
+        from fusion.api import FusionPipeline
 
-        model, loss, tok, itok, meta = load_model(model_dir)
-        settings, _ = model_sampling(SamplingConfig(seed=self.cfg.seed), meta)
-        return model, loss, tok, itok, meta, settings
+        pipe = FusionPipeline.from_pretrained(model_dir)
+        return pipe, pipe.settings(seed=self.cfg.seed)
 
     # -- results ---------------------------------------------------------------------------
     def write_results(self, bpe: dict, detector: dict, trained: dict, scores: dict,

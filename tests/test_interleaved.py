@@ -281,6 +281,7 @@ def test_the_scorer_gives_true_stories_full_marks_and_catches_each_fault():
     perfect = score_interleaved(prompts, truth)
     assert perfect["right_image_count"] == 1.0 and perfect["image_consistency"] == 1.0
     assert perfect["images"] == 15 and perfect["mean_images"] == 2.5
+    assert perfect["object_precision"] == perfect["object_recall"] == 1.0
 
     faulty = [list(d) for d in truth]
     faulty[0] = faulty[0][:-2]  # stopped one image short
@@ -288,5 +289,6 @@ def test_the_scorer_gives_true_stories_full_marks_and_catches_each_fault():
     score = score_interleaved(prompts, faulty)
     assert score["right_image_count"] == 5 / 6 and score["images"] == 14
     assert score["image_consistency"] == 13 / 14 and score["first_image_consistency"] == 1.0
+    assert score["object_precision"] < 1.0 and score["object_recall"] < 1.0
     with pytest.raises(ValueError, match="prompts"):
         score_interleaved(prompts, truth[:2])

@@ -12,7 +12,8 @@ Two measures:
   image describes (after its last colon: :func:`fusion.data.shapes.story_description`;
   read as :func:`fusion.eval.captioning.caption_objects` reads captions). Also reported for
   first images (drawn from the prompt) and later ones (drawn from the model's own text)
-  apart.
+  apart, and as object precision and recall (multiset overlap of found and described
+  objects, over all images).
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def texts_before_images(segments: Sequence) -> list[str]:
     return out
 
 
-def image_matches_text(image: np.ndarray, text: str) -> bool:
-    """Whether the detector finds exactly the objects ``text`` describes in ``image``."""
-    found = Counter((o.color, o.shape) for o in detect(image))
-    return found == caption_objects(story_description(text))
+def found_and_described(image: np.ndarray, text: str) -> tuple[Counter, Counter]:
+    """(the objects the detector finds in ``image``, the objects ``text`` describes), each
+    as ``Counter({(colour, class): count})``; the image matches when they are equal."""
+    return (Counter((o.color, o.shape) for o in detect(image)),
+            caption_objects(story_description(text)))
 
 
 def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> dict:
@@ -87,13 +89,17 @@ def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> 
     if not prompts:
         raise ValueError("no documents to score")
     right = first_ok = first_n = later_ok = later_n = 0
-    counts = []
+    counts, overlap, found_total, described_total = [], 0, 0, 0
     for prompt, doc in zip(prompts, documents, strict=True):
         images = [x for x in doc if not isinstance(x, str)]
         counts.append(len(images))
         right += len(images) == expected_images(prompt)
         for k, (image, text) in enumerate(zip(images, texts_before_images(doc), strict=True)):
-            ok = image_matches_text(image, text)
+            found, described = found_and_described(image, text)
+            ok = found == described
+            overlap += sum((found & described).values())
+            found_total += sum(found.values())
+            described_total += sum(described.values())
             if k == 0:
                 first_ok, first_n = first_ok + ok, first_n + 1
             else:
@@ -103,7 +109,10 @@ def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> 
             "mean_images": float(np.mean(counts)), "images": n_images,
             "image_consistency": (first_ok + later_ok) / n_images if n_images else 0.0,
             "first_image_consistency": first_ok / first_n if first_n else 0.0,
-            "later_image_consistency": later_ok / later_n if later_n else 0.0}
+            "later_image_consistency": later_ok / later_n if later_n else 0.0,
+            # over all images: objects found that the text describes / described objects found
+            "object_precision": overlap / found_total if found_total else 0.0,
+            "object_recall": overlap / described_total if described_total else 0.0}
 
 
 def evaluate_interleaved(sampler, tokenizer, image_size: int,
