@@ -107,6 +107,7 @@ class FusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
+        _check_output_type(output_type)
         s = self.settings(seed, **settings)
         ids = encode_prompts(self.tokenizer, prompts,
                              self.sampler.prompt_budget("text_to_image"), s.prompt_overflow)
@@ -178,6 +179,7 @@ class FusionPipeline:
         seed ``seed + i``. Stops at ``<eos>``, ``max_new_tokens`` text tokens or the model's
         length; at most ``max_images`` images."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        _check_output_type(output_type)  # before generating, not after
         s = self.settings(seed, **settings)
         docs, _ = generate_documents(self.sampler, self.tokenizer, prompts, s, max_new_tokens,
                                      max_images, TokenSampling(text_temperature), progress)
@@ -239,9 +241,13 @@ class FusionPipeline:
         return to_tensor(image)
 
 
-def _output(pixels: torch.Tensor, output_type: str):
+def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+
+
+def _output(pixels: torch.Tensor, output_type: str):
+    _check_output_type(output_type)
     if output_type == "pt":
         return pixels
     arrays = to_uint8(pixels)

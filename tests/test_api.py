@@ -272,3 +272,18 @@ def test_interleaved_documents_from_the_api_and_sample_py_are_the_same(which, re
     again = pipe.generate(prompt, progress=False)
     assert [type(x) for x in again] == [str, Image.Image, str, Image.Image]
     assert np.array_equal(np.asarray(again[1]), images[0])
+
+
+def test_interleaved_bad_inputs_are_named_before_any_generation(transfusion):
+    pipe = FusionPipeline.from_pretrained(transfusion)
+    with pytest.raises(UserError, match="one image"):  # no room left for an image
+        pipe.generate("a red circle " * 300, progress=False)
+    with pytest.raises(UserError, match="max_images"):
+        pipe.generate("two photos of a red circle", max_images=-1, progress=False)
+    with pytest.raises(UserError, match="output_type"):
+        pipe.generate("two photos of a red circle", output_type="gif", progress=False)
+    with pytest.raises(UserError, match="unknown sampling setting"):
+        pipe.generate("two photos of a red circle", guidance=2.0, progress=False)
+    long = pipe.generate("a red circle " * 300, prompt_overflow="truncate", max_new_tokens=2,
+                         max_images=0, progress=False)
+    assert isinstance(long[0], str) and len(long) <= 2
