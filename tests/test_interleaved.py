@@ -5,7 +5,11 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+# the tiny models and image-tokenizer stand-ins of the editing tests
+from test_editing import SPECIAL, transfusion, vae_encode, vq_encode
+from test_editing import chameleon as editing_chameleon
+from test_editing import one_thread  # noqa: F401  (its autouse fixture: one thread here too)
 
 import fusion.sampling.base as base
 from fusion.data.documents import Image, StoryDocuments, TextLimit, story_document
@@ -18,32 +22,9 @@ from fusion.data.shapes import (
 )
 from fusion.data.sources import BadDataError, ShapesStorySource
 from fusion.eval.captioning import caption_objects, scene_objects
-from fusion.models.chameleon import Chameleon, ChameleonLoss
-from fusion.models.cm3 import CM3Tokens
-from fusion.models.packing import SpecialIds
-from fusion.models.schemas import (
-    ChameleonConfig,
-    ChameleonLossConfig,
-    TransfusionConfig,
-    TransfusionLossConfig,
-)
-from fusion.models.transfusion import Transfusion, TransfusionLoss
 from fusion.sampling.chameleon import ChameleonSampler
 from fusion.sampling.text import TokenSampling
 from fusion.sampling.transfusion import TransfusionSampler
-
-SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
-TOKENS = CM3Tokens(sentinels=tuple(range(6, 14)), eoss=5)
-VOCAB, CODEBOOK = 40, 16
-SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96, multiple_of=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- ShapesWorld stories ----------------------------------------------------------------------
@@ -106,35 +87,8 @@ def test_story_sources_refuse_bad_image_counts():
 
 
 # -- training on stories: both losses fall on one batch -----------------------------------
-def vae_encode(pixels):
-    """(I, 3, 16, 16) -> latents (I, 4, 8, 8)."""
-    x = F.avg_pool2d(pixels, 2)
-    return torch.cat([x, x[:, :1] * 0.5], 1)
-
-
-def vq_encode(pixels):
-    """(I, 3, 8, 8) -> codes (I, 2, 2) in [0, CODEBOOK)."""
-    x = F.avg_pool2d(pixels.mean(1, keepdim=True), 4)[:, 0]
-    return ((x + 1) / 2 * CODEBOOK).long().clamp(0, CODEBOOK - 1)
-
-
-def transfusion():
-    torch.manual_seed(0)
-    arch = TransfusionConfig(backbone_overrides=SMALL, patch_size=2, latent_channels=4,
-                             latent_size=8)
-    model = Transfusion(arch, VOCAB)
-    with torch.no_grad():  # DiT-style zero-init outputs: give them weights
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.any():
-                p.normal_(0, 0.05)
-    return model, TransfusionLoss(TransfusionLossConfig(), SPECIAL)
-
-
 def chameleon():
-    torch.manual_seed(0)
-    model = Chameleon(ChameleonConfig(backbone_overrides=SMALL), VOCAB, CODEBOOK,
-                      codes_per_image=4)
-    return model, ChameleonLoss(ChameleonLossConfig(cm3=False), SPECIAL, TOKENS)
+    return editing_chameleon(cm3=False)
 
 
 def stories(side: int, n: int = 4):
