@@ -7,9 +7,14 @@ import pytest
 import torch
 
 # the tiny models and image-tokenizer stand-ins of the editing tests
-from test_editing import SPECIAL, transfusion, vae_encode, vq_encode
+from test_editing import (
+    SPECIAL,
+    one_thread,  # noqa: F401  (its autouse fixture: one thread here too)
+    transfusion,
+    vae_encode,
+    vq_encode,
+)
 from test_editing import chameleon as editing_chameleon
-from test_editing import one_thread  # noqa: F401  (its autouse fixture: one thread here too)
 
 import fusion.sampling.base as base
 from fusion.data.documents import Image, StoryDocuments, TextLimit, story_document
