@@ -241,6 +241,7 @@ def test_the_scorer_gives_true_stories_full_marks_and_catches_each_fault():
     assert perfect["right_image_count"] == 1.0 and perfect["image_consistency"] == 1.0
     assert perfect["images"] == 15 and perfect["mean_images"] == 2.5
     assert perfect["object_precision"] == perfect["object_recall"] == 1.0
+    assert perfect["text_coherence"] == 1.0
 
     faulty = [list(d) for d in truth]
     faulty[0] = faulty[0][:-2]  # stopped one image short
@@ -251,3 +252,24 @@ def test_the_scorer_gives_true_stories_full_marks_and_catches_each_fault():
     assert score["object_precision"] < 1.0 and score["object_recall"] < 1.0
     with pytest.raises(ValueError, match="prompts"):
         score_interleaved(prompts, truth[:2])
+
+
+def test_edit_follows_accepts_exactly_the_edits_shapesworld_makes():
+    from fusion.eval.interleaved import edit_follows
+
+    world = ShapesWorld(max_objects=3)
+    for i in range(60):  # every kind, singular and plural recolours, from the world itself
+        texts = world.story(i, 3).texts
+        assert edit_follows(texts[0], texts[1]) and edit_follows(texts[1], texts[2]), texts
+    before = "two photos of a red circle and two blue squares"
+    assert edit_follows(before, "make the blue squares green: a red circle and two green squares")
+    assert edit_follows(before, "move the red circle up: a red circle and two blue squares")
+    assert edit_follows(before, " add a pink star: a red circle, two blue squares and a pink star")
+    for wrong in ["remove the green circle: a red circle",  # no green circle
+                  "make the blue square green: a red circle and two green squares",  # two of it
+                  "remove the red circle: a red circle and two blue squares",  # not removed
+                  "make the red circle red: a red circle and two blue squares",  # no change
+                  "remove the red hexagon: two blue squares",  # not a class
+                  "a red circle and two blue squares",  # no instruction
+                  "paint the red circle: two blue squares"]:  # not an edit
+        assert not edit_follows(before, wrong), wrong

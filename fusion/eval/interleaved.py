@@ -13,20 +13,33 @@ Two measures:
   read as :func:`fusion.eval.captioning.caption_objects` reads captions). Also reported for
   first images (drawn from the prompt) and later ones (drawn from the model's own text)
   apart, and as object precision and recall (multiset overlap of found and described
-  objects, over all images).
+  objects, over all images);
+* ``text_coherence``: the share of the model's own texts before later images that are a
+  valid edit of the scene described before (:func:`edit_follows`): the text side of the
+  document, which the image measures take as given.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
 from fusion.config import SamplingConfig
 from fusion.data.images import to_uint8
-from fusion.data.shapes import NUMBER_WORDS, ShapesWorld, detect, story_description
+from fusion.data.shapes import (
+    COLORS,
+    NUMBER_WORDS,
+    PLURALS,
+    SHAPES,
+    ShapesWorld,
+    detect,
+    story_description,
+)
 from fusion.eval.captioning import caption_objects
 from fusion.sampling.interleaved import generate_documents
 
@@ -81,6 +94,48 @@ def found_and_described(image: np.ndarray, text: str) -> tuple[Counter, Counter]
             caption_objects(story_description(text)))
 
 
+_SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
+_EDIT = re.compile(r"(?:make the (?P<recolor>\w+ \w+) (?P<to>\w+)"
+                   r"|add an? (?P<add>\w+ \w+)"
+                   r"|remove the (?P<remove>\w+ \w+)"
+                   r"|move the (?P<move>\w+ \w+) (?:left|right|up|down))")
+
+
+def edit_follows(previous: str, text: str) -> bool:
+    """Whether ``text`` ("<instruction>: <description>") is a valid ShapesWorld edit of the
+    scene ``previous`` describes: the instruction names an object the scene has (one of it, or
+    a whole group for a plural recolour), and the description is the scene with exactly that
+    edit made. The check of the model's own text; images are checked by the detector."""
+    if ":" not in text:
+        return False
+    instruction, description = (x.strip() for x in text.rsplit(":", 1))
+    match = _EDIT.fullmatch(instruction)
+    if match is None:
+        return False
+    before, after = caption_objects(story_description(previous)), caption_objects(description)
+    kind = next(k for k in ("recolor", "add", "remove", "move") if match[k])
+    color, word = match[kind].split(" ")
+    shape = _SINGULAR.get(word, word)
+    if color not in COLORS or shape not in SHAPES or (word != shape and kind != "recolor"):
+        return False
+    key, expected = (color, shape), Counter(before)
+    if kind == "add":
+        expected[key] += 1
+        return after == expected
+    group = word != shape  # "make the red circles blue": every red circle
+    if (before[key] < 2) if group else (before[key] != 1):
+        return False  # the named object is not in the scene as named
+    if kind == "remove":
+        expected[key] -= 1
+    elif kind == "recolor":
+        if match["to"] not in COLORS or match["to"] == color:
+            return False
+        n = before[key] if group else 1
+        expected[key] -= n
+        expected[(match["to"], shape)] += n
+    return after == +expected
+
+
 def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> dict:
     """Scores of generated documents (each: str texts and uint8 (H, W, 3) images in order,
     starting with its prompt) against their prompts."""
@@ -89,12 +144,14 @@ def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> 
     if not prompts:
         raise ValueError("no documents to score")
     right = first_ok = first_n = later_ok = later_n = 0
-    counts, overlap, found_total, described_total = [], 0, 0, 0
+    counts, overlap, found_total, described_total, coherent = [], 0, 0, 0, 0
     for prompt, doc in zip(prompts, documents, strict=True):
         images = [x for x in doc if not isinstance(x, str)]
         counts.append(len(images))
         right += len(images) == expected_images(prompt)
-        for k, (image, text) in enumerate(zip(images, texts_before_images(doc), strict=True)):
+        texts = texts_before_images(doc)
+        coherent += sum(edit_follows(a, b) for a, b in pairwise(texts))
+        for k, (image, text) in enumerate(zip(images, texts, strict=True)):
             found, described = found_and_described(image, text)
             ok = found == described
             overlap += sum((found & described).values())
@@ -112,7 +169,9 @@ def score_interleaved(prompts: Sequence[str], documents: Sequence[Sequence]) -> 
             "later_image_consistency": later_ok / later_n if later_n else 0.0,
             # over all images: objects found that the text describes / described objects found
             "object_precision": overlap / found_total if found_total else 0.0,
-            "object_recall": overlap / described_total if described_total else 0.0}
+            "object_recall": overlap / described_total if described_total else 0.0,
+            # the model's own text: later texts that are a valid edit of the scene before
+            "text_coherence": coherent / later_n if later_n else 0.0}
 
 
 def evaluate_interleaved(sampler, tokenizer, image_size: int,
