@@ -94,6 +94,8 @@ def main(cfg: DictConfig) -> None:
     # FusionCheckpoint saves every N steps; a run ended by its time budget stops in between.
     # Checkpoint the final state too, so last.ckpt holds the live weights of the saved model.
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+    if not trainer.is_global_zero:  # one process writes the model folder (DDP, FSDP)
+        return
     save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,
