@@ -87,7 +87,7 @@ def test_a_story_must_fit_its_row_with_all_its_texts_together(tokenizer):
 
 
 def test_story_sources_refuse_bad_image_counts():
-    with pytest.raises(Exception, match="story_images"):
+    with pytest.raises(base.UserError, match="story_images"):
         ShapesStorySource(4, images_per_story=(2, 5))
 
 
@@ -164,6 +164,10 @@ def test_interleaved_documents_open_images_when_the_model_emits_boi(family, scri
     alone = s.generate_images([[30, 31, 21, 22]], guidance_scale=2.0, steps=3, seed=image_seed)
     assert torch.allclose(doc.images[0].float(), alone[0].float(), atol=1e-5)
     assert not torch.equal(doc.images[0], doc.images[1])
+
+    scripted([boi, eos])  # an empty prompt is still the first segment
+    (doc,) = s.generate_interleaved([[]], steps=2)
+    assert doc.segments[0] == [] and isinstance(doc.segments[1], torch.Tensor)
 
 
 @pytest.mark.parametrize("family", ["transfusion", "chameleon"])

@@ -36,10 +36,10 @@ from fusion.data.shapes import (
     NUMBER_WORDS,
     PLURALS,
     SHAPES,
-    ShapesWorld,
     detect,
     story_description,
 )
+from fusion.data.sources import ShapesStorySource
 from fusion.eval.captioning import caption_objects
 from fusion.sampling.interleaved import generate_documents
 
@@ -52,7 +52,6 @@ class InterleavedEvalConfig:
     num_prompts: int = 64  # held-out stories, their image counts cycling through story_images
     story_images: list[int] = field(default_factory=lambda: [2, 3])
     heldout_start: int = 1_000_000  # stories of scenes from here on are never trained on
-    max_objects: int = 3  # as the training stories (fusion.data.sources.ShapesStorySource)
     max_new_tokens: int = 96  # text tokens the model may write per document
     max_images: int = 4
     # guidance, steps, Chameleon's code sampling (scripts/evaluate.py passes the model's
@@ -62,11 +61,13 @@ class InterleavedEvalConfig:
 
 def story_prompts(cfg: InterleavedEvalConfig, image_size: int = 64,
                   world_seed: int = 0) -> list[str]:
-    """The held-out prompts: the first text of story ``heldout_start + i``."""
-    world = ShapesWorld(seed=world_seed, size=image_size, max_objects=cfg.max_objects)
-    images = cfg.story_images
-    return [world.story(cfg.heldout_start + i, images[i % len(images)]).texts[0]
-            for i in range(cfg.num_prompts)]
+    """The held-out prompts: the first text of each story of a
+    :class:`~fusion.data.sources.ShapesStorySource` starting at ``heldout_start``, built
+    as the training stories are."""
+    stories = ShapesStorySource(cfg.num_prompts, seed=world_seed, size=image_size,
+                                offset=cfg.heldout_start,
+                                images_per_story=tuple(cfg.story_images))
+    return [stories.story(i).texts[0] for i in range(cfg.num_prompts)]
 
 
 def expected_images(prompt: str) -> int | None:

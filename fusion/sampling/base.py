@@ -364,8 +364,9 @@ class StreamSampler:
             segments[-1].append(tok)
             new_tokens, length = new_tokens + 1, length + 1
             logits = self._append_tokens(state, torch.tensor([[tok]], device=self.device))
-        return InterleavedDocument([x for x in segments if not isinstance(x, list) or x],
-                                   stopped)
+        # the prompt stays first, even empty; the model's empty text pieces go
+        return InterleavedDocument(segments[:1] + [x for x in segments[1:]
+                                                   if not isinstance(x, list) or x], stopped)
 
     def _interleaved_image(self, context: list, scales: tuple[float, ...], steps: int | None,
                            seed: int, sampling: TokenSampling | None,
