@@ -2,7 +2,7 @@
 # PYTHON may point at any interpreter/venv: `make test PYTHON=.venv/bin/python`.
 PYTHON ?= python3
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-slow test-all lint bench
 
 # torch first: the CPU build (2.13.0) only when no torch is installed, so that a GPU user's
 # CUDA build is never replaced; then fusion with its dev tools. One stamp per interpreter
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The checks too long for the default suite: multi-process training (tests/test_distributed.py)
+# and the full-size metric sanity figures. CI runs them after `make test`.
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow
 
 test-all: install
 	$(PYTHON) -m pytest -q -m "slow or not slow"

@@ -72,7 +72,7 @@ def main(cfg: DictConfig) -> None:
     grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
     logger = build_logger(cfg.logger, out, resume_step=resume_step if resume else None)
-    trainer = build_trainer(cfg.trainer, logger, callbacks, out)
+    trainer = build_trainer(cfg.trainer, logger, callbacks, out, splits_data_itself=True)
     stop_signal = graceful_sigint(trainer)
     if resume:
         log.info("resuming from %s (step %d)", resume, resume_step)

@@ -66,6 +66,8 @@ def main(cfg: DictConfig) -> None:
         trainer.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start  # all threads; < 2x wall when CPU is shared
+    if not trainer.is_global_zero:  # one process measures and writes the artifact (DDP)
+        return
 
     tokenizer.cpu()
     if tok_cfg.kind == "vae":  # the diffusion latents' shift and scale

@@ -12,6 +12,7 @@ FUSION = Path(__file__).resolve().parents[1] / "fusion"
 # Lowest first. A package may import its own modules and any package of a lower rank.
 LAYERS = (
     ("errors", "io"),
+    ("distributed",),  # which process this is; work split over ranks (docs/scaling.md)
     ("config",),
     ("data",),
     ("image", "models"),

@@ -311,23 +311,3 @@ def test_weight_decay_reaches_layer_weights_only(family):
     for n, p in model.named_parameters():
         shrunk = not torch.equal(p, before[n])
         assert shrunk == (id(p) in decayed and bool(before[n].any())), n
-
-
-def test_two_ddp_processes_write_one_whole_model_folder(tmp_path):
-    """Two gloo processes on the CPU (Lightning DDP): the run ends cleanly, only rank 0
-    writes the model folder (two writers can collide on its image tokenizer copy), and the folder
-    loads and samples in one process."""
-    from fusion import FusionPipeline
-
-    out = tmp_path / "ddp"
-    stdout = _run("scripts/train.py", "experiment=transfusion_tiny", "debug=default", "trainer=ddp",
-         # the shipped VAE (11 MB): copying it is slow enough that two writers collide
-         "trainer.accelerator=cpu", "trainer.devices=2", f"output_dir={out}", "logger=csv", "sampling.diffusion_steps=2",
-         "sampling.prompts=[a photo of a red circle]")
-    assert stdout.count("saved ") == 1  # rank 1 writes nothing
-    model = out / "model"
-    assert sorted(p.name for p in model.iterdir()) == [
-        "README.md", "config.json", "image_tokenizer", "model.safetensors", "tokenizer.json"]
-    pipe = FusionPipeline.from_pretrained(model)
-    assert pipe("a photo of a red circle", diffusion_steps=2, output_type="np",
-                progress=False).shape == (1, 64, 64, 3)

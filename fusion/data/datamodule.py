@@ -97,16 +97,28 @@ _KINDS = {"caption": (build_caption_sources, CaptionDocuments, lambda cfg: 1),
 
 
 class ResumableSampler(Sampler[int]):
-    """A seeded random order per epoch that can start part-way through one.
+    """A seeded random order per epoch, split over data-parallel ranks, that can start part-way
+    through an epoch.
 
     Epoch ``e`` visits the indices in ``torch.randperm(n)`` drawn from a generator seeded by
-    (seed, e), so the order depends on nothing but those two numbers: Lightning calls
-    :meth:`set_epoch` at every epoch start, and a resumed run calls :meth:`resume_at` with
-    the position its checkpoint recorded (fusion.training.callbacks.DataPosition), so it
-    draws the batches the interrupted run would have drawn next."""
+    (seed, e), so the order depends on nothing but those two numbers. With ``num_replicas``
+    ranks, the order is cut to a multiple of ``num_replicas`` (the tail of at most
+    ``num_replicas - 1`` indices waits for the next epoch's order) and rank ``r`` takes every
+    ``num_replicas``-th index from ``r``: the ranks' samples are disjoint, and the ``k``-th
+    batch of every rank together holds exactly the ``k``-th global batch of a single process
+    whose batch is the ranks' batches together. Lightning calls :meth:`set_epoch` at every
+    epoch start, and a resumed run calls :meth:`resume_at` with the position its checkpoint
+    recorded (fusion.training.callbacks.DataPosition), so every rank draws the batches the
+    interrupted run would have drawn next."""
 
-    def __init__(self, num_samples: int, seed: int = 0):
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if num_samples < num_replicas:
+            raise UserError(f"{num_samples} training record(s) cannot be split over "
+                            f"{num_replicas} ranks: every rank needs at least one")
         self.num_samples, self.seed = num_samples, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, indices) to leave out, once
 
@@ -114,13 +126,15 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, samples_done: int) -> None:
-        """The next iteration of epoch ``epoch`` leaves out its first ``samples_done``
+        """The next iteration of epoch ``epoch`` leaves out this rank's first ``samples_done``
         indices (an iteration of any other epoch drops the request)."""
         self.epoch, self._skip = epoch, (epoch, samples_done)
 
     def order(self, epoch: int) -> list[int]:
+        """This rank's indices of epoch ``epoch``, in order."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g).tolist()
+        full = torch.randperm(self.num_samples, generator=g).tolist()
+        return full[: len(self) * self.num_replicas][self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, None
@@ -128,7 +142,31 @@ class ResumableSampler(Sampler[int]):
         return iter(self.order(self.epoch)[start:])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples // self.num_replicas
+
+
+class RankSlice(Sampler[int]):
+    """Rank ``rank``'s share of ``num_samples`` indices in their order (every
+    ``num_replicas``-th from ``rank``): data-parallel validation, each record seen once over
+    all ranks (no padding repeats, unlike ``DistributedSampler``)."""
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, num_samples, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """``data.batch_size`` is the global batch (what one optimizer step sees, before gradient
+    accumulation); each of ``world_size`` data-parallel ranks loads its equal share."""
+    if batch_size % world_size:
+        raise UserError(f"data.batch_size={batch_size} is the global batch and must split "
+                        f"evenly over {world_size} ranks; pick a multiple of {world_size}")
+    return batch_size // world_size
 
 
 class DocumentDataModule(L.LightningDataModule):
@@ -174,19 +212,33 @@ class DocumentDataModule(L.LightningDataModule):
         source, kept = self.val_set.source, self.val_set.indices
         return [source[i] for i in kept[:n]]
 
-    def _loader(self, dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, global rank) of the Trainer this datamodule serves; (1, 0) alone."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
         # Its own generator: creating an iterator draws worker seeds from it, not from the
         # global torch RNG that the model's dropout uses, so validation and resumes leave the
         # training stream alone.
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+        batch = per_rank_batch(self.cfg.batch_size, self._ranks()[0])
+        return DataLoader(dataset, batch_size=batch, sampler=sampler,
                           num_workers=self.cfg.num_workers, collate_fn=collate_documents,
                           persistent_workers=self.cfg.num_workers > 0, drop_last=drop_last,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def train_dataloader(self) -> DataLoader:
+        # The Trainer runs with use_distributed_sampler=False (fusion.training.factory): the
+        # split over ranks is this sampler's, so that a resume can position it exactly.
         if self.train_sampler is None:
-            self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed)
+            world, rank = self._ranks()
+            self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed, world, rank)
         return self._loader(self.train_set, self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, None, drop_last=False)
+        world, rank = self._ranks()
+        if len(self.val_set) < world:
+            raise UserError(f"{len(self.val_set)} validation record(s) cannot be split over "
+                            f"{world} ranks: every rank needs at least one")
+        return self._loader(self.val_set, RankSlice(len(self.val_set), world, rank),
+                            drop_last=False)

@@ -18,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fusion.distributed import is_first_process
 from fusion.io import replace_atomically
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def find_resume_checkpoint(checkpoint_dir) -> tuple[Path | None, int]:
         try:
             found.append((checkpoint_step(path), path.name == LAST, path))
         except Exception as err:  # zip, pickle and torch raise many types for a broken file
+            if not is_first_process():  # every rank skips it; rank 0 sets it aside
+                continue
             log.warning("checkpoint %s is unreadable (%s: %s); renamed to %s.corrupt and "
                         "skipped", path, type(err).__name__, err, path.name)
             os.replace(path, path.with_name(path.name + ".corrupt"))

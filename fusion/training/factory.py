@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fusion.config import CallbacksConfig, LoggerConfig, TrainerConfig
+from fusion.distributed import is_first_process
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _resume_csv(logger, resume_step: int) -> None:
     import csv
 
     path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
+    if not path.is_file() or not is_first_process():  # one writer (DDP: rank 0 logs)
         return
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -62,6 +63,8 @@ def wandb_run_id(save_dir: Path, resume: bool) -> str:
     path = save_dir / "wandb" / "run_id"
     if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
+    if not is_first_process():  # rank 0 owns the wandb run; the others log nothing
+        return "rank-not-logging"
     path.parent.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)
     path.write_text(run_id + "\n")
@@ -167,8 +170,11 @@ def resolve_precision(precision, accelerator: str = "cpu"):
 
 
 def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
-                  default_root_dir: str | Path):
-    """A Lightning Trainer; ``logger`` is :func:`build_logger`'s result (``False``: none)."""
+                  default_root_dir: str | Path, splits_data_itself: bool = False):
+    """A Lightning Trainer; ``logger`` is :func:`build_logger`'s result (``False``: none).
+    ``splits_data_itself``: the datamodule gives every rank its own share of the data
+    (fusion.data.datamodule.ResumableSampler), so Lightning does not wrap its samplers in a
+    ``DistributedSampler``; otherwise Lightning splits shuffled loaders over the ranks."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -187,7 +193,7 @@ def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
 
     return L.Trainer(strategy=strategy, logger=logger, callbacks=callbacks,
                      default_root_dir=str(default_root_dir), plugins=[AtomicCheckpointIO()],
-                     **kwargs)
+                     use_distributed_sampler=not splits_data_itself, **kwargs)
 
 
 # Known, harmless messages from the libraries (checked against lightning 2.6 / torch 2.13);

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fusion.config import OptimConfig
+from fusion.distributed import all_ranks
 from fusion.errors import UserError
 from fusion.training.encode_cache import EncodeCache
 
@@ -110,9 +111,20 @@ class CosineClock:
         self.warmup, self.min_ratio, self.budget_s = warmup, min_ratio, budget_s
         self._start: float | None = None
         self._spent = 0.0  # seconds trained before a resume (from the checkpoint)
+        self._agreed: float | None = None  # rank 0's reading at this step (see agree)
 
     def start(self) -> None:
         self._start = time.monotonic() - self._spent
+        self._agreed = None
+
+    def agree(self, broadcast) -> None:
+        """Every data-parallel rank takes rank 0's reading for this step.
+        ``broadcast(obj, src)`` is the strategy's (``trainer.strategy.broadcast``). Ranks'
+        clocks drift apart; with their own readings they would set different learning rates
+        (weights that drift apart) and stop at different steps (a rank left waiting). Without a
+        budget the schedule counts steps only and nothing is exchanged."""
+        if self.budget_s and self._start is not None:
+            self._agreed = float(broadcast(time.monotonic() - self._start, 0))
 
     def state_dict(self) -> dict:
         return {"elapsed_s": self.elapsed()}
@@ -122,6 +134,8 @@ class CosineClock:
         self._spent = float(state.get("elapsed_s", 0.0))
 
     def elapsed(self) -> float:
+        if self._agreed is not None:
+            return self._agreed
         return 0.0 if self._start is None else time.monotonic() - self._start
 
     def expired(self) -> bool:
@@ -182,7 +196,10 @@ class FusionModule(L.LightningModule):
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         # The global RNG drives only what takes no generator (dropout); saved so that a resumed
         # run draws what the uninterrupted one would have.
-        checkpoint["torch_rng"] = {"cpu": torch.get_rng_state()}
+        # Every rank's state: their streams differ (their batches differ in shape). Only rank 0
+        # writes the checkpoint, so the states are gathered to it.
+        checkpoint["torch_rng"] = {"cpu": torch.get_rng_state(),
+                                   "cpu_per_rank": all_ranks(torch.get_rng_state())}
         if torch.cuda.is_available():
             checkpoint["torch_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -190,7 +207,10 @@ class FusionModule(L.LightningModule):
         self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         rng = checkpoint.get("torch_rng") or {}
-        if "cpu" in rng:
+        per_rank = rng.get("cpu_per_rank") or []
+        if len(per_rank) == self.trainer.world_size:
+            torch.set_rng_state(per_rank[self.trainer.global_rank])
+        elif "cpu" in rng:  # saved by another number of ranks: rank 0's stream for all
             torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -203,26 +223,43 @@ class FusionModule(L.LightningModule):
         # tensors it builds from them, so Lightning's recursive transfer is skipped.
         return batch
 
+    def _rank_tag(self) -> tuple:
+        """Seed parts naming this data-parallel rank: none on rank 0, so a single process
+        draws the same streams whatever launched it."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return (f"rank{rank}",) if rank else ()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.clock.agree(self.trainer.strategy.broadcast)
+
     def training_step(self, batch, batch_idx):
         # Caption dropout, CM3 spans, noise levels and noise draw from generators seeded by
-        # (seed, step, batch): a resumed run continues the same streams.
-        rng = random.Random(f"{self.seed}/{self.global_step}")
+        # (seed, step, batch, rank): a resumed run continues the same streams, and the ranks'
+        # streams differ (the same noise on every rank would correlate their gradients).
+        rng = random.Random("/".join(map(str, (self.seed, self.global_step,
+                                                *self._rank_tag()))))
         g = torch.Generator(device=self.device).manual_seed(
-            step_seed("train", self.seed, self.global_step, batch_idx))
+            step_seed("train", self.seed, self.global_step, batch_idx, *self._rank_tag()))
         out = self.loss_fn(self.model, batch, self.encode, rng, generator=g)
         self._window_finite &= bool(torch.isfinite(out["loss"].detach()))
+        # sync_dist: the logged value is the mean over the ranks, what one process with the
+        # whole global batch would log (up to how the ranks' token counts weigh it).
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True,
-                      batch_size=len(batch))
+                      batch_size=len(batch), sync_dist=True)
         if self.encode_cache is not None and self.encode_cache.max_bytes > 0:
             self.log("train/encode_cache_hit_share", self.encode_cache.last_hit_share,
                      batch_size=len(batch))
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
-        g = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
+        g = torch.Generator(device=self.device).manual_seed(
+            step_seed("val", self.seed, batch_idx, *self._rank_tag()) if self._rank_tag()
+            else self.seed + batch_idx)
         out = self.loss_fn(self.eval_model, batch, self.encode,
-                           random.Random(f"val/{batch_idx}"), generator=g)
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch))
+                           random.Random("/".join(("val", str(batch_idx), *self._rank_tag()))),
+                           generator=g)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch),
+                      sync_dist=True)
 
     @property
     def eval_model(self) -> nn.Module:

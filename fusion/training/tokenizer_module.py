@@ -78,7 +78,12 @@ class ImageDataModule(L.LightningDataModule):
             self.train_source, self.val_source = build_caption_sources(self.cfg)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size,
+        from fusion.data.datamodule import per_rank_batch
+
+        # data.batch_size is the global batch; Lightning gives each rank its share of the data
+        # (a DistributedSampler under DDP), and each rank loads its share of the batch.
+        world = self.trainer.world_size if getattr(self, "trainer", None) else 1
+        return DataLoader(dataset, batch_size=per_rank_batch(self.cfg.batch_size, world),
                           shuffle=shuffle, drop_last=shuffle,
                           num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0)
@@ -167,6 +172,7 @@ class AutoencoderModule(L.LightningModule):
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         step = self.batches_done
+        self.clock.agree(self.trainer.strategy.broadcast)  # one reading for every rank
 
         recon, aux = self.autoencoder(images)
         g_loss, logs = self.loss.generator_loss(images, recon, aux, step,
@@ -193,7 +199,7 @@ class AutoencoderModule(L.LightningModule):
             self.log("psnr", logs["psnr"], prog_bar=True, logger=False)
         if "codebook_usage" in logs:
             self.log("usage", logs["codebook_usage"], prog_bar=True, logger=False)
-        if self.image_log_every and step % self.image_log_every == 0:
+        if self.image_log_every and step % self.image_log_every == 0 and self.global_rank == 0:
             self.log_images(images, recon, f"step{step:07d}")
 
     def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
@@ -202,7 +208,7 @@ class AutoencoderModule(L.LightningModule):
         logs.update(image_metrics(recon, images))
         self.log_dict({f"val/{k}": v for k, v in logs.items() if k in
                        ("loss", "rec", "l1", "l2", "kl", "psnr", "ssim")},
-                      batch_size=images.shape[0])
+                      batch_size=images.shape[0], sync_dist=True)
 
     # ---- images --------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,104 @@
+"""Several processes, one job: which process this is, and work split over ranks and gathered.
+
+Training runs its ranks through Lightning (``trainer=ddp``, ``trainer=fsdp``), which starts
+the processes and the process group. Sampling and evaluation are not Lightning loops: launched
+with ``torchrun --nproc-per-node N scripts/evaluate.py ...`` (or under SLURM, docs/scaling.md),
+they call :func:`init_from_env` and share their batches with :func:`map_split`. Alone, every
+function here is a no-op that returns what one process would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(world size, global rank) of the default process group; (1, 0) without one."""
+    if not _group_ready():
+        return 1, 0
+    import torch.distributed as dist
+
+    return dist.get_world_size(), dist.get_rank()
+
+
+def is_first_process() -> bool:
+    """Whether this process is rank 0, also before any process group exists: what the
+    launcher put in the environment (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or
+    Lightning's own launcher's ``NODE_RANK`` and ``LOCAL_RANK``) decides. Files that one
+    process must write before the Trainer starts (a log's resume, a run id) are written here
+    only."""
+    if _group_ready():
+        return world()[1] == 0
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return all(int(os.environ.get(key, 0)) == 0 for key in ("NODE_RANK", "LOCAL_RANK"))
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group a launcher describes (``WORLD_SIZE`` > 1 and ``MASTER_ADDR`` in
+    the environment, as torchrun and ``srun`` with the variables of docs/scaling.md set them):
+    NCCL with one GPU per local rank where CUDA is available, else gloo. Returns
+    (world size, rank); (1, 0) when the process runs alone."""
+    if _group_ready():
+        return world()
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 1, 0
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def all_ranks(obj: T) -> list[T]:
+    """``obj`` from every process of the default process group, in rank order (``[obj]``
+    alone). A collective: every rank must call it."""
+    size = world()[0]
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list = [None] * size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def check_split(n_items: int, what: str) -> None:
+    """Every rank needs at least one of ``n_items`` (a rank with none would leave the others
+    waiting at the gather with nothing to show for its device)."""
+    size = world()[0]
+    if n_items < size:
+        from fusion.errors import UserError
+
+        raise UserError(f"{n_items} {what} cannot be split over {size} processes: every "
+                        f"process needs at least one; launch at most {max(1, n_items)}")
+
+
+def map_split(fn: Callable[[int, T], R], items: Sequence[T], what: str = "batches") -> list[R]:
+    """``[fn(i, items[i]) for i in range(len(items))]``, with the items dealt round-robin to
+    the ranks and every rank given the whole list back, in order. With ``fn`` seeded by the
+    item's index (as the evaluators seed batch ``b`` with ``seed + b``), the result equals one
+    process's whatever the number of ranks."""
+    size, rank = world()
+    if size > 1:
+        check_split(len(items), what)
+    mine = [(i, fn(i, items[i])) for i in range(rank, len(items), size)]
+    out: list = [None] * len(items)
+    for part in all_ranks(mine):
+        for i, result in part:
+            out[i] = result
+    return out
