@@ -88,17 +88,30 @@ def check_split(n_items: int, what: str) -> None:
                         f"process needs at least one; launch at most {max(1, n_items)}")
 
 
-def map_split(fn: Callable[[int, T], R], items: Sequence[T], what: str = "batches") -> list[R]:
+def map_split(fn: Callable[[int, T], R], items: Sequence[T],
+              desc: str | None = None) -> list[R]:
     """``[fn(i, items[i]) for i in range(len(items))]``, with the items dealt round-robin to
     the ranks and every rank given the whole list back, in order. With ``fn`` seeded by the
     item's index (as the evaluators seed batch ``b`` with ``seed + b``), the result equals one
-    process's whatever the number of ranks."""
+    process's whatever the number of ranks. A rank left without an item (fewer batches than
+    ranks) only gathers. ``desc``: a progress bar over rank 0's share."""
+    from tqdm.auto import tqdm
+
     size, rank = world()
-    if size > 1:
-        check_split(len(items), what)
-    mine = [(i, fn(i, items[i])) for i in range(rank, len(items), size)]
+    mine = range(rank, len(items), size)
+    bar = tqdm(mine, desc=desc, disable=desc is None or rank != 0)
+    done = [(i, fn(i, items[i])) for i in bar]
     out: list = [None] * len(items)
-    for part in all_ranks(mine):
+    for part in all_ranks(done):
         for i, result in part:
             out[i] = result
     return out
+
+
+def quiet_other_ranks() -> None:
+    """On every rank but 0, send standard output nowhere: one process reports what all of them
+    computed together. Errors (standard error) still reach the user from every rank."""
+    import sys
+
+    if not is_first_process():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process

@@ -23,6 +23,10 @@ interleaved generation.
     # interleaved generation: image counts and text-image consistency on held-out stories
     python scripts/evaluate.py interleaved --model outputs/train/interleaved_transfusion_tiny/model
 
+`model`, `editing` and `interleaved` share their batches over several processes, with the same
+scores as one process (docs/scaling.md):
+    torchrun --nproc-per-node 4 scripts/evaluate.py model --model ... --device cuda
+
 A plain argparse CLI rather than a Hydra entry point: it composes no model, trainer or data
 config; it reads folders and writes a results file, and Hydra's run-directory handling would
 only get in the way of relative paths. Each sub-command is a function of fusion.jobs.evaluate;
@@ -37,6 +41,7 @@ import sys
 from pathlib import Path
 
 from fusion.config import SamplingConfig
+from fusion.distributed import init_from_env, is_first_process, quiet_other_ranks
 from fusion.errors import UserError, report_user_errors
 from fusion.eval.editing import EditEvalConfig
 from fusion.eval.interleaved import InterleavedEvalConfig
@@ -206,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     i.set_defaults(fn=cmd_interleaved)
 
     args = parser.parse_args(argv)
+    size, _ = init_from_env()  # joins torchrun's process group when there is one
+    if size > 1 and args.fn not in (cmd_model, cmd_editing, cmd_interleaved):
+        raise UserError(f"{args.fn.__name__.removeprefix('cmd_')} scores files in one "
+                        "process; only model, editing and interleaved split over processes "
+                        "(launch it without torchrun)")
+    quiet_other_ranks()
     try:
         result = args.fn(args)
     except (FileExistsError, ValueError, ModuleNotFoundError) as err:
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(err, UserError):
             raise
         raise UserError(str(err)) from err
-    if args.json:
+    if args.json and is_first_process():
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -8,6 +8,9 @@
     # GenEval's prompts, 4 images each, also written in GenEval's folder layout (geneval/)
     python scripts/sample.py ... prompt_file=.../evaluation_metadata.jsonl images_per_prompt=4
 
+Several processes share the batches (the same results as one process, N times faster):
+    torchrun --nproc-per-node 4 scripts/sample.py ... device=cuda   (docs/scaling.md)
+
 Writes <output_dir>/<task>.png (a grid with captions) and <task>.jsonl; text_to_image also
 writes each image as images/NNNNN.png, its jsonl row naming the file, prompt and seed. Sampling
 settings the model recorded from its training recipe (guidance, top-k, ...) are used unless
@@ -20,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, given_keys, register_configs
+from fusion.distributed import init_from_env, quiet_other_ranks
 from fusion.errors import report_user_errors
 from fusion.jobs.sample import run_sampling
 
@@ -29,6 +33,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    init_from_env()  # joins torchrun's process group when there is one
+    quiet_other_ranks()
     result = run_sampling(check_keys(cfg),
                           explicit_sampling=given_keys(HydraConfig.get().overrides.task))
     skipped = f" ({result['skipped']} unreadable images skipped)" if result.get("skipped") else ""

@@ -180,3 +180,59 @@ def test_a_ddp_run_killed_mid_way_resumes_on_the_same_curve(runs, tmp_path):
     # Same data per rank, same per-rank random streams, same gloo reductions: bitwise the
     # same losses before and after the resume point.
     assert _losses(out) == _losses(straight)
+
+
+# -- sampling and evaluation over two processes (torchrun, gloo) ---------------------------
+def _torchrun(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tiny_vae):
+    from test_api import _folder
+
+    return _folder(tmp_path_factory.mktemp("tf") / "model", "transfusion", str(tiny_vae))
+
+
+def _images(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")}
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_a_model_with_the_scores_of_one(model_folder, tmp_path):
+    import json
+
+    args = ["scripts/evaluate.py", "model", "--model", str(model_folder), "--images-per-tag",
+            "2", "--caption-images", "8", "--batch-size", "4", "--device", "cpu"]
+    # one thread in both: FID's feature net sums in another order with more threads
+    subprocess.run([sys.executable, *args, "--keep-images", str(tmp_path / "one"), "--json",
+                    str(tmp_path / "one.json")], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _torchrun(*args, "--keep-images", str(tmp_path / "two"),
+                     "--json", str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert _images(tmp_path / "one") == _images(tmp_path / "two")  # bitwise the same images
+    assert two == one  # every figure, FID and captions included
+    assert proc.stdout.count("geneval_overall") == 1  # rank 0 reports
+
+
+@pytest.mark.slow
+def test_two_processes_sample_interleaved_documents_as_one_does(model_folder, tmp_path):
+    common = ["scripts/sample.py", f"model_dir={model_folder}", "task=interleaved",
+              "max_new_tokens=6", "max_images=1", "device=cpu",
+              "prompts=[a red circle,2 photos of a blue square,a green triangle]"]
+    subprocess.run([sys.executable, *common, f"output_dir={tmp_path / 'one'}"], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    _torchrun(*common, f"output_dir={tmp_path / 'two'}")
+    for name in ("interleaved.jsonl", "interleaved.md"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert _images(tmp_path / "one") == _images(tmp_path / "two")
+    # more processes than prompts: refused, naming both
+    bad = _torchrun(*common[:-1], "prompts=[a red circle]", f"output_dir={tmp_path / 'bad'}",
+                    ok=False)
+    assert "1 prompt(s) cannot be split over 2 processes" in bad.stderr

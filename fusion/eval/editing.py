@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fusion.config import SamplingConfig
 from fusion.data.images import save_grid, to_tensor
 from fusion.data.shapes import EDIT_KINDS, ShapeObject, ShapesEdit, ShapesWorld, detect, render
+from fusion.distributed import is_first_process, map_split
 from fusion.eval.reconstruction import unit_images
 from fusion.image.losses import psnr as image_psnr
 
@@ -173,16 +174,17 @@ def evaluate_editing(sampler, tokenizer, image_size: int, cfg: EditEvalConfig | 
     cfg = cfg or EditEvalConfig()
     world = ShapesWorld(seed=world_seed, size=image_size)
     edits = shapes_edit_set(world, cfg.per_kind, cfg.heldout_start)
-    outputs = []
-    for start in tqdm(range(0, len(edits), cfg.batch_size), desc="editing",
-                      disable=not progress):
+
+    def edit(_: int, start: int) -> np.ndarray:  # seeded by its first edit: any rank
         chunk = edits[start:start + cfg.batch_size]
         sources = torch.stack([to_tensor(render(e.source)) for e in chunk])
-        outputs.append(edit_images(sampler, tokenizer, sources, [e.instruction for e in chunk],
-                                   cfg.sampling, cfg.batch_size,
-                                   seed_offset=start))
-    outputs = np.concatenate(outputs)
-    if grid_path is not None:
+        return edit_images(sampler, tokenizer, sources, [e.instruction for e in chunk],
+                           cfg.sampling, cfg.batch_size, seed_offset=start)
+
+    # dealt to the ranks under torchrun (fusion.distributed); rank 0 writes the grid
+    outputs = np.concatenate(map_split(edit, list(range(0, len(edits), cfg.batch_size)),
+                                       "editing" if progress else None))
+    if grid_path is not None and is_first_process():
         save_edit_grid(edits, outputs, grid_path)
     summary = score_edits(edits, outputs, cfg.center_tol, progress=progress)
     s = cfg.sampling

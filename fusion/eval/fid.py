@@ -312,16 +312,20 @@ class FIDScorer:
         self.kid = (feature == "shapes") if kid is None else kid
         self.kid_subset_size = kid_subset_size
         img_shape = (3, real.size, real.size)  # for networks without num_features
+        # sync_on_compute=False: a scorer holds whole sets. Under several processes
+        # (fusion.distributed) every rank scores all images, and torchmetrics' default would
+        # add up the ranks' copies of the same features.
         self.fid_metric = FrechetInceptionDistance(feature=self.net, reset_real_features=False,
-                                                   normalize=False, input_img_size=img_shape
-                                                   ).to(self.device)
+                                                   normalize=False, input_img_size=img_shape,
+                                                   sync_on_compute=False).to(self.device)
         self.kid_metric = None
         if self.kid:
             with warnings.catch_warnings():  # "will save all extracted features": known, wanted
                 warnings.filterwarnings("ignore", message=".*will save all extracted features")
                 self.kid_metric = KernelInceptionDistance(
                     feature=self.net, subsets=kid_subsets, subset_size=kid_subset_size,
-                    reset_real_features=False, normalize=False).to(self.device)
+                    reset_real_features=False, normalize=False,
+                    sync_on_compute=False).to(self.device)
         cache = default_cache_dir() if cache_dir == "default" else cache_dir
         self.cache_dir = Path(cache) if cache is not None else None
         self.cache_status = "off"

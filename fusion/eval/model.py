@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fusion.config import SamplingConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.data.prompts import shapes_prompt_set
 from fusion.data.shapes import TAGS, ShapesWorld
+from fusion.distributed import is_first_process, map_split
 from fusion.sampling.base import image_settings
 
 
@@ -77,22 +77,27 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
             jobs += [(prompts.index(rec), rec.prompt)] * per_prompt
     images: list[list[np.ndarray]] = [[] for _ in prompts]
     generated = []
-    bar = tqdm(total=len(jobs), desc="text->image", disable=not progress)
-    for b, chunk in enumerate(_chunks(jobs, cfg.batch_size)):
-        pixels = sampler.generate_images([tokenizer.encode(t) for _, t in chunk],
-                                         **image_settings(s, seed=s.seed + b))
-        for (i, _), img in zip(chunk, to_uint8(pixels), strict=True):
+    batches = list(_chunks(jobs, cfg.batch_size))
+
+    def draw(b: int, chunk: list) -> np.ndarray:  # batch b: seed + b, on whichever rank
+        return to_uint8(sampler.generate_images([tokenizer.encode(t) for _, t in chunk],
+                                                **image_settings(s, seed=s.seed + b)))
+
+    # Batches are dealt to the ranks under torchrun (fusion.distributed); every rank scores
+    # all of them, and only rank 0 writes files.
+    drawn = map_split(draw, batches, "text->image" if progress else None)
+    for chunk, pixels in zip(batches, drawn, strict=True):
+        for (i, _), img in zip(chunk, pixels, strict=True):
             images[i].append(img)
             generated.append(img)
-        bar.update(len(chunk))
-    bar.close()
     keep = [i for i, imgs in enumerate(images) if imgs]
-    if grid_path is not None:
+    writes = is_first_process()
+    if grid_path is not None and writes:
         shown = [i for i in keep][::max(1, len(keep) // 32)][:32]
         save_grid([images[i][0] for i in shown], grid_path, [prompts[i].prompt for i in shown])
     geneval = score_geneval([images[i] for i in keep], [prompts[i] for i in keep],
                             ShapesDetector(), progress=progress)
-    if cfg.keep_images:
+    if cfg.keep_images and writes:
         from fusion.eval.geneval import write_geneval_folder
 
         write_geneval_folder(cfg.keep_images, [prompts[i] for i in keep],
@@ -116,13 +121,15 @@ def evaluate_model(sampler, tokenizer, image_size: int, cfg: ModelEvalConfig | N
             scenes.append(scene)
             arrays.append(world.image(index))
         index += 1
-    captions = []
-    for chunk in tqdm(list(_chunks(arrays, cfg.batch_size)), desc="image->text",
-                      disable=not progress):
-        ids = sampler.caption(torch.stack([to_tensor(a) for a in chunk]))
-        captions += [tokenizer.decode(x) for x in ids]
+
+    def describe(_: int, chunk: list) -> list[str]:  # greedy: the same on any rank
+        return [tokenizer.decode(x) for x in sampler.caption(
+            torch.stack([to_tensor(a) for a in chunk]))]
+
+    captions = sum(map_split(describe, list(_chunks(arrays, cfg.batch_size)),
+                             "image->text" if progress else None), [])
     cap = score_captions(captions, scenes)
-    if grid_path is not None:
+    if grid_path is not None and writes:
         grid_path = Path(grid_path)
         save_grid(arrays[:16], grid_path.with_name(grid_path.stem + "_captions.png"),
                   captions[:16])

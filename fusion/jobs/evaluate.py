@@ -13,6 +13,7 @@ import numpy as np
 
 from fusion.data.prompts import read_prompts, shapes_prompt_set
 from fusion.data.shapes import ShapesWorld
+from fusion.distributed import is_first_process
 from fusion.errors import UserError
 
 
@@ -250,7 +251,7 @@ def cmd_interleaved(args) -> dict:
                                                 pipe.meta["image_size"], cfg,
                                                 world_seed=args.world_seed)
     summary["model"] = str(args.model)
-    if args.page:
+    if args.page and is_first_process():
         page, _ = write_interleaved(args.page, [d[0] for d in docs], docs, stops, summary)
         print(f"wrote {page}")
     _print_floats(summary)

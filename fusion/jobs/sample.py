@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from fusion.api import FusionPipeline
 from fusion.config import resolve_path
 from fusion.data.images import fit, save_grid, to_rgb, to_tensor, to_uint8
 from fusion.data.prompts import read_prompts
 from fusion.data.sources import ShapesSource
+from fusion.distributed import check_split, is_first_process, map_split
 from fusion.errors import UserError
 from fusion.eval.interleaved import InterleavedEvalConfig, story_prompts
 from fusion.jobs.interleaved import write_interleaved
@@ -44,6 +44,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def read_prompt_list(cfg) -> list[str]:
+    """The prompts of ``prompt_file`` or ``prompts``; at least one per process."""
+    prompts = _prompt_list(cfg)
+    check_split(len(prompts), "prompt(s)")
+    return prompts
+
+
+def _prompt_list(cfg) -> list[str]:
     if cfg.prompt_file:
         path = resolve_path(cfg.prompt_file)
         if not path.is_file():
@@ -142,17 +149,22 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
     # without a budget (a test double) leaves them unchecked.
     budget = getattr(sampler, "prompt_budget", None)
     records, skipped = [], []
+    # Under torchrun every rank draws its share of the batches (fusion.distributed); rank 0
+    # writes the files and reports.
+    writes = is_first_process()
+    result = {"task": cfg.task, "count": 0, "output_dir": str(out)}
     if cfg.task == "text_to_image":
         texts = read_prompt_list(cfg)
         ids = encode_prompts(tok, texts, budget and budget("text_to_image"), overflow)
         prompts = [p for p in texts for _ in range(cfg.images_per_prompt)]
         prompt_ids = [x for x in ids for _ in range(cfg.images_per_prompt)]
-        images, seeds = [], []
-        for i, batch in enumerate(tqdm(list(_batches(prompt_ids, cfg.batch_size)),
-                                       desc="text->image")):
-            pixels = sampler.generate_images(batch, **image_settings(s, seed=s.seed + i))
-            images += list(to_uint8(pixels))
-            seeds += [s.seed + i] * len(batch)
+        batches = list(_batches(prompt_ids, cfg.batch_size))
+        drawn = map_split(lambda i, batch: list(to_uint8(sampler.generate_images(
+            batch, **image_settings(s, seed=s.seed + i)))), batches, "text->image")
+        images = sum(drawn, [])
+        seeds = [s.seed + i for i, batch in enumerate(batches) for _ in batch]
+        if not writes:
+            return result
         save_grid(images, out / "text_to_image.png", prompts)
         records = write_images(out, images, prompts, seeds)
         if geneval_prompts(cfg):  # GenEval's own layout too, for its scorer and ours
@@ -171,11 +183,13 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
             src = ShapesSource(cfg.num_images, size=meta["image_size"], offset=10**6)
             arrays = [src[i].image for i in range(len(src))]
             names = [src[i].key for i in range(len(src))]
-        captions = []
-        for batch in tqdm(list(_batches(arrays, cfg.batch_size)), desc="image->text"):
-            pixels = torch.stack([to_tensor(a) for a in batch]).to(device)
-            ids = sampler.caption(pixels, max_new_tokens, TokenSampling(0.0))
-            captions += [tok.decode(x) for x in ids]
+        check_split(len(arrays), "image(s)")
+        captions = sum(map_split(lambda _, batch: [tok.decode(x) for x in sampler.caption(
+            torch.stack([to_tensor(a) for a in batch]).to(device), max_new_tokens,
+            TokenSampling(0.0))], list(_batches(arrays, cfg.batch_size)),
+            "image->text"), [])
+        if not writes:
+            return result
         save_grid(arrays, out / "image_to_text.png", captions)
         records = [{"image": n, "caption": c} for n, c in zip(names, captions, strict=True)]
     elif cfg.task == "interleaved":
@@ -184,22 +198,25 @@ def run_sampling(cfg, explicit_sampling: Iterable[str] = ()) -> dict:
         docs, stops = generate_documents(sampler, tok, prompts, s, max_new_tokens,
                                          cfg.max_images)
         docs = [[x if isinstance(x, str) else to_uint8(x) for x in doc] for doc in docs]
+        if not writes:
+            return result
         page, records = write_interleaved(out, prompts, docs, stops)
         print(f"wrote {page}")
     else:
         prompts = read_prompt_list(cfg)
         ids = encode_prompts(tok, prompts, budget and budget("text_to_text", max_new_tokens),
                              overflow)
-        for batch, batch_ids in zip(_batches(prompts, cfg.batch_size),
-                                    _batches(ids, cfg.batch_size), strict=True):
-            out_ids = sampler.generate_text(batch_ids, max_new_tokens, token_sampling,
-                                            seed=s.seed)
-            records += [{"prompt": p, "continuation": tok.decode(x)}
-                        for p, x in zip(batch, out_ids, strict=True)]
+        continued = map_split(lambda _, batch_ids: [tok.decode(x) for x in sampler.generate_text(
+            batch_ids, max_new_tokens, token_sampling, seed=s.seed)],
+            list(_batches(ids, cfg.batch_size)), "text->text")
+        if not writes:
+            return result
+        records = [{"prompt": p, "continuation": c}
+                   for p, c in zip(prompts, sum(continued, []), strict=True)]
     # unreadable images are listed too, each with why it was skipped
     (out / f"{cfg.task}.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records + skipped))
-    result = {"task": cfg.task, "count": len(records), "output_dir": str(out)}
+    result["count"] = len(records)
     if cfg.task == "image_to_text":
         result["skipped"] = len(skipped)
     return result

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fusion.distributed import check_split, map_split
 from fusion.sampling.base import encode_prompts, image_settings
 from fusion.sampling.text import TokenSampling
 
@@ -22,9 +23,18 @@ def generate_documents(sampler, tokenizer, prompts: Sequence[str], settings,
     ``settings``: a SamplingConfig (guidance, steps, Chameleon's code sampling, seed,
     prompt_overflow); prompt ``i`` is drawn from seed ``settings.seed + i``. Text is greedy
     unless ``text_sampling`` says otherwise."""
+    check_split(len(prompts), "prompt(s)")
     ids = encode_prompts(tokenizer, list(prompts), sampler.prompt_budget("interleaved"),
                          settings.prompt_overflow)
-    docs = sampler.generate_interleaved(ids, max_new_tokens, max_images, progress=progress,
-                                        text_sampling=text_sampling, **image_settings(settings))
-    return ([[tokenizer.decode(x) if isinstance(x, list) else x.float().cpu()
-              for x in doc.segments] for doc in docs], [doc.stopped for doc in docs])
+
+    def one(i: int, prompt_ids: list[int]) -> tuple[list, str]:
+        # prompt i alone with seed + i: what the whole list in one call draws for it
+        (doc,) = sampler.generate_interleaved([prompt_ids], max_new_tokens, max_images,
+                                              progress=False, text_sampling=text_sampling,
+                                              **image_settings(settings, seed=settings.seed + i))
+        return ([tokenizer.decode(x) if isinstance(x, list) else x.float().cpu()
+                 for x in doc.segments], doc.stopped)
+
+    # Prompts are dealt to the ranks when several processes run (fusion.distributed).
+    done = map_split(one, ids, "interleaved" if progress else None)
+    return [d for d, _ in done], [stop for _, stop in done]
