@@ -65,7 +65,9 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: Any = "auto"  # a string, or a node with _target_ (e.g. an FSDPStrategy)
+    # a Lightning strategy name ("ddp", ...), "fsdp" (FSDP2, fusion.training.sharding), or a
+    # node with _target_ (any Lightning strategy class)
+    strategy: Any = "auto"
     # Lightning's precision, or "auto": bf16-mixed where the hardware runs bf16 natively,
     # else 32-true (fusion.training.factory.resolve_precision).
     precision: Any = "32-true"
@@ -80,6 +82,9 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # fusion's own, not a Trainer argument: recompute each transformer block's activations in
+    # the backward pass (fusion.training.sharding.checkpoint_blocks); any strategy.
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -36,6 +36,7 @@ from fusion.training.factory import (
 from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError, nonfinite_weights
 from fusion.training.init_from import init_from_checkpoint
 from fusion.training.samplers import make_edit_sampler, make_image_sampler
+from fusion.training.sharding import full_state_dict
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def main(cfg: DictConfig) -> None:
     elif cfg.data.documents == "edit":
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
-                          cfg.seed, encode_cache_mb=cfg.encode_cache_mb)
+                          cfg.seed, encode_cache_mb=cfg.encode_cache_mb,
+                          activation_checkpointing=cfg.trainer.activation_checkpointing)
     if cfg.data.documents == "edit":  # grids of held-out edits: source | edited | target
         held_out = data.held_out(8)
         grid_sampler = make_edit_sampler(cfg, tokenizer, image_tokenizer, loss, held_out)
@@ -69,7 +71,11 @@ def main(cfg: DictConfig) -> None:
         grid_sampler = make_image_sampler(cfg, tokenizer, image_tokenizer, loss,
                                           check_prompts_for=model)
         grid_captions = cfg.sampling.prompts
-    grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps)
+    def fresh_model():  # the family's network, unsharded: grids and the folder under FSDP
+        return build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)[0]
+
+    grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps,
+                      build_model=fresh_model)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
     logger = build_logger(cfg.logger, out, resume_step=resume_step if resume else None)
     trainer = build_trainer(cfg.trainer, logger, callbacks, out, splits_data_itself=True)
@@ -87,16 +93,20 @@ def main(cfg: DictConfig) -> None:
         kept, step = find_resume_checkpoint(out / "checkpoints")
         raise NonFiniteTrainingError(f"{err}. Newest checkpoint: "
                                      f"{f'{kept} (step {step})' if kept else 'none'}") from None
-    bad = nonfinite_weights(module.eval_model)
-    if bad:
-        raise NonFiniteTrainingError(f"the trained weights hold NaN or infinite values ({len(bad)}"
-                                     f" tensors, e.g. {bad[:3]}); {out / 'model'} is not written")
     # FusionCheckpoint saves every N steps; a run ended by its time budget stops in between.
     # Checkpoint the final state too, so last.ckpt holds the live weights of the saved model.
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+    # The weights whole, on rank 0 (FSDP: gathered from every rank's shard).
+    weights = full_state_dict(module.eval_model)
     if not trainer.is_global_zero:  # one process writes the model folder (DDP, FSDP)
         return
-    save_model(out / "model", module.eval_model, cfg.model, cfg.data.text_tokenizer,
+    final = fresh_model()
+    final.load_state_dict(weights)
+    bad = nonfinite_weights(final)
+    if bad:
+        raise NonFiniteTrainingError(f"the trained weights hold NaN or infinite values ({len(bad)}"
+                                     f" tensors, e.g. {bad[:3]}); {out / 'model'} is not written")
+    save_model(out / "model", final, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,
                                            "documents": cfg.data.documents,

@@ -101,9 +101,10 @@ RUN = ["scripts/train.py", "experiment=chameleon_tiny", "debug=default", "logger
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def _train(out: Path, *extra: str, threads: int = 1) -> subprocess.CompletedProcess:
+def _train(out: Path, *extra: str, threads: int = 1,
+           base: list[str] = RUN) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, *RUN, f"output_dir={out}", *extra], cwd=ROOT,
+    proc = subprocess.run([sys.executable, *base, f"output_dir={out}", *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -236,3 +237,135 @@ def test_two_processes_sample_interleaved_documents_as_one_does(model_folder, tm
     bad = _torchrun(*common[:-1], "prompts=[a red circle]", f"output_dir={tmp_path / 'bad'}",
                     ok=False)
     assert "1 prompt(s) cannot be split over 2 processes" in bad.stderr
+
+
+# -- FSDP (trainer=fsdp: FSDP2 through Lightning's ModelParallelStrategy) -------------------
+def _tiny_family(family: str = "chameleon"):
+    from fusion.config import compose
+    from fusion.data.text import TextTokenizer
+    from fusion.families import build_family, load_image_tokenizer
+
+    cfg = compose("train", [f"experiment={family}_tiny"])
+    tok = TextTokenizer.from_file(ROOT / "tokenizers/shapes-bpe/tokenizer.json")
+    torch.manual_seed(0)
+    model, _ = build_family(cfg.model, tok, load_image_tokenizer(cfg.image_tokenizer), 64)
+    return model
+
+
+def test_activation_checkpointing_keeps_the_keys_and_the_gradients():
+    from fusion.models.transformer import TransformerBlock
+    from fusion.training.sharding import checkpoint_blocks
+
+    plain, wrapped = _tiny_family(), _tiny_family()
+    n_blocks = sum(isinstance(m, TransformerBlock) for m in plain.modules())
+    assert checkpoint_blocks(wrapped) == n_blocks > 0
+    assert checkpoint_blocks(wrapped) == 0  # a second call wraps nothing twice
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()
+    from fusion.models.attention import layout_from_segments
+
+    ids = torch.randint(0, 100, (2, 24))
+    layout = layout_from_segments([[(0, "text", 24)], [(0, "text", 10), (1, "text", 14)]])
+    grads = []
+    for model in (plain, wrapped):
+        model(ids, layout).float().pow(2).mean().backward()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+                      for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+def test_the_sharding_plan_and_the_gathered_weights(tmp_path):
+    """One FSDP unit per block plus the root, and the gathered state dict equals the plain
+    one (a one-process gloo group: fully_shard needs a process group, not several ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from fusion.models.transformer import TransformerBlock
+    from fusion.training.sharding import full_state_dict, is_sharded, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = _tiny_family()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        shard_model(model, init_device_mesh("cpu", (1,)), bf16=True)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+        assert is_sharded(model) and len(units) == len(blocks) + 1
+        assert all(isinstance(b, FSDPModule) for b in blocks)
+        gathered = full_state_dict(model)
+        assert gathered.keys() == before.keys()
+        assert all(torch.equal(gathered[k], before[k]) for k in before)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_fsdp_setups_are_refused():
+    from fusion.training.factory import check_sharded_setup
+
+    with pytest.raises(UserError, match="accelerator=mps cannot shard"):
+        check_sharded_setup("mps", "32-true")
+    with pytest.raises(UserError, match="not 16-mixed"):
+        check_sharded_setup("cpu", "16-mixed")
+    check_sharded_setup("cpu", "bf16-mixed")
+
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true"]
+
+
+@pytest.mark.slow
+def test_fsdp_learns_what_ddp_learns_writes_one_folder_and_resumes(runs, tmp_path):
+    from fusion import FusionPipeline
+
+    one, ddp, _, _ = runs
+    straight = tmp_path / "straight"
+    _train(straight, *FSDP)
+    a, b = _losses(ddp), _losses(straight)
+    assert sorted(a) == sorted(b) == list(range(20))
+    # the same split and the same reductions up to their order (reduce-scatter vs all-reduce)
+    assert all(abs(float(a[s]) - float(b[s])) / float(a[s]) < 1e-3 for s in a)
+    assert (straight / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded
+    files = {p.relative_to(straight / "model").as_posix() for p in (straight / "model").rglob("*")}
+    assert files == {p.relative_to(one / "model").as_posix()
+                     for p in (one / "model").rglob("*")}
+    assert load_file(straight / "model" / "model.safetensors").keys() == load_file(
+        one / "model" / "model.safetensors").keys()
+    assert FusionPipeline.from_pretrained(straight / "model")(
+        "a photo of a red circle", output_type="np", progress=False).shape == (1, 64, 64, 3)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, *RUN, *FSDP, f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    _wait_for(out / "checkpoints" / "step0000008.ckpt" / "meta.pt", proc)
+    while "7" not in _logged_steps(out):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, killed_at = find_resume_checkpoint(out / "checkpoints")
+    assert 8 <= killed_at < 20
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    assert _losses(out) == _losses(straight)
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_activation_checkpointing_and_ema(tmp_path, tiny_vae):
+    from fusion import FusionPipeline
+
+    out = tmp_path / "run"
+    _train(out, *FSDP[:-1], "trainer.precision=bf16-mixed", "trainer.activation_checkpointing=true",
+           "optim.ema_decay=0.9", f"image_tokenizer={tiny_vae}", "sampling.diffusion_steps=2",
+           base=["scripts/train.py", "experiment=transfusion_tiny", "debug=default",
+                 "logger=csv", "trainer.limit_val_batches=1",
+                 "sampling.prompts=[a photo of a red circle]"])
+    losses = _losses(out)
+    assert sorted(losses) == list(range(4)) and all(float(v) == float(v) for v in losses.values())
+    assert (out / "samples" / "step0000004.png").is_file()  # the grid, from gathered weights
+    pipe = FusionPipeline.from_pretrained(out / "model")
+    assert pipe("a red circle", diffusion_steps=2, output_type="np",
+                progress=False).shape == (1, 64, 64, 3)

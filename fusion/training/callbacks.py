@@ -15,22 +15,40 @@ class SampleGrid(L.Callback):
     ``<out_dir>/samples/step<N>.png`` and logs it to wandb when wandb is the logger.
 
     ``make_sampler(model) -> callable(prompt_texts) -> pixels (B, 3, H, W)`` is supplied by the
-    family, so this callback knows nothing about how images are made.
+    family, so this callback knows nothing about how images are made. ``build_model() -> a
+    fresh model`` is needed under ``trainer=fsdp``, where rank 0 samples from a whole copy.
     """
 
     def __init__(self, make_sampler, prompts: list[str], out_dir: str | Path,
-                 every_n_steps: int = 0):
+                 every_n_steps: int = 0, build_model=None):
         self.make_sampler, self.prompts = make_sampler, list(prompts)
+        self.build_model = build_model  # () -> a fresh unsharded model (trainer=fsdp)
         self.out_dir, self.every = Path(out_dir), every_n_steps
         self.last_path: Path | None = None
 
     def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.prompts or trainer.global_rank != 0:
+        from fusion.training.sharding import full_state_dict, is_sharded
+
+        if not self.prompts:
+            return
+        model = pl_module.eval_model
+        if is_sharded(model):
+            # The samplers call the model's parts one by one, which FSDP's hooks do not see:
+            # rank 0 samples from a whole copy, gathered from every rank's shard.
+            if self.build_model is None:
+                raise RuntimeError("SampleGrid needs build_model to sample a sharded model")
+            weights = full_state_dict(model)  # a collective: every rank is here
+            if trainer.global_rank != 0:
+                return
+            model = self.build_model().to(pl_module.device)
+            model.load_state_dict(weights)
+        elif trainer.global_rank != 0:
             return
         was_training = pl_module.training
         pl_module.eval()
+        model.eval()
         with torch.no_grad():
-            pixels = self.make_sampler(pl_module.eval_model)(self.prompts)
+            pixels = self.make_sampler(model)(self.prompts)
         pl_module.train(was_training)
         path = self.out_dir / "samples" / f"step{trainer.global_step:07d}.png"
         save_grid(list(to_uint8(pixels)), path, self.prompts, columns=min(8, len(self.prompts)))

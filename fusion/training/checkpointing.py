@@ -105,7 +105,13 @@ def checkpoint_step(path: Path) -> int:
 
     Every member's CRC is checked first (a truncated or bit-flipped file fails here), then the
     checkpoint is opened memory-mapped with ``weights_only=True``, which reads its small
-    pickle without copying the tensors."""
+    pickle without copying the tensors. A sharded checkpoint (a folder, written whole by
+    fusion.training.sharding.ShardedStrategy) is read from its ``meta.pt``."""
+    if path.is_dir():  # a sharded checkpoint (trainer=fsdp): shards, their index, meta.pt
+        if not (path / ".metadata").is_file():
+            raise ValueError("a sharded checkpoint without its .metadata index")
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        return int(meta["global_step"])
     with zipfile.ZipFile(path) as zf:
         bad = zf.testzip()
         if bad is not None:
@@ -132,7 +138,7 @@ def find_resume_checkpoint(checkpoint_dir) -> tuple[Path | None, int]:
                 continue
             log.warning("checkpoint %s is unreadable (%s: %s); renamed to %s.corrupt and "
                         "skipped", path, type(err).__name__, err, path.name)
-            os.replace(path, path.with_name(path.name + ".corrupt"))
+            os.replace(path, path.with_name(path.name + ".corrupt"))  # a file or a folder
     if not found:
         return None, 0
     step, _, path = max(found)  # highest step; last.ckpt wins a tie (it holds the end state)

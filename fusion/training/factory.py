@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusion.config import CallbacksConfig, LoggerConfig, TrainerConfig
 from fusion.distributed import is_first_process
+from fusion.errors import UserError
+from fusion.training.sharding import SHARDED, sharded_strategy
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,17 @@ def resolve_precision(precision, accelerator: str = "cpu"):
     return precision
 
 
+def check_sharded_setup(accelerator: str, precision) -> None:
+    """``trainer.strategy=fsdp`` runs on CUDA GPUs (NCCL) and on CPUs (gloo) only, in float32
+    or bf16: FSDP2 has no fp16 loss scaling in Lightning's ModelParallelStrategy."""
+    if accelerator not in ("cpu", "gpu", "cuda", "auto"):
+        raise UserError(f"trainer.strategy=fsdp runs on CUDA GPUs or the CPU; "
+                        f"trainer.accelerator={accelerator} cannot shard (use gpu or cpu)")
+    if str(precision).startswith("16"):
+        raise UserError(f"trainer.strategy=fsdp takes precision 32-true or bf16-mixed, not "
+                        f"{precision} (fp16 needs a loss scaler that FSDP2 in Lightning lacks)")
+
+
 def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
                   default_root_dir: str | Path, splits_data_itself: bool = False):
     """A Lightning Trainer; ``logger`` is :func:`build_logger`'s result (``False``: none).
@@ -183,10 +196,14 @@ def build_trainer(cfg: TrainerConfig | DictConfig, logger, callbacks: list,
         log.info("no logger (logger=none): the learning-rate monitor is left out")
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = _plain(cfg)
+    kwargs.pop("activation_checkpointing", None)  # the module's (FusionModule), not Lightning's
     kwargs["precision"] = resolve_precision(kwargs["precision"], kwargs["accelerator"])
     strategy = kwargs.pop("strategy")
     if isinstance(strategy, dict):  # e.g. {_target_: lightning.pytorch.strategies.FSDPStrategy}
         strategy = instantiate(strategy)
+    elif strategy == SHARDED:
+        check_sharded_setup(kwargs["accelerator"], kwargs["precision"])
+        strategy = sharded_strategy(kwargs["devices"], kwargs.get("num_nodes", 1))
     progress = any(type(c).__name__.endswith("ProgressBar") for c in callbacks)
     kwargs["enable_progress_bar"] = kwargs["enable_progress_bar"] and progress
     from fusion.training.checkpointing import AtomicCheckpointIO

@@ -157,9 +157,11 @@ class CosineClock:
 class FusionModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss_fn, image_tokenizer: nn.Module | None,
                  optim: OptimConfig, max_steps: int, seed: int = 0,
-                 encode_cache_mb: float = 0.0):
+                 encode_cache_mb: float = 0.0, activation_checkpointing: bool = False):
         """``encode_cache_mb``: host memory for memoised tokenizer outputs (EncodeCache;
-        scripts/train.py passes the config's ``encode_cache_mb``); 0 = encode every time."""
+        scripts/train.py passes the config's ``encode_cache_mb``); 0 = encode every time.
+        ``activation_checkpointing``: recompute each transformer block's activations in the
+        backward pass (``trainer.activation_checkpointing``)."""
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -169,8 +171,8 @@ class FusionModule(L.LightningModule):
         self._frozen = (image_tokenizer.requires_grad_(False).eval()
                         if image_tokenizer is not None else None,)
         self.optim, self.max_steps, self.seed = optim, max_steps, seed
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay))
-                    if optim.ema_decay else None)
+        self.activation_checkpointing = activation_checkpointing
+        self.ema = self._averaged(model) if optim.ema_decay else None
         self._rng = random.Random(seed)
         self.encode_cache = (EncodeCache(image_tokenizer.encode, int(encode_cache_mb * 2**20))
                              if image_tokenizer is not None else None)
@@ -183,6 +185,30 @@ class FusionModule(L.LightningModule):
     @property
     def image_tokenizer(self) -> nn.Module | None:
         return self._frozen[0]
+
+    def _averaged(self, model: nn.Module) -> AveragedModel:
+        """The EMA of ``model``'s weights (a copy, updated after every applied step)."""
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.optim.ema_decay))
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, and under ``trainer.strategy=fsdp`` the FSDP2 plan
+        (fusion.training.sharding). Lightning calls this on every rank before the optimizer
+        exists; a second call changes nothing."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from fusion.training.sharding import checkpoint_blocks, is_sharded, shard_model
+
+        if self.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy) or is_sharded(self.model):
+            return
+        if self.ema is not None:  # FSDP2 modules cannot be deep-copied: the copy comes first
+            self.ema = self._averaged(self.model)
+        bf16 = str(self.trainer.precision).startswith("bf16")
+        for model in (self.model, self.ema.module if self.ema is not None else None):
+            if model is not None:
+                shard_model(model, strategy.device_mesh["data_parallel"], bf16)
 
     def on_fit_start(self) -> None:
         if self.image_tokenizer is not None:
