@@ -143,6 +143,9 @@ class DemoSettings:
     edit_steps: int = 300
     edit_per_kind: int = 16
     edit_overrides: list[str] = field(default_factory=list)
+    # Processes per stage (docs/scaling.md): > 1 trains with DDP over that many devices of
+    # trainer.accelerator and evaluates under torchrun with the batches split between them.
+    processes: int = 1
 
 
 @dataclass

@@ -66,10 +66,13 @@ class StageRunner:
         return result
 
 
-def _script(name: str, overrides: list[str]) -> None:
+def _script(name: str, overrides: list[str], torchrun: int = 1) -> None:
     """Run one of the stage entry points (scripts/<name>.py) as its own process, so that each
-    stage is exactly what a user would run by hand; its progress bars stream through."""
-    cmd = [sys.executable, str(REPO / "scripts" / f"{name}.py"), *overrides]
+    stage is exactly what a user would run by hand; its progress bars stream through.
+    ``torchrun`` > 1: that many processes, started by torchrun on this node."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={torchrun}"] if torchrun > 1 else [sys.executable])
+    cmd = [*launcher, str(REPO / "scripts" / f"{name}.py"), *overrides]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -114,6 +117,15 @@ class MainJob:
         self.run_dir = self.out / self.family
         self.model_dir = self.run_dir / "model"
         self.edit_dir = self.out / f"edit_{self.family}"
+        # training stages: the demo's accelerator; several processes train with DDP
+        processes = self.demo.processes
+        if processes < 1:
+            from fusion.errors import UserError
+
+            raise UserError(f"demo.processes must be 1 or more, got {processes}")
+        self.devices = [f"trainer.accelerator={cfg.trainer.accelerator}",
+                        f"trainer.devices={processes}",
+                        *(["trainer.strategy=ddp"] if processes > 1 else [])]
 
     # -- text and data --------------------------------------------------------------------
     def text_tokenizer(self) -> dict:
@@ -191,7 +203,7 @@ class MainJob:
         # In debug mode the debug config's step count applies, not the demo's.
         max_steps = [] if self.debug else [f"trainer.max_steps={steps}"]
         _script("train", [f"experiment={experiment}", f"output_dir={run_dir}", *extra,
-                          f"image_tokenizer={self.image_tok}", *max_steps,
+                          f"image_tokenizer={self.image_tok}", *max_steps, *self.devices,
                           f"data.text_tokenizer={self.tok_dir / 'tokenizer.json'}",
                           f"logger={self.cfg.logger.kind}", *self.debug_args, *overrides])
         model_dir = run_dir / "model"
@@ -209,19 +221,25 @@ class MainJob:
                                [path], lambda: self._evaluate(path))
 
     def _evaluate(self, path: Path) -> dict:
-        from fusion.eval.model import ModelEvalConfig, evaluate_model
         from fusion.families.folders import record_scores
 
-        pipe, settings = self._load(self.model_dir)
-        ecfg = ModelEvalConfig(images_per_tag=self.demo.eval_images_per_tag,
-                               caption_images=self.demo.eval_caption_images, sampling=settings)
-        res = evaluate_model(pipe.sampler, pipe.tokenizer, pipe.image_size, ecfg,
-                             world_seed=self.data.seed, grid_path=self.out / "samples.png")
+        self._evaluate_script(["model", "--model", str(self.model_dir), "--images-per-tag",
+                               str(self.demo.eval_images_per_tag), "--caption-images",
+                               str(self.demo.eval_caption_images),
+                               "--grid", str(self.out / "samples.png")], path)
+        res = json.loads(path.read_text())
         record_scores(self.model_dir, res)  # into its config.json and model card
-        path.write_text(json.dumps(res, indent=2) + "\n")
         return {**res, "summary": f"GenEval-shapes {res['geneval_overall']:.3f}, "
                                   f"FID-shapes {res.get('fid_shapes', float('nan')):.2f}, "
                                   f"captions {res['caption_single_object_accuracy']:.2f}"}
+
+    def _evaluate_script(self, args: list[str], path: Path) -> None:
+        """scripts/evaluate.py with the model's recorded sampling recipe (what it uses when no
+        option says otherwise), the demo's seeds, and ``demo.processes`` processes."""
+        device = "cuda" if self.cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+        _script("evaluate", [*args, "--seed", str(self.cfg.seed), "--world-seed",
+                             str(self.data.seed), "--device", device, "--json", str(path)],
+                torchrun=self.demo.processes)
 
     # -- stage 4: a short editing fine-tune of the stage-2 model, scored (docs/editing.md) -
     def edit(self, trained: dict) -> dict:
@@ -239,24 +257,12 @@ class MainJob:
                                [path], lambda: self._edit_evaluate(edit_model, path))
 
     def _edit_evaluate(self, edit_model: Path, path: Path) -> dict:
-        from fusion.eval.editing import EditEvalConfig, evaluate_editing
-
-        pipe, settings = self._load(edit_model)
-        ecfg = EditEvalConfig(per_kind=self.demo.edit_per_kind, sampling=settings)
-        res = evaluate_editing(pipe.sampler, pipe.tokenizer, pipe.image_size, ecfg,
-                               world_seed=self.data.seed, grid_path=self.out / "edits.png")
-        res.pop("results", None)
-        path.write_text(json.dumps(res, indent=2) + "\n")
+        self._evaluate_script(["editing", "--model", str(edit_model), "--per-kind",
+                               str(self.demo.edit_per_kind), "--grid",
+                               str(self.out / "edits.png")], path)
+        res = json.loads(path.read_text())
         return {**res, "summary": f"edit accuracy {res['edit_accuracy']:.3f} over "
                                   f"{res['edits']} held-out edits -> {self.out / 'edits.png'}"}
-
-    def _load(self, model_dir: Path) -> tuple:
-        """A model folder, loaded as fusion.FusionPipeline loads it, and the settings to
-        sample it with: its recorded recipe, as scripts/evaluate.py uses by default."""
-        from fusion.api import FusionPipeline
-
-        pipe = FusionPipeline.from_pretrained(model_dir)
-        return pipe, pipe.settings(seed=self.cfg.seed)
 
     # -- results ---------------------------------------------------------------------------
     def write_results(self, bpe: dict, detector: dict, trained: dict, scores: dict,

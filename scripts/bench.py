@@ -4,6 +4,7 @@
     transformer  backbone forward+backward tokens/s, FLOP/s, MFU (CPU; bf16/compile/flex on CUDA)
     sampling     Transfusion text->image seconds per image, prompt KV-cached vs recomputed
     train-step   a family recipe's training step: row length (pack_len) x SDPA kernel choice
+    ddp          a recipe trained by one process against DDP / FSDP ranks: step time, docs/s
 """
 
 import importlib
@@ -12,7 +13,8 @@ import sys
 BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "transformer": "fusion.benchmarks.transformer",
               "sampling": "fusion.benchmarks.sampling",
-              "train-step": "fusion.benchmarks.train_step"}
+              "train-step": "fusion.benchmarks.train_step",
+              "ddp": "fusion.benchmarks.ddp"}
 
 
 def main() -> None:

@@ -369,3 +369,17 @@ def test_fsdp_with_bf16_activation_checkpointing_and_ema(tmp_path, tiny_vae):
     pipe = FusionPipeline.from_pretrained(out / "model")
     assert pipe("a red circle", diffusion_steps=2, output_type="np",
                 progress=False).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_the_main_job_trains_and_evaluates_with_two_processes(tmp_path):
+    import json
+
+    from test_demo import _run
+
+    out = tmp_path / "demo"
+    printed = _run(out, "demo.processes=2", "demo.edit_steps=0")
+    assert "trainer.strategy=ddp" in printed and "torch.distributed.run" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_steps"] == 4 and "geneval_overall" in results
+    assert (out / "samples.png").is_file()

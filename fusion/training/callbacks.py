@@ -100,3 +100,27 @@ class DataPosition(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
+class StepTimer(L.Callback):
+    """Logs the wall time of each training step (``perf/step_seconds``: from one batch's end
+    to the next, so loading, the step and any callback work between them all count) and the
+    documents per second it amounts to over all ranks (``perf/documents_per_second``: the
+    global batch over the step time). ``scripts/bench.py ddp`` reads them back."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._last is not None:
+            seconds = now - self._last
+            pl_module.log_dict({"perf/step_seconds": seconds,
+                                "perf/documents_per_second": len(batch) * trainer.world_size
+                                / seconds}, rank_zero_only=True, batch_size=1)
+        self._last = now

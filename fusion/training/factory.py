@@ -125,12 +125,12 @@ def build_callbacks(cfg: CallbacksConfig | DictConfig, checkpoint_dir: str | Pat
         TQDMProgressBar,
     )
 
-    from fusion.training.callbacks import DataPosition
+    from fusion.training.callbacks import DataPosition, StepTimer
     from fusion.training.checkpointing import FusionCheckpoint
 
     callbacks = [FusionCheckpoint(checkpoint_dir, cfg.checkpoint_every_n_steps,
                                   cfg.checkpoint_every_minutes, cfg.keep_last_checkpoints),
-                 DataPosition()]
+                 DataPosition(), StepTimer()]
     if cfg.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.progress_bar == "tqdm":
