@@ -66,6 +66,20 @@ def test_bad_splits_are_refused_naming_the_problem():
         ResumableSampler(3, num_replicas=4, rank=0)
 
 
+def test_a_batch_larger_than_a_ranks_share_of_the_data_is_refused(tokenizer):
+    from omegaconf import OmegaConf
+
+    from fusion.config import DataConfig
+    from fusion.data.datamodule import DocumentDataModule
+
+    dm = DocumentDataModule(OmegaConf.structured(DataConfig(num_train=6, num_val=2,
+                                                            batch_size=8)), tokenizer)
+    dm.setup()
+    with pytest.raises(UserError, match="6 training record.*fewer than its share of "
+                                        "data.batch_size=8"):
+        dm.train_dataloader()
+
+
 def test_alone_map_split_is_a_plain_map_and_rank_zero_is_read_from_the_launcher(monkeypatch):
     assert map_split(lambda i, x: (i, x * 2), [3, 4, 5]) == [(0, 6), (1, 8), (2, 10)]
     for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):

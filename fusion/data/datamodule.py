@@ -230,9 +230,15 @@ class DocumentDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # The Trainer runs with use_distributed_sampler=False (fusion.training.factory): the
         # split over ranks is this sampler's, so that a resume can position it exactly.
+        world, rank = self._ranks()
         if self.train_sampler is None:
-            world, rank = self._ranks()
             self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed, world, rank)
+        share = per_rank_batch(self.cfg.batch_size, world)
+        if len(self.train_sampler) < share:  # drop_last would leave no batch at all
+            raise UserError(f"{len(self.train_set)} training record(s) give each of {world} "
+                            f"rank(s) {len(self.train_sampler)}, fewer than its share of "
+                            f"data.batch_size={self.cfg.batch_size} ({share}); lower the "
+                            "batch or add data")
         return self._loader(self.train_set, self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
