@@ -31,7 +31,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 class DataConfig:
     """Where documents come from and how they are batched."""
 
-    source: str = "shapes"  # shapes | folder
+    source: str = "shapes"  # shapes | folder | shards
     # caption: (image, caption) documents, both orders; edit: (source image, instruction,
     # target image) documents -- ShapesWorld edits, or a folder's edits.jsonl (docs/editing.md)
     # story: interleaved ShapesWorld documents, a scene and edits of it in a row, text and
@@ -40,6 +40,12 @@ class DataConfig:
     root: str | None = None  # folder source: images + captions.jsonl
     val_root: str | None = None  # folder source: held-out folder (default: last val_share)
     val_share: float = 0.05
+    # shards source (fusion.data.shards; docs/data.md): tar shards as a list, a glob or a
+    # brace pattern; held out: val_shards (default: the last shard of `shards`)
+    shards: Any = None
+    val_shards: Any = None
+    caption_key: str = "txt"  # txt (the .txt member) or json.<field> (a field of the .json)
+    shards_per_block: int = 1  # shuffle buffer: the samples of this many shards
     image_size: int = 64
     resize: str = "center_crop"  # center_crop | resize | pad (fusion.data.images.fit)
     max_bad_share: float = 0.1  # refuse a folder when more records than this are bad
@@ -294,6 +300,19 @@ GROUP_SCHEMAS: dict[tuple[str, str], str] = {
 _registered = False
 
 
+@dataclass
+class TrainTextTokenizerConfig:
+    """``scripts/train_text_tokenizer.py``: the byte-level BPE on a data source's texts."""
+
+    out: str = "tokenizers/shapes-bpe"  # folder for tokenizer.json + card.json
+    # The most tokens, fusion's special tokens and the 256 bytes included (>= 270); training
+    # stops earlier when no pair of tokens occurs min_frequency times any more.
+    vocab_size: int = 512
+    min_frequency: int = 2
+    show_progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent; call before composing)."""
     global _registered
@@ -304,6 +323,7 @@ def register_configs() -> None:
     cs.store(name="train_tokenizer_schema", node=TrainTokenizerConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="train_text_tokenizer_schema", node=TrainTextTokenizerConfig)
     for (group, name), target in GROUP_SCHEMAS.items():
         module, cls = target.split(":")
         cs.store(group=group, name=name, node=getattr(importlib.import_module(module), cls))

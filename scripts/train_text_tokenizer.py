@@ -1,22 +1,40 @@
-"""Train the byte-level BPE on ShapesWorld text and save it (the shipped tokenizers/shapes-bpe).
+"""Train the text tokenizer, a byte-level BPE with fusion's special tokens, on the texts of any
+data source (the ``data`` group that training takes) and save ``<out>/tokenizer.json``.
 
-    python scripts/train_text_tokenizer.py --out tokenizers/shapes-bpe
+    python scripts/train_text_tokenizer.py        # the shipped tokenizers/shapes-bpe
+    python scripts/train_text_tokenizer.py data=folder data.root=/path/to/folder \
+        out=tokenizers/my-bpe vocab_size=8000
+    # then train with it: python scripts/train.py ... data.text_tokenizer=tokenizers/my-bpe
+
+The texts are fusion.data.corpus.caption_corpus's: ShapesWorld's captions, descriptions and
+edit instructions, or a folder's captions.jsonl captions and edits.jsonl instructions, read
+from the index without opening an image (docs/text_tokenizer.md).
 """
 
-import argparse
+import hydra
+from omegaconf import DictConfig
 
-from fusion.data.text import train_shapes_tokenizer
+from fusion.config import check_keys, register_configs
+from fusion.data.corpus import caption_corpus
+from fusion.data.text import train_bpe
+from fusion.errors import report_user_errors
+
+register_configs()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="tokenizers/shapes-bpe")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--num-scenes", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    tok, path = train_shapes_tokenizer(args.out, args.vocab_size, args.num_scenes, args.seed)
-    print(f"saved {tok} to {path}")
+@hydra.main(config_path="../conf", config_name="train_text_tokenizer", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    check_keys(cfg)
+    done = train_bpe(caption_corpus(cfg.data), cfg.out, cfg.vocab_size, cfg.min_frequency,
+                     show_progress=cfg.show_progress)
+    capped = "" if done.tokenizer.vocab_size >= cfg.vocab_size else (
+        f" (of {cfg.vocab_size} asked: the texts ran out of pairs to merge at "
+        f"min_frequency={cfg.min_frequency})")
+    print(f"saved {done.path}: vocab {done.tokenizer.vocab_size}{capped}; {done.texts:,} texts "
+          f"read in {done.seconds:.1f} s ({done.texts / done.seconds:,.0f} texts/s); "
+          f"{done.mean_tokens:.2f} tokens per text on average"
+          + (f" (over {done.sampled:,} drawn evenly)" if done.sampled < done.texts else ""))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from fusion.data.documents import (
     CaptionDocuments,
     EditDocuments,
     StoryDocuments,
+    StreamCaptionDocument,
     TextLimit,
     collate_documents,
 )
 from fusion.data.shapes import EDIT_KINDS
+from fusion.data.shards import ShardStream, collate_positioned, expand_shards
 from fusion.data.sources import (
     CaptionFolder,
     EditFolder,
@@ -27,7 +29,7 @@ from fusion.data.sources import (
 from fusion.data.text import TextTokenizer
 from fusion.errors import UserError
 
-SOURCES = ("shapes", "folder")
+SOURCES = ("shapes", "folder", "shards")
 DOCUMENTS = ("caption", "edit", "story")
 
 
@@ -49,6 +51,19 @@ def _folder_split(cfg: DataConfig, folder_cls) -> tuple:
                                                                      len(full)))
 
 
+def shard_split(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, val) shard paths: ``data.val_shards``, or the last shard of ``data.shards``."""
+    if not cfg.shards:
+        raise UserError("data.source=shards needs data.shards=<list, glob or brace pattern>")
+    shards = expand_shards(cfg.shards)
+    if cfg.val_shards:
+        return shards, expand_shards(cfg.val_shards)
+    if len(shards) < 2:
+        raise UserError(f"{shards[0]} is the only shard: nothing is left for training once one "
+                        "is held out; write more shards or set data.val_shards")
+    return shards[:-1], shards[-1:]
+
+
 def build_caption_sources(cfg: DataConfig) -> tuple:
     """(train, val) (image, caption) record sources for a data config."""
     if cfg.source == "shapes":
@@ -60,6 +75,9 @@ def build_caption_sources(cfg: DataConfig) -> tuple:
         return train, val
     if cfg.source == "folder":
         return _folder_split(cfg, CaptionFolder)
+    if cfg.source == "shards":
+        raise UserError("data.source=shards streams its records: it has no indexed source "
+                        "(use DocumentDataModule, or scripts/check_data.py to inspect shards)")
     raise UserError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
 
@@ -188,6 +206,7 @@ class DocumentDataModule(L.LightningDataModule):
         self.text_budget = text_budget
         self.train_set = self.val_set = None
         self.train_sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) not yet applied
 
     def _limit(self, n_images: int) -> TextLimit | None:
         if self.text_budget is None:
@@ -197,6 +216,9 @@ class DocumentDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.cfg.source == "shards":
+            self._setup_streams()
+            return
         build_sources, documents, images = _KINDS[self.cfg.documents]
         train, val = build_sources(self.cfg)
         kw = dict(tokenizer=self.tokenizer, limit=self._limit(images(self.cfg)),
@@ -205,6 +227,60 @@ class DocumentDataModule(L.LightningDataModule):
             kw.update(image_first_ratio=self.cfg.image_first_ratio, seed=self.cfg.seed)
         self.train_set = documents(train, where="training data", **kw)
         self.val_set = documents(val, where="validation data", **kw)
+
+    def _setup_streams(self) -> None:
+        cfg = self.cfg
+        if cfg.documents != "caption":
+            raise UserError(f"data.source=shards holds image-caption samples; data.documents="
+                            f"{cfg.documents} needs data.source=shapes or folder")
+        train, val = shard_split(cfg)
+        make = StreamCaptionDocument(self.tokenizer, self._limit(1), cfg.image_first_ratio,
+                                     cfg.seed)
+        kw = dict(make_document=make, size=cfg.image_size, resize=cfg.resize,
+                  caption_key=cfg.caption_key, seed=cfg.seed,
+                  shards_per_block=cfg.shards_per_block, max_bad_share=cfg.max_bad_share)
+        self.train_set = ShardStream(train, train=True, where="training shards", **kw)
+        self.val_set = ShardStream(val, train=False, where="validation shards", **kw)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the data is a stream (shards) rather than indexed records."""
+        return isinstance(self.train_set, ShardStream)
+
+    def resume_at(self, epoch: int, batches: int, streams: list | None = None) -> dict | None:
+        """Start the training data after ``batches`` batches of ``epoch`` (a checkpoint's
+        fusion.training.callbacks.DataPosition), before any loader exists. Streams: every
+        loader worker of this rank starts at its recorded position (``streams``: one dict a
+        rank, worker -> position, plus the ``readers`` layout and the ``next`` worker);
+        returns this rank's dict. A stream resumes only with the ranks and loader workers it
+        was saved with: the split of shards over readers depends on both."""
+        if not self.streaming:
+            self._resume = (epoch, batches)
+            return None
+        from fusion.data.shards import StreamPosition
+
+        world, rank = self._ranks()
+        layout = [world, max(1, self.cfg.num_workers)]
+        saved = streams[0].get("readers") if streams and streams[0] else None
+        if saved is None and batches == 0:
+            return None  # saved before a batch was trained: the stream starts at its start
+        if saved != layout or len(streams) != world:
+            raise UserError(f"the checkpoint's shard positions are of "
+                            f"{saved[0] if saved else '?'} rank(s) x "
+                            f"{saved[1] if saved else '?'} loader worker(s); this run has "
+                            f"{layout[0]} x {layout[1]}. A stream resumes only with the same "
+                            "trainer.devices (and nodes) and data.num_workers")
+        mine = streams[rank]
+        self.train_set.resume_from({int(k): StreamPosition(*v) for k, v in mine.items()
+                                    if k.isdigit()}, next_reader=int(mine["next"]))
+        return mine
+
+    def _stream_loader(self, stream: ShardStream) -> DataLoader:
+        world, rank = self._ranks()
+        stream.place(world, rank, self.cfg.num_workers)
+        return DataLoader(stream, batch_size=per_rank_batch(self.cfg.batch_size, world),
+                          num_workers=self.cfg.num_workers, collate_fn=collate_positioned,
+                          persistent_workers=self.cfg.num_workers > 0)
 
     def held_out(self, n: int) -> list:
         """The first ``n`` records of the validation source (fixed examples for grids)."""
@@ -230,10 +306,16 @@ class DocumentDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # The Trainer runs with use_distributed_sampler=False (fusion.training.factory): the
         # split over ranks is this sampler's, so that a resume can position it exactly.
+        if self.streaming:
+            return self._stream_loader(self.train_set)
         world, rank = self._ranks()
         if self.train_sampler is None:
             self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed, world, rank)
         share = per_rank_batch(self.cfg.batch_size, world)
+        if self._resume is not None:  # a checkpoint's position (resume_at)
+            epoch, batches = self._resume
+            self.train_sampler.resume_at(epoch, batches * share)
+            self._resume = None
         if len(self.train_sampler) < share:  # drop_last would leave no batch at all
             raise UserError(f"{len(self.train_set)} training record(s) give each of {world} "
                             f"rank(s) {len(self.train_sampler)}, fewer than its share of "
@@ -242,6 +324,8 @@ class DocumentDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._stream_loader(self.val_set)
         world, rank = self._ranks()
         if len(self.val_set) < world:
             raise UserError(f"{len(self.val_set)} validation record(s) cannot be split over "

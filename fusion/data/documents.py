@@ -266,6 +266,30 @@ class CaptionDocuments(_Documents):
                                 self.limit)
 
 
+class StreamCaptionDocument:
+    """A streamed (image, caption) record -> its Document, or None when its text does not fit
+    ``limit`` (a stream cannot check every record when it opens; it skips and counts the
+    record instead). The order is fixed by (seed, the record's key), as
+    :class:`CaptionDocuments` fixes it by index."""
+
+    def __init__(self, tokenizer: TextTokenizer, limit: TextLimit | None,
+                 image_first_ratio: float = DEFAULT_IMAGE_FIRST_RATIO, seed: int = 0):
+        if not 0.0 <= image_first_ratio <= 1.0:
+            raise UserError(f"image_first_ratio must be in [0, 1], got {image_first_ratio}")
+        self.tokenizer, self.limit = tokenizer, limit
+        self.image_first_ratio, self.seed = image_first_ratio, seed
+
+    def __call__(self, rec: CaptionRecord) -> Document | None:
+        image_first = (random.Random(f"order/{self.seed}/{rec.key}").random()
+                       < self.image_first_ratio)
+        text = (rec.description or rec.caption) if image_first else rec.caption
+        limit = self.limit
+        if limit is not None and not limit.truncate and len(
+                self.tokenizer.encode(text)) > limit.max_tokens:
+            return None
+        return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first, limit)
+
+
 class EditDocuments(_Documents):
     """Edit triplet records -> Documents (source image, instruction, target image)."""
 

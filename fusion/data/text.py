@@ -8,18 +8,27 @@ All special tokens are defined here, once. Both families use the same ids for th
 * ``<eoss>`` end of a CM3 masked span, and ``<sentinel:i>`` the CM3 span placeholders
   (Aghajanyan et al. 2022, arXiv:2201.07520).
 
-Special tokens take the first ids (0, 1, 2, ...) so that they are stable across tokenizers
-trained on different corpora.
+Special tokens take the first ids (0, 1, 2, ...) in every BPE trained here
+(:func:`train_bpe`; ``scripts/train_text_tokenizer.py`` on any data source), so that they are
+stable across corpora. A pretrained ``tokenizer.json`` (a Llama-3 one, say) keeps its own ids;
+the special tokens it lacks are appended at the end of its vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+
+from fusion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,16 @@ def sentinel(i: int) -> str:
 
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, EOSS) + tuple(
     sentinel(i) for i in range(NUM_SENTINELS))
+BYTE_ALPHABET = 256  # byte-level BPE: every byte is a token before any merge
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE holds at least the 256 bytes and fusion's special tokens."""
+    least = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+    if vocab_size < least:
+        raise UserError(f"vocab_size must be >= {least} for byte-level BPE (the "
+                        f"{BYTE_ALPHABET}-byte alphabet plus fusion's {len(SPECIAL_TOKENS)} "
+                        f"special tokens), got {vocab_size}")
 
 
 class TextTokenizer:
@@ -55,9 +74,7 @@ class TextTokenizer:
     @classmethod
     def train(cls, corpus: Iterable[str], vocab_size: int = 512, min_frequency: int = 2,
               show_progress: bool = True) -> TextTokenizer:
-        if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for byte-level "
-                             f"BPE with {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        check_vocab_size(vocab_size)
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -127,26 +144,99 @@ class TextTokenizer:
 
 
 def shapes_corpus(num_scenes: int = 20000, seed: int = 0, size: int = 64) -> Iterable[str]:
-    """Every caption, description and edit instruction ShapesWorld produces for some scenes."""
-    from fusion.data.shapes import ShapesWorld
+    """Every caption, description and edit instruction ShapesWorld produces for some scenes
+    (the shipped BPE's corpus; any data source's: fusion.data.corpus.caption_corpus)."""
+    from fusion.data.corpus import shapes_texts
 
-    world = ShapesWorld(seed=seed, size=size)
-    for i in range(num_scenes):
-        sample = world.sample(i)
-        yield from sample.captions.values()
-        yield world.edit(i).instruction
+    return shapes_texts(num_scenes, seed, size)
+
+
+@dataclass
+class TrainedBPE:
+    """What :func:`train_bpe` made and measured."""
+
+    tokenizer: TextTokenizer
+    path: Path  # the saved tokenizer.json (card.json beside it)
+    texts: int  # texts read
+    mean_tokens: float  # tokens per text, over ``sampled`` of them drawn evenly
+    sampled: int  # all the texts, or ``sample_size`` of them when there are more
+    seconds: float  # reading the texts and training, saving excluded
+    card: dict
+
+
+class _Tally:
+    """Counts the texts that pass and keeps an even random sample of ``sample_size`` of them
+    (reservoir sampling, Li's algorithm L: a random draw only per kept text, not per text)."""
+
+    def __init__(self, sample_size: int, seed: int = 0):
+        self.count, self.sample_size = 0, sample_size
+        self.sample: list[str] = []
+        self._rng = random.Random(seed)
+        self._w = 1.0
+        self._next = sample_size - 1  # index of the next text to keep once the sample is full
+        self._skip()
+
+    def _skip(self) -> None:
+        rng, k = self._rng, self.sample_size
+        self._w *= math.exp(math.log(1.0 - rng.random()) / k)
+        if self._w >= 1.0:  # underflow guard: keep the next one
+            self._next += 1
+            return
+        gap = math.log(1.0 - rng.random()) / math.log1p(-self._w)
+        self._next += int(min(gap, 2**62)) + 1
+
+    def watch(self, texts: Iterable[str]) -> Iterator[str]:
+        k, sample = self.sample_size, self.sample
+        for text in texts:
+            if self.count < k:
+                sample.append(text)
+            elif self.count == self._next:
+                sample[self._rng.randrange(k)] = text
+                self._skip()
+            self.count += 1
+            yield text
+
+
+def train_bpe(corpus: Iterable[str], out_dir: str | Path, vocab_size: int = 512,
+              min_frequency: int = 2, description: str | None = None,
+              show_progress: bool = True, sample_size: int = 10000) -> TrainedBPE:
+    """Train the byte-level BPE with fusion's special tokens on ``corpus`` (read once, as a
+    stream, with a progress bar over texts) and save ``tokenizer.json`` plus a provenance
+    ``card.json`` in ``out_dir``. ``description`` says what the corpus is (default: its
+    ``description`` attribute, as :class:`fusion.data.corpus.Corpus` has)."""
+    check_vocab_size(vocab_size)  # before a single text is read
+    description = description or getattr(corpus, "description", "texts")
+    tally = _Tally(sample_size)
+    texts = tqdm(tally.watch(corpus), desc="texts", unit=" texts", disable=not show_progress,
+                 smoothing=0.1)
+    start = time.perf_counter()
+    try:
+        tok = TextTokenizer.train(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                  show_progress=False)
+    finally:
+        texts.close()
+    seconds = time.perf_counter() - start
+    if tally.count == 0:
+        raise UserError(f"no texts to train the text tokenizer on ({description})")
+    lengths = [len(ids) for ids in tok.encode_batch(tally.sample)]
+    mean_tokens = sum(lengths) / len(lengths)
+    path = tok.save(out_dir)
+    card = {"corpus": description, "texts": tally.count,
+            "requested_vocab_size": vocab_size, "vocab_size": tok.vocab_size,
+            "min_frequency": min_frequency,
+            "mean_tokens_per_text": round(mean_tokens, 3), "texts_measured": len(lengths),
+            "special_tokens": list(SPECIAL_TOKENS)}
+    (path.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return TrainedBPE(tok, path, tally.count, mean_tokens, len(lengths), seconds, card)
 
 
 def train_shapes_tokenizer(out_dir: str | Path, vocab_size: int = 512, num_scenes: int = 20000,
                            seed: int = 0, min_frequency: int = 2,
                            show_progress: bool = True) -> tuple[TextTokenizer, Path]:
     """Train the ShapesWorld BPE and save ``tokenizer.json`` plus a provenance ``card.json``."""
-    tok = TextTokenizer.train(shapes_corpus(num_scenes, seed), vocab_size=vocab_size,
-                              min_frequency=min_frequency, show_progress=show_progress)
-    path = tok.save(out_dir)
-    card = {"corpus": f"ShapesWorld seed={seed}, scenes 0..{num_scenes - 1}: captions, "
-                      "descriptions and edit instructions",
-            "requested_vocab_size": vocab_size, "vocab_size": tok.vocab_size,
-            "special_tokens": list(SPECIAL_TOKENS)}
-    (path.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    return tok, path
+    from fusion.config import DataConfig
+    from fusion.data.corpus import caption_corpus
+
+    corpus = caption_corpus(DataConfig(source="shapes", num_train=num_scenes, seed=seed))
+    done = train_bpe(corpus, out_dir, vocab_size, min_frequency, show_progress=show_progress)
+    return done.tokenizer, done.path

@@ -67,39 +67,62 @@ class SampleGrid(L.Callback):
 
 
 class DataPosition(L.Callback):
-    """Where training is in its data: the epoch and the batches drawn from it, saved in every
-    checkpoint. On resume the datamodule's :class:`~fusion.data.datamodule.ResumableSampler`
-    starts the epoch after those batches, so a resumed run sees exactly the batches the
-    interrupted run would have seen next (none repeated, none skipped)."""
+    """Where training is in its data, saved in every checkpoint, so that a resumed run sees
+    exactly the batches the interrupted run would have seen next (none repeated, none
+    skipped).
+
+    Indexed data: the epoch and the batches drawn from it. Streamed shards: also each loader
+    worker's position on every rank (the ``stream_position`` of the last batch it gave,
+    fusion.data.shards) and whose batch comes next, gathered to rank 0, since rank 0 writes
+    the checkpoint. On resume the datamodule is positioned as soon as the checkpoint is read
+    (:meth:`DocumentDataModule.resume_at <fusion.data.datamodule.DocumentDataModule.resume_at>`):
+    Lightning creates the training iterator before ``on_train_start``, and loader workers
+    fetch their first batches as soon as it exists."""
 
     def __init__(self) -> None:
         self.epoch, self.batches = 0, 0
-        self._resume: tuple[int, int] | None = None
+        self.stream: dict[int, list[int]] = {}  # worker -> [worker, epoch, block, index]
+        self.readers: list[int] = []  # [ranks, loader workers] of a streamed run
+        self.last_worker = 0  # the reader role of the last batch trained
+        self._trainer = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # A run restored mid-epoch gets no on_train_epoch_start for that epoch (Lightning
-        # skips it), so the sampler is positioned here, before the epoch's iterator exists.
-        if self._resume is None:
-            return
-        self.epoch, self.batches = self._resume
-        self._resume = None
-        sampler = getattr(trainer.datamodule, "train_sampler", None)
-        if sampler is None:
-            raise RuntimeError("DataPosition needs a datamodule with a train_sampler "
-                               "(fusion.data.datamodule.ResumableSampler) to resume")
-        sampler.resume_at(self.epoch, self.batches * trainer.train_dataloader.batch_size)
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # before the checkpoint is restored (load_state_dict)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.restarting:  # the epoch a checkpoint stopped in goes on
+            return
         self.epoch, self.batches = trainer.current_epoch, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1  # trained: a checkpoint from now on has it behind it
+        position = getattr(batch, "stream_position", None)
+        if position is not None:
+            self.stream[position.worker] = position.as_list()
+            self.last_worker = position.worker
+            self.readers = [trainer.world_size, max(1, trainer.datamodule.cfg.num_workers)]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches}
+        from fusion.distributed import all_ranks
+
+        mine = {str(k): v for k, v in self.stream.items()}
+        if self.stream:
+            mine["readers"] = self.readers  # [ranks, workers]: the split the positions are of
+            mine["next"] = (self.last_worker + 1) % self.readers[1]  # whose batch comes next
+        # every rank saves a checkpoint's state (Lightning's dump_checkpoint), so all gather
+        return {"epoch": self.epoch, "batches": self.batches, "stream": all_ranks(mine)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        streams = state.get("stream") or []
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "resume_at"):
+            raise RuntimeError("DataPosition resumes a fusion DocumentDataModule only")
+        mine = datamodule.resume_at(self.epoch, self.batches, streams)
+        if mine:
+            self.stream = {int(k): list(v) for k, v in mine.items() if k.isdigit()}
+            self.readers = list(mine["readers"])
+            self.last_worker = (int(mine["next"]) - 1) % self.readers[1]
 
 
 class StepTimer(L.Callback):

@@ -1,0 +1,358 @@
+"""Streamed image-caption shards: tar files in the layout img2dataset and webdataset write.
+
+A shard is a tar file. A sample is the set of its members that share a key: an image
+(``<key>.jpg``, ``.png``, ``.webp`` ...) and a caption, either ``<key>.txt`` or a field of
+``<key>.json`` (``data.caption_key``: ``txt``, or ``json.<field>``, e.g. ``json.caption``).
+Shards are named by a list, a glob or a brace pattern (``/data/cc/{00000..00099}.tar``).
+
+Reading uses webdataset's tar iterators (members grouped by key, its brace expansion). The
+order, the split and the resume position are fusion's own (:class:`ShardStream`), because
+webdataset's pipelines neither split evenly nor say where a stream stood when it was stopped:
+
+* **Split.** Each epoch has a seeded shard order. With R ranks and W loader workers there are
+  U = R x W readers, and reader u (rank r, worker w: u = r x W + w) takes every U-th shard of
+  that order, starting at u. So in one epoch every sample is read exactly once over all ranks
+  and workers. There must be at least U shards.
+* **Shuffle.** A reader goes through its shards in blocks of ``data.shards_per_block``. It reads
+  a block's samples undecoded, shuffles them with a generator seeded by
+  (seed, epoch, reader, block), then decodes and yields them. The shuffle buffer is therefore
+  one block.
+* **Endless.** A training reader goes on to its share of the next epoch when it reaches the end
+  of its share, so no rank runs dry before another (ranks hold different numbers of samples).
+  Runs end by ``trainer.max_steps`` or the time budget.
+* **Resume.** Every yielded sample carries its position (reader's worker, epoch, block, index
+  in the shuffled block), and each batch carries the position after its last sample. The
+  checkpoint stores each worker's position and which worker gave the last batch
+  (fusion.training.callbacks.DataPosition). A resumed reader skips the blocks before its
+  position without reading them, re-reads that one block, and skips the samples it had
+  already given; the workers' turns continue where they stopped. The resumed run sees the
+  batches the uninterrupted one would have seen, in the same order (no sample repeated or
+  skipped), and a resume costs at most one block of reading per worker.
+* **Bad input** is skipped and counted, with one warning line for each kind of problem the
+  first time it appears in a reader: an undecodable image, a missing image or caption, a
+  truncated shard (the samples before the break are kept), an unreadable shard. When more
+  than ``data.max_bad_share`` of the samples read are bad, with at least 100 read, the stream
+  raises a :class:`BadDataError` that names examples.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import random
+import tarfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fusion.data.images import fit, to_rgb
+from fusion.data.sources import BadDataError, CaptionRecord
+from fusion.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MIN_SAMPLES_FOR_SHARE = 100  # the bad share is judged from this many samples read on
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths from a list of entries, or one entry: a path, a glob (``*``, ``?``, ``[``)
+    or a brace pattern (``{00000..00099}``, webdataset's expansion). Missing files are named."""
+    from webdataset.shardlists import expand_urls
+
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for entry in entries:
+        if any(c in entry for c in "*?["):
+            found = sorted(glob.glob(entry))
+            if not found:
+                raise UserError(f"data.shards: no file matches {entry!r}")
+            paths += found
+        else:
+            paths += expand_urls(entry)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"data.shards: {len(missing)} of {len(paths)} shard(s) not found "
+                        f"(first: {', '.join(missing[:3])})")
+    if not paths:
+        raise UserError("data.shards names no shard; give a list, a glob or a brace pattern")
+    return paths
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a reader is: the next sample is ``index`` of ``block`` of ``epoch``."""
+
+    worker: int
+    epoch: int
+    block: int
+    index: int
+
+    def as_list(self) -> list[int]:
+        return [self.worker, self.epoch, self.block, self.index]
+
+
+class PositionedBatch(list):
+    """A batch of Documents (a list, as every family takes) that also says where its reader
+    is after it (``stream_position``)."""
+
+    stream_position: StreamPosition | None = None
+
+
+def collate_positioned(items: list[tuple]) -> PositionedBatch:
+    batch = PositionedBatch(doc for doc, _ in items)
+    batch.stream_position = items[-1][1]
+    return batch
+
+
+def parse_caption_key(caption_key: str) -> tuple[str, str | None]:
+    """``txt`` -> (``txt``, None); ``json.caption`` -> (``json``, ``caption``)."""
+    ext, _, field = caption_key.partition(".")
+    if not ext or (ext == "json") != bool(field):
+        raise UserError(f"data.caption_key={caption_key!r}: give a member extension (txt) or "
+                        "a field of the json member (json.caption)")
+    return ext, field or None
+
+
+def _ends_whole(fh) -> bool:
+    """Whether a tar file ends as a complete one does: in whole 512-byte blocks, the last two
+    of them zero (the end-of-archive marker). A file cut at a member boundary reads as a
+    shorter archive without any error; this tells it apart."""
+    size = fh.seek(0, 2)
+    if size < 1024 or size % 512:
+        return False
+    fh.seek(size - 1024)
+    whole = not any(fh.read(1024))
+    fh.seek(0)
+    return whole
+
+
+def read_samples(path: str, extensions: Sequence[str] | None = None) -> Iterator[dict]:
+    """The samples of one shard, undecoded: ``{"__key__": ..., <extension>: bytes}`` in the
+    order they are stored (webdataset's grouping of tar members by key). Raises
+    ``tarfile.TarError`` or ``OSError`` where the shard is unreadable, and after the samples
+    before the break, ``EOFError`` where it is cut short. ``extensions``: keep only these
+    members (e.g. the captions, to read texts without the images' bytes)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as fh:
+        whole = _ends_whole(fh)
+        select = (None if extensions is None else
+                  lambda name: name.rsplit("/", 1)[-1].partition(".")[2] in extensions)
+        members = tar_file_iterator(fh, select_files=select)
+        yield from group_by_keys({**m, "__url__": path} for m in members)
+    if not whole:
+        raise EOFError("the file ends before the archive does")
+
+
+def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], size: int,
+                          resize: str) -> tuple[CaptionRecord | None, str | None]:
+    """(the record, None) or (None, the kind of problem) for one undecoded sample."""
+    key = f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}"
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_ext is None:
+        return None, "missing image"
+    ext, field = caption_key
+    raw = sample.get(ext)
+    if raw is None:
+        return None, "missing caption"
+    try:
+        caption = json.loads(raw).get(field) if field else raw.decode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None, "unreadable caption"
+    if not isinstance(caption, str) or not caption.strip():
+        return None, "missing caption"
+    try:
+        with Image.open(io.BytesIO(sample[image_ext])) as img:
+            img.load()
+            array = np.asarray(fit(to_rgb(img), size, resize))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None, "undecodable image"
+    return CaptionRecord(array, caption.strip(), key=key), None
+
+
+class _BadCounter:
+    """Bad samples of one reader, by kind: a warning the first time a kind appears, and an
+    error when too large a share of what was read is bad."""
+
+    def __init__(self, where: str, max_bad_share: float):
+        self.where, self.max_bad_share = where, max_bad_share
+        self.by_kind: dict[str, list[str]] = defaultdict(list)
+        self.read = 0
+
+    def add(self, kind: str, key: str) -> None:
+        if not self.by_kind[kind]:
+            log.warning("%s: skipping samples with %s (first: %s); each is counted", self.where,
+                        kind, key)
+        self.by_kind[kind].append(key)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_kind.values())
+
+    def check(self, final: bool = False) -> None:
+        """Raise when too many are bad: from MIN_SAMPLES_FOR_SHARE read on, or at the end of a
+        finite stream (``final``) whatever was read."""
+        enough = self.read >= MIN_SAMPLES_FOR_SHARE or (final and self.read)
+        if enough and self.count / self.read > self.max_bad_share:
+            first = [f"{k} ({kind})" for kind, keys in self.by_kind.items() for k in keys][:5]
+            raise BadDataError(f"{self.where}: {self.count} of {self.read} samples read are bad "
+                               f"({self.count / self.read:.0%} > max_bad_share="
+                               f"{self.max_bad_share:.0%}); first bad: " + "; ".join(first))
+
+
+class ShardStream(IterableDataset):
+    """Documents streamed from shards: split over ranks and loader workers, shuffled in blocks,
+    endless for training, resumable (see the module docstring). Yields
+    ``(document, StreamPosition after it)``; batch with :func:`collate_positioned`.
+
+    ``make_document(record) -> Document | None`` turns a decoded record into a Document (None:
+    its text does not fit the row; counted as bad)."""
+
+    def __init__(self, shards: Sequence[str], make_document: Callable, size: int,
+                 resize: str = "center_crop", caption_key: str = "txt", seed: int = 0,
+                 shards_per_block: int = 1, max_bad_share: float = 0.1,
+                 train: bool = True, where: str = "shards"):
+        if shards_per_block < 1:
+            raise UserError(f"data.shards_per_block must be 1 or more, got {shards_per_block}")
+        fit(Image.new("RGB", (2, 2)), 2, resize)  # validates the policy name early
+        self.shards, self.make_document = list(shards), make_document
+        self.size, self.resize, self.seed = size, resize, seed
+        self.caption_key = parse_caption_key(caption_key)
+        self.shards_per_block, self.max_bad_share = shards_per_block, max_bad_share
+        self.train, self.where = train, where
+        self.world, self.rank = 1, 0
+        self._resume: dict[int, StreamPosition] = {}
+        self._rotation = 0  # worker w plays reader role (w + rotation) % workers
+
+    def place(self, world: int, rank: int, num_workers: int) -> None:
+        """This process's rank among ``world``. Training: every reader (rank x worker) needs
+        a shard, or it would have nothing to give, endlessly. Validation: every rank needs one
+        (a rank without validation batches would not join the others' metric reduction); a
+        worker without a shard just ends at once."""
+        workers = max(1, num_workers)
+        readers = world * workers if self.train else world
+        if len(self.shards) < readers:
+            who = (f"{world} rank(s) x {workers} loader worker(s) = {readers} readers"
+                   if self.train else f"{world} rank(s)")
+            raise UserError(f"{self.where}: {len(self.shards)} shard(s) cannot feed {who}, "
+                            "each of which needs a shard; write more, smaller shards "
+                            "(scripts/make_shards.py --shard-size) or lower data.num_workers")
+        self.world, self.rank = world, rank
+
+    def resume_from(self, positions: dict[int, StreamPosition], next_reader: int = 0) -> None:
+        """Each worker's next position (what the checkpoint recorded for this rank), and which
+        worker's batch came next. A DataLoader takes batches from its workers in turn,
+        starting with worker 0; the workers take over the readers' roles shifted so that the
+        first batch comes from ``next_reader``, and the batches follow in the interrupted
+        run's order."""
+        self._resume, self._rotation = dict(positions), next_reader
+
+    def shard_order(self, epoch: int) -> list[str]:
+        order = list(self.shards)
+        if self.train:
+            random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def reader_shards(self, epoch: int, reader: int, readers: int) -> list[str]:
+        return self.shard_order(epoch)[reader::readers]
+
+    def _block(self, shards: Sequence[str], counter: _BadCounter) -> list[dict]:
+        samples = []
+        for path in shards:
+            try:
+                for sample in read_samples(path):
+                    samples.append(sample)
+            except (tarfile.TarError, OSError, EOFError) as err:
+                kind = "unreadable shard" if not samples else "truncated shard"
+                counter.add(kind, f"{path} ({type(err).__name__}: {err})")
+        return samples
+
+    def samples(self, worker: int, num_workers: int,
+                start: StreamPosition | None = None) -> Iterator[tuple]:
+        """(undecoded sample, the position after it, the reader's bad-sample counter) of one
+        reader from ``start`` on (endless when training)."""
+        readers, reader = self.world * num_workers, self.rank * num_workers + worker
+        epoch = start.epoch if start else 0
+        first_block, first_index = (start.block, start.index) if start else (0, 0)
+        counter = _BadCounter(self.where, self.max_bad_share)
+        while True:
+            shards = self.reader_shards(epoch, reader, readers)
+            blocks = [shards[i:i + self.shards_per_block]
+                      for i in range(0, len(shards), self.shards_per_block)]
+            for b in range(first_block, len(blocks)):
+                block = self._block(blocks[b], counter)
+                if self.train:
+                    random.Random(f"block/{self.seed}/{epoch}/{reader}/{b}").shuffle(block)
+                for i in range(first_index, len(block)):
+                    yield block[i], StreamPosition(worker, epoch, b, i + 1), counter
+                first_index = 0
+            first_block = 0
+            if not self.train:
+                counter.check(final=True)
+                return
+            epoch += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self._rotation) % num_workers  # its role (resume_from)
+        start = self._resume.get(worker)
+        for sample, position, counter in self.samples(worker, num_workers, start):
+            counter.read += 1
+            record, problem = decode_caption_sample(sample, self.caption_key, self.size,
+                                                    self.resize)
+            document = self.make_document(record) if record is not None else None
+            if record is not None and document is None:
+                problem = "text longer than a document holds"
+            if problem is not None:
+                counter.add(problem, f"{sample.get('__url__')}:{sample.get('__key__')}")
+                counter.check()
+                continue
+            yield document, position
+
+
+def shard_captions(paths: Sequence[str], caption_key: str = "txt") -> Iterator[str]:
+    """Every caption of the shards, without reading a single image (for a text tokenizer).
+    Unreadable or cut-short shards are logged and skipped after what they hold."""
+    ext, field = parse_caption_key(caption_key)
+    for path in paths:
+        try:
+            for sample in read_samples(path, extensions=(ext,)):
+                raw = sample.get(ext)
+                try:
+                    text = json.loads(raw).get(field) if field else raw.decode("utf-8")
+                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(text, str) and text.strip():
+                    yield text.strip()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            log.warning("%s: %s (%s); its readable captions are kept", path,
+                        type(err).__name__, err)
+
+
+def check_shard(path: str, caption_key: str = "txt", size: int = 64,
+                resize: str = "center_crop") -> tuple[list[str], dict[str, list[str]]]:
+    """Read and decode one whole shard: (the good samples' captions, {problem: keys})."""
+    key = parse_caption_key(caption_key)
+    captions: list[str] = []
+    problems: dict[str, list[str]] = defaultdict(list)
+    try:
+        for sample in read_samples(path):
+            record, problem = decode_caption_sample(sample, key, size, resize)
+            if record is None:
+                problems[problem].append(str(sample.get("__key__")))
+            else:
+                captions.append(record.caption)
+    except EOFError:
+        problems["truncated shard"].append(path)
+    except (tarfile.TarError, OSError) as err:
+        problems["unreadable shard"].append(f"{path} ({type(err).__name__}: {err})")
+    return captions, dict(problems)
