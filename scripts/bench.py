@@ -5,6 +5,7 @@
     sampling     Transfusion text->image seconds per image, prompt KV-cached vs recomputed
     train-step   a family recipe's training step: row length (pack_len) x SDPA kernel choice
     ddp          a recipe trained by one process against DDP / FSDP ranks: step time, docs/s
+    encoded      stage-2 step time from pre-encoded shards against encoding on the fly
 """
 
 import importlib
@@ -14,7 +15,8 @@ BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "transformer": "fusion.benchmarks.transformer",
               "sampling": "fusion.benchmarks.sampling",
               "train-step": "fusion.benchmarks.train_step",
-              "ddp": "fusion.benchmarks.ddp"}
+              "ddp": "fusion.benchmarks.ddp",
+              "encoded": "fusion.benchmarks.encoded"}
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from fusion.training.factory import (
 )
 from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError, nonfinite_weights
 from fusion.training.init_from import init_from_checkpoint
+from fusion.training.pre_encode import check_encoded_data
 from fusion.training.samplers import make_edit_sampler, make_image_sampler
 from fusion.training.sharding import full_state_dict
 
@@ -56,6 +57,7 @@ def main(cfg: DictConfig) -> None:
     data = DocumentDataModule(cfg.data, tokenizer,
                               text_budget=lambda n_images: loss.text_budget(model, n_images))
     data.setup()  # every record is checked now (lengths included), not hours into the run
+    check_encoded_data(cfg.data, cfg.image_tokenizer)  # pre-encoded shards: the same tokenizer
     if cfg.init_from:  # fine-tuning: before the module, whose EMA copies the weights
         init_from_checkpoint(model, cfg, tokenizer)
     elif cfg.data.documents == "edit":

@@ -47,22 +47,30 @@ def step_seconds(csv_path: Path, warmup: int) -> list[float]:
     return [float(r["perf/step_seconds"]) for r in rows if int(r["step"]) >= warmup]
 
 
-def run_case(args, strategy: str | None, out: Path) -> list[float]:
-    ranks = args.devices if strategy else 1
-    threads = max(1, args.threads // ranks) if args.accelerator == "cpu" else args.threads
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"experiment={args.experiment}",
-           f"output_dir={out}", "logger=csv", "trainer.log_every_n_steps=1",
-           f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0",
-           f"trainer.accelerator={args.accelerator}", f"data.batch_size={args.batch_size}",
-           "sampling.prompts=[]", "callbacks.checkpoint_every_n_steps=0",
-           "callbacks.checkpoint_every_minutes=0", "callbacks.progress_bar=none",
-           *([f"trainer={strategy}", f"trainer.accelerator={args.accelerator}",
-              f"trainer.devices={ranks}"] if strategy else []), *args.overrides]
+def train_step_seconds(overrides: list[str], out: Path, steps: int, warmup: int,
+                       threads: int) -> list[float]:
+    """Step times of ``scripts/train.py <overrides>`` for ``steps`` steps (no validation,
+    checkpoints, grids or progress bar), read back from its CSV log after ``warmup`` steps."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"output_dir={out}",
+           "logger=csv", "trainer.log_every_n_steps=1", f"trainer.max_steps={steps}",
+           "trainer.limit_val_batches=0", "sampling.prompts=[]",
+           "callbacks.checkpoint_every_n_steps=0", "callbacks.checkpoint_every_minutes=0",
+           "callbacks.progress_bar=none"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return step_seconds(out / "csv" / "metrics.csv", args.warmup)
+    return step_seconds(out / "csv" / "metrics.csv", warmup)
+
+
+def run_case(args, strategy: str | None, out: Path) -> list[float]:
+    ranks = args.devices if strategy else 1
+    threads = max(1, args.threads // ranks) if args.accelerator == "cpu" else args.threads
+    overrides = [f"experiment={args.experiment}", f"trainer.accelerator={args.accelerator}",
+                 f"data.batch_size={args.batch_size}",
+                 *([f"trainer={strategy}", f"trainer.accelerator={args.accelerator}",
+                    f"trainer.devices={ranks}"] if strategy else []), *args.overrides]
+    return train_step_seconds(overrides, out, args.steps, args.warmup, threads)
 
 
 def main(argv: list[str] | None = None) -> None:

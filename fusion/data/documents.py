@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,34 @@ class Text:
 
 @dataclass(frozen=True, eq=False)
 class Image:
-    pixels: torch.Tensor  # (C, H, W) float in [-1, 1]
+    pixels: torch.Tensor  # (C, H, W) float in [-1, 1]; pre_encoded: the tokenizer's output
     # Editing: a source image is a condition and must never be noised (Transfusion) or used as a
     # loss target; generated/target images are.
     is_condition: bool = False
+    # ``pixels`` already holds what the frozen image tokenizer's encode gives (VAE latents
+    # (C, h, w) or VQ-GAN codes (h, w)), read from a pre-encoded dataset
+    # (scripts/encode_dataset.py): training uses it as it is (encode_images).
+    pre_encoded: bool = False
+
+
+def encode_images(encode, images: Sequence[Image], device) -> torch.Tensor:
+    """The frozen tokenizer's output for every image, in order, (I, ...) on ``device``:
+    ``encode`` (pixels (I, 3, H, W) -> latents or codes) for the images given as pixels, the
+    stored tensor for pre-encoded ones (so training on an encoded dataset never runs the
+    encoder)."""
+    fresh = [i for i, im in enumerate(images) if not im.pre_encoded]
+    out: list[torch.Tensor | None] = [None] * len(images)
+    if fresh:
+        encoded = encode(torch.stack([images[i].pixels for i in fresh]).to(device))
+        for i, value in zip(fresh, encoded, strict=True):
+            out[i] = value
+    like = next((x for x in out if x is not None), None)
+    for i, im in enumerate(images):
+        if im.pre_encoded:
+            dtype = like.dtype if like is not None else (
+                torch.long if not im.pixels.is_floating_point() else torch.float32)
+            out[i] = im.pixels.to(device=device, dtype=dtype)
+    return torch.stack(out)
 
 
 Segment = Text | Image
@@ -152,9 +177,10 @@ def _text(tokenizer: TextTokenizer, text: str, limit: TextLimit | None) -> Text:
 
 
 def caption_document(tokenizer: TextTokenizer, image: torch.Tensor, caption: str,
-                     image_first: bool, limit: TextLimit | None = None) -> Document:
+                     image_first: bool, limit: TextLimit | None = None,
+                     pre_encoded: bool = False) -> Document:
     text = _text(tokenizer, caption, limit)
-    img = Image(image)
+    img = Image(image, pre_encoded=pre_encoded)
     return Document((img, text) if image_first else (text, img))
 
 
@@ -287,6 +313,9 @@ class StreamCaptionDocument:
         if limit is not None and not limit.truncate and len(
                 self.tokenizer.encode(text)) > limit.max_tokens:
             return None
+        if rec.encoded is not None:  # a pre-encoded dataset: the tokenizer's output as it is
+            return caption_document(self.tokenizer, torch.from_numpy(rec.encoded), text,
+                                    image_first, limit, pre_encoded=True)
         return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first, limit)
 
 

@@ -59,7 +59,27 @@ from fusion.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# pre-encoded samples (scripts/encode_dataset.py): VAE latents or VQ-GAN codes as .npy
+ENCODED_EXTENSIONS = ("latent.npy", "codes.npy")
 MIN_SAMPLES_FOR_SHARE = 100  # the bad share is judged from this many samples read on
+
+
+ENCODING_FILE = "encoding.json"  # next to pre-encoded shards (fusion.training.pre_encode)
+
+
+def encoding_of(paths: Sequence[str]) -> dict | None:
+    """What ``encoding.json`` next to the shards says (the image tokenizer that encoded them,
+    its fingerprint, the member and shape), or None for shards of images. Shards from folders
+    that disagree (encoded and not, or by two tokenizers) are refused."""
+    found = {}
+    for folder in sorted({str(Path(p).parent) for p in paths}):
+        file = Path(folder) / ENCODING_FILE
+        found[folder] = json.loads(file.read_text()) if file.is_file() else None
+    kinds = {json.dumps(v, sort_keys=True) for v in found.values()}
+    if len(kinds) > 1:
+        raise UserError("data.shards mixes folders of different encodings (images, or another "
+                        f"image tokenizer): {', '.join(found)}")
+    return next(iter(found.values()))
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
@@ -156,8 +176,9 @@ def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], siz
                           resize: str) -> tuple[CaptionRecord | None, str | None]:
     """(the record, None) or (None, the kind of problem) for one undecoded sample."""
     key = f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}"
+    encoded_ext = next((e for e in ENCODED_EXTENSIONS if e in sample), None)
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image_ext is None:
+    if image_ext is None and encoded_ext is None:
         return None, "missing image"
     ext, field = caption_key
     raw = sample.get(ext)
@@ -169,13 +190,28 @@ def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], siz
         return None, "unreadable caption"
     if not isinstance(caption, str) or not caption.strip():
         return None, "missing caption"
+    description = None
+    if "json" in sample and ext != "json":
+        try:
+            description = json.loads(sample["json"]).get("description")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            description = None
+    elif field:
+        description = json.loads(raw).get("description")
+    if encoded_ext is not None:  # a pre-encoded dataset (scripts/encode_dataset.py)
+        try:
+            encoded = np.load(io.BytesIO(sample[encoded_ext]), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None, "unreadable encoded image"
+        return CaptionRecord(None, caption.strip(), key=key, description=description,
+                             encoded=encoded), None
     try:
         with Image.open(io.BytesIO(sample[image_ext])) as img:
             img.load()
             array = np.asarray(fit(to_rgb(img), size, resize))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None, "undecodable image"
-    return CaptionRecord(array, caption.strip(), key=key), None
+    return CaptionRecord(array, caption.strip(), key=key, description=description), None
 
 
 class _BadCounter:

@@ -46,6 +46,9 @@ class CaptionRecord:
     # The caption to learn for image -> text. ShapesWorld gives its full description (every
     # object's colour and class); folders have one caption for both directions.
     description: str | None = None
+    # A pre-encoded record (fusion.data.shards): the frozen image tokenizer's output instead of
+    # decoded pixels (``image`` is then None): VAE latents (C, h, w) or VQ-GAN codes (h, w).
+    encoded: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.data.documents import Document, Image, Text, caption_dropped, drop_edit_conditions
+from fusion.data.documents import (
+    Document,
+    Image,
+    Text,
+    caption_dropped,
+    drop_edit_conditions,
+    encode_images,
+)
 from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3_POSITIONS_PER_SPAN, CM3Tokens, cm3_apply, cm3_spans
 from fusion.models.packing import (
@@ -286,11 +293,12 @@ class ChameleonLoss:
         edits = [d.is_edit for d in docs]
         docs = [drop_edit_conditions(d, rng, cfg.edit_condition_dropout) if e else d
                 for d, e in zip(docs, edits, strict=True)]
-        pixels = [seg.pixels for d in docs for seg in d.segments if isinstance(seg, Image)]
+        images = [seg for d in docs for seg in d.segments if isinstance(seg, Image)]
+        pixels = [seg.pixels for seg in images]
         codes = []
-        if pixels:
+        if images:
             with torch.no_grad():
-                grids = encode(torch.stack(pixels).to(device))  # (I, h, w)
+                grids = encode_images(encode, images, device)  # (I, h, w)
                 if cfg.edit_target_codes == "local":
                     grids = self._local_targets(docs, grids, pixels)
             codes = grids.flatten(1).tolist()

@@ -31,7 +31,14 @@ import random
 import torch
 from torch import nn
 
-from fusion.data.documents import Document, Image, Text, caption_dropped, drop_edit_conditions
+from fusion.data.documents import (
+    Document,
+    Image,
+    Text,
+    caption_dropped,
+    drop_edit_conditions,
+    encode_images,
+)
 from fusion.models.attention import AttentionLayout
 from fusion.models.diffusion import Diffusion
 from fusion.models.packing import (
@@ -164,7 +171,7 @@ class TransfusionLoss:
                                       text_targets=not edit or cfg.instruction_loss))
             for seg in doc.segments:
                 if isinstance(seg, Image):
-                    images.append(seg.pixels)
+                    images.append(seg)
                     is_condition.append(seg.is_condition)
                     clean_share_mask.append(
                         doc.order == "image_first" and rng.random() < cfg.clean_image_share
@@ -178,7 +185,7 @@ class TransfusionLoss:
         if images:
             with torch.no_grad():
                 # float32: noise and targets must not inherit bf16 from an autocast encoder.
-                x0 = encode(torch.stack(images).to(device)).float()
+                x0 = encode_images(encode, images, device).float()
             n = x0.shape[0]
             max_t = torch.tensor(
                 [cfg.clean_image_max_t if c else self.diffusion.T for c in clean_share_mask],
