@@ -133,6 +133,27 @@ def runs(tmp_path_factory):
     return root / "one", root / "two", one.stdout, two.stdout
 
 
+def _killed_and_resumed(out: Path, strategy: list[str], ready: str) -> dict[int, str]:
+    """Start a 20-step run, SIGKILL every rank once ``checkpoints/<ready>`` exists and step 7
+    is logged, run the same command again; -> its logged losses."""
+    cmd = [sys.executable, *RUN, *strategy, f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # its own session: the kill reaches every rank at once, as a cluster ends a job
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    _wait_for(out / "checkpoints" / ready, proc)
+    while "7" not in _logged_steps(out):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, killed_at = find_resume_checkpoint(out / "checkpoints")
+    assert 8 <= killed_at < 20
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    return _losses(out)
+
+
 @pytest.mark.slow
 def test_two_ranks_learn_what_one_process_learns(runs):
     one, two, _, _ = runs
@@ -177,24 +198,9 @@ def test_only_rank_zero_writes_and_the_folder_loads_in_one_process(runs):
 def test_a_ddp_run_killed_mid_way_resumes_on_the_same_curve(runs, tmp_path):
     _, straight, _, _ = runs
     out = tmp_path / "killed"
-    cmd = [sys.executable, *RUN, *DDP, f"output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # its own session: the kill reaches every rank at once, as a cluster ends a job
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    _wait_for(out / "checkpoints" / "step0000008.ckpt", proc)
-    while "7" not in _logged_steps(out):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _, killed_at = find_resume_checkpoint(out / "checkpoints")
-    assert 8 <= killed_at < 20
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout
     # Same data per rank, same per-rank random streams, same gloo reductions: bitwise the
     # same losses before and after the resume point.
-    assert _losses(out) == _losses(straight)
+    assert _killed_and_resumed(out, DDP, "step0000008.ckpt") == _losses(straight)
 
 
 # -- sampling and evaluation over two processes (torchrun, gloo) ---------------------------
@@ -350,21 +356,7 @@ def test_fsdp_learns_what_ddp_learns_writes_one_folder_and_resumes(runs, tmp_pat
         "a photo of a red circle", output_type="np", progress=False).shape == (1, 64, 64, 3)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, *RUN, *FSDP, f"output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    _wait_for(out / "checkpoints" / "step0000008.ckpt" / "meta.pt", proc)
-    while "7" not in _logged_steps(out):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _, killed_at = find_resume_checkpoint(out / "checkpoints")
-    assert 8 <= killed_at < 20
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout
-    assert _losses(out) == _losses(straight)
+    assert _killed_and_resumed(out, FSDP, "step0000008.ckpt/meta.pt") == _losses(straight)
 
 
 @pytest.mark.slow
