@@ -203,6 +203,9 @@ class VAETokenizer(ImageTokenizer):
           :func:`measure_latent_scaling` replaces them;
         * a single ``.safetensors`` file with ``config`` = a local diffusers config.json (or
           its folder); original (LDM) key names are converted by diffusers.
+
+        A whole diffusers pipeline folder (``vae/`` beside ``unet/`` ...) is refused with a
+        message naming its ``vae/`` subfolder.
         """
         path = Path(path).expanduser()
         if path.is_file():
@@ -210,6 +213,11 @@ class VAETokenizer(ImageTokenizer):
         if not path.is_dir():
             raise TokenizerLoadError(f"{path}: no such tokenizer folder or file")
         cfg_path = path / CONFIG_NAME
+        if not cfg_path.exists() and (path / "vae" / CONFIG_NAME).exists():
+            # A whole diffusers pipeline (model_index.json, unet/, vae/, ...): its VAE is the
+            # tokenizer. Not taken silently: a model folder copies only the folder it is given.
+            raise TokenizerLoadError(f"{path}: a diffusers pipeline folder, not a VAE; pass its "
+                                     f"VAE subfolder {path / 'vae'}")
         raw = _read_json(cfg_path)
         if raw.get("format") == FORMAT:
             return cls._from_artifact(path, raw)
@@ -245,8 +253,11 @@ class VAETokenizer(ImageTokenizer):
                 f"{weights}: missing (a diffusers VAE folder needs its safetensors weights; "
                 f"pickled .bin files are not loaded)")
         try:
+            # low_cpu_mem_usage=False: the fast path needs `accelerate`, and without it diffusers
+            # warns at every load (the SD VAE loads in well under a second without it).
             autoencoder = AutoencoderKL.from_pretrained(path, local_files_only=True,
-                                                        use_safetensors=True)
+                                                        use_safetensors=True,
+                                                        low_cpu_mem_usage=False)
         except Exception as err:
             raise TokenizerLoadError(f"{path}: diffusers could not load the VAE: {err}") from err
         return cls._published(autoencoder, f"diffusers folder {path}")
@@ -281,6 +292,10 @@ class VAETokenizer(ImageTokenizer):
         scale = float(autoencoder.config.scaling_factor or 1.0)
         shift = float(autoencoder.config.shift_factor or 0.0)
         info = {"source": where, "scaling": "published in the config (not yet measured)"}
+        # Say which scale the latents get: diffusers writes its default 0.18215 (SD's figure)
+        # into every AutoencoderKL config, even one trained with no scale measured at all.
+        log.info("%s: latents = (z - %g) * %g, its config's shift_factor and scaling_factor "
+                 "(not measured on this data; docs/recipes_256.md)", where, shift, scale)
         return cls(autoencoder, shift, scale, info).eval()
 
 
