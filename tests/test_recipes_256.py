@@ -111,6 +111,7 @@ def _sample_one(model_dir: Path):
     return pipe
 
 
+@pytest.mark.slow  # two training runs of the real recipes' shapes
 def test_transfusion_256_trains_on_a_diffusers_vae_folder_and_samples(trained):
     model_dir = trained["transfusion"] / "model"
     meta = json.loads((model_dir / "config.json").read_text())
@@ -126,6 +127,7 @@ def test_transfusion_256_trains_on_a_diffusers_vae_folder_and_samples(trained):
     assert pipe.model.tokens_per_image == 256  # 32x32 latents in 2x2 patches
 
 
+@pytest.mark.slow  # two training runs of the real recipes' shapes
 def test_chameleon_256_trains_on_an_f16_vqgan_and_samples(trained):
     model_dir = trained["chameleon"] / "model"
     meta = json.loads((model_dir / "config.json").read_text())
