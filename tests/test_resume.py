@@ -59,6 +59,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # three training launches; CI runs it (make test-slow)
 def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae):
     steps = "trainer.max_steps=9"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
