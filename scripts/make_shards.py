@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise UserError(str(err)) from err
     skipped = counts["skipped"]
-    note = f"; skipped {len(skipped)} row(s) naming a missing file (first: " \
-           f"{', '.join(skipped[:3])})" if skipped else ""
+    note = (f"; skipped {len(skipped)} bad row(s): malformed, without text or naming a "
+            f"missing file (first: {', '.join(skipped[:3])})" if skipped else "")
     print(f"wrote {counts['samples']} samples in {counts['shards']} shard(s) to {args.out}{note}")
     return counts
 

@@ -169,11 +169,12 @@ def test_a_users_folder_becomes_shards_that_check_data_reads(tmp_path, capsys):
 
     export_shapes(tmp_path / "folder", 9, num_edits=3, show_progress=False)
     with (tmp_path / "folder" / "captions.jsonl").open("a") as fh:
-        fh.write('{"file": "images/missing.png", "caption": "gone"}\n')
+        fh.write('{"file": "images/missing.png", "caption": "gone"}\n{not json\n')
     make = _script("make_shards.py")
     run = ["--folder", str(tmp_path / "folder"), "--shard-size", "4"]
     assert make([*run, "--out", str(tmp_path / "caps")])["shards"] == 3
-    assert "wrote 9 samples in 3 shard(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 9 samples in 3 shard(s)" in out and "skipped 2 bad row(s)" in out
     make([*run, "--edits", "--out", str(tmp_path / "edits")])
     assert "wrote 3 samples in 1 shard(s)" in capsys.readouterr().out
     names = set(tarfile.open(tmp_path / "edits" / "00000.tar").getnames())
@@ -248,7 +249,7 @@ def test_a_run_on_shards_killed_with_sigkill_resumes_on_the_same_curve(tmp_path,
     assert sorted(a) == list(range(9)) == sorted(b) and a == b
 
 
-def test_a_text_tokenizer_trains_on_the_captions_of_shards(shards, tmp_path):
+def test_a_text_tokenizer_trains_on_the_captions_of_shards(shards, tmp_path, caplog):
     from omegaconf import OmegaConf
 
     from fusion.config import DataConfig
@@ -257,6 +258,15 @@ def test_a_text_tokenizer_trains_on_the_captions_of_shards(shards, tmp_path):
 
     captions = list(shard_captions(shards))
     assert len(captions) == 23 and all(c.strip() for c in captions)
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as tf:
+        for name, data in (("a.txt", b"a red circle"), ("b.txt", b"\xff\xfe"), ("c.txt", b" ")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        assert list(shard_captions([str(broken)])) == ["a red circle"]
+    assert "skipped 2 in all (1 unreadable caption, 1 missing caption)" in caplog.text
     assert list(shard_captions(shards, "json.caption")) == captions
     corpus = caption_corpus(OmegaConf.structured(DataConfig(source="shards", shards=shards)))
     assert list(corpus) == captions and "5 shard(s)" in corpus.description

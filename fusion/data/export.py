@@ -52,8 +52,8 @@ def export_shapes(out_dir: str | Path, num_images: int, seed: int = 0, size: int
 def _folder_samples(root: Path, edits: bool):
     """Samples of a users' folder, the image files' bytes as they are (not re-encoded):
     captions.jsonl -> ``<image ext>`` + ``txt``; edits.jsonl -> ``source.<ext>`` +
-    ``target.<ext>`` + ``txt`` (the instruction). Rows naming a missing file are skipped and
-    counted."""
+    ``target.<ext>`` + ``txt`` (the instruction). Malformed rows and rows naming a missing
+    file or without their text are skipped and counted."""
     index = root / ("edits.jsonl" if edits else "captions.jsonl")
     if not index.is_file():
         raise FileNotFoundError(f"index file not found: {index}")
@@ -61,7 +61,13 @@ def _folder_samples(root: Path, edits: bool):
     for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):  # a malformed line: skipped and counted, as folders are
+            yield None, f"{index.name}:{n}"
+            continue
         text = row.get("instruction" if edits else "caption")
         paths = [root / str(row.get(f, "")) for f in fields]
         if not isinstance(text, str) or not all(p.is_file() for p in paths):

@@ -357,21 +357,29 @@ class ShardStream(IterableDataset):
 
 def shard_captions(paths: Sequence[str], caption_key: str = "txt") -> Iterator[str]:
     """Every caption of the shards, without reading a single image (for a text tokenizer).
-    Unreadable or cut-short shards are logged and skipped after what they hold."""
+    Unreadable or empty captions and unreadable or cut-short shards are skipped and counted,
+    with one warning line per kind (what the shards held before a break is kept)."""
     ext, field = parse_caption_key(caption_key)
+    bad = _BadCounter("shard captions", max_bad_share=1.0)
     for path in paths:
         try:
             for sample in read_samples(path, extensions=(ext,)):
-                raw = sample.get(ext)
+                key = f"{path}:{sample.get('__key__')}"
                 try:
-                    text = json.loads(raw).get(field) if field else raw.decode("utf-8")
+                    text = json.loads(sample[ext]).get(field) if field else sample[
+                        ext].decode("utf-8")
                 except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    bad.add("unreadable caption", key)
                     continue
                 if isinstance(text, str) and text.strip():
                     yield text.strip()
+                else:
+                    bad.add("missing caption", key)
         except (tarfile.TarError, OSError, EOFError) as err:
-            log.warning("%s: %s (%s); its readable captions are kept", path,
-                        type(err).__name__, err)
+            bad.add("unreadable or truncated shard", f"{path} ({type(err).__name__}: {err})")
+    if bad.count:
+        log.warning("shard captions: skipped %d in all (%s)", bad.count,
+                    ", ".join(f"{len(v)} {k}" for k, v in bad.by_kind.items()))
 
 
 def check_shard(path: str, caption_key: str = "txt", size: int = 64,
