@@ -238,6 +238,11 @@ class TrainConfig:
     # model.safetensors) or a Lightning .ckpt -- instead of a random init. It must match this
     # run's family, tokenizers and shapes (fusion.training.init_from).
     init_from: str | None = None
+    # Or start the shared transformer and the text embeddings from a local Hugging Face
+    # Llama-family folder (config.json + safetensors + tokenizer.json); the image parts start
+    # fresh. data.text_tokenizer must be that folder's tokenizer.json (fusion.convert.llama,
+    # docs/pretrained.md).
+    init_backbone: str | None = None
     # Host memory (MiB) for the frozen image tokenizer's outputs, memoised per distinct image
     # (fusion.training.encode_cache): images seen again (every epoch) are not re-encoded.
     # 0 = encode every time. A 64x64 ShapesWorld image costs 1 KiB (VAE) or 0.5 KiB (VQ).

@@ -20,9 +20,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, register_configs, resolve_path
+from fusion.convert.llama import load_llama_backbone
 from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
-from fusion.errors import report_user_errors
+from fusion.errors import UserError, report_user_errors
 from fusion.families import build_family, load_image_tokenizer
 from fusion.families.folders import recipe_sampling, save_model
 from fusion.training.callbacks import SampleGrid
@@ -58,8 +59,13 @@ def main(cfg: DictConfig) -> None:
                               text_budget=lambda n_images: loss.text_budget(model, n_images))
     data.setup()  # every record is checked now (lengths included), not hours into the run
     check_encoded_data(cfg.data, cfg.image_tokenizer)  # pre-encoded shards: the same tokenizer
+    if cfg.init_from and cfg.init_backbone:
+        raise UserError("init_from and init_backbone both set: start from a fusion model "
+                        "folder or from a pretrained LLM, not both")
     if cfg.init_from:  # fine-tuning: before the module, whose EMA copies the weights
         init_from_checkpoint(model, cfg, tokenizer)
+    elif cfg.init_backbone:
+        load_llama_backbone(model, cfg.init_backbone, tokenizer, cfg.data.text_tokenizer)
     elif cfg.data.documents == "edit":
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
@@ -113,6 +119,7 @@ def main(cfg: DictConfig) -> None:
                                            "steps": trainer.global_step,
                                            "documents": cfg.data.documents,
                                            "init_from": cfg.init_from,
+                                           "init_backbone": cfg.init_backbone,
                                            # the recipe's sampling, evaluate.py's defaults
                                            "sampling": recipe_sampling(cfg.sampling)})
     print(f"saved {out / 'model'}; samples: {grid.last_path}")

@@ -18,6 +18,7 @@ LAYERS = (
     ("image", "models"),
     ("sampling",),
     ("families",),
+    ("convert",),  # other projects' checkpoints into fusion's formats (docs/pretrained.md)
     ("eval",),
     ("training",),
     ("api",),  # FusionPipeline: how a model folder is loaded and sampled, for the jobs too

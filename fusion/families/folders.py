@@ -239,7 +239,9 @@ def write_model_card(folder: Path, meta: dict) -> Path:
         "folder to load it)")
     rows = [("family", family), ("documents", meta.get("documents", "caption")),
             ("training steps", meta.get("steps", "?")),
-            ("started from", meta.get("init_from") or "a random initialisation"),
+            ("started from", meta.get("init_from") or (
+                f"the LLM `{meta['init_backbone']}` (backbone and text embeddings)"
+                if meta.get("init_backbone") else "a random initialisation")),
             ("image size", f"{meta.get('image_size', '?')} px"),
             ("text tokenizer", f"`tokenizer.json`, a copy of `{meta.get('text_tokenizer')}` "
                                f"(vocabulary sha256 "
