@@ -244,21 +244,22 @@ def transformer_state(ckpt: HFCheckpoint, n_layers: int, qk_norm: bool = False,
     return state
 
 
-def grow_rows(weight: torch.Tensor, rows: int, fresh: Iterable[int]) -> torch.Tensor:
-    """(V_hf, D) -> (rows, D): the checkpoint's rows where they exist, its mean row for ids
-    beyond them and for the ``fresh`` ids (tokens the checkpoint never learnt: fusion's
-    special tokens appended to its tokenizer). The mean keeps a new token's embedding and
-    logit in the range of the others instead of at a random scale (Hewitt 2021, "Initializing
-    new word embeddings for pretrained language models")."""
-    out = weight.new_empty(rows, weight.shape[1])
-    n = min(rows, weight.shape[0])
-    out[:n] = weight[:n]
-    mean = weight.float().mean(0).to(weight.dtype)
-    out[n:] = mean
-    for i in fresh:
-        if i < rows:
-            out[i] = mean
+def gather_rows(weight: torch.Tensor, source: list[int]) -> torch.Tensor:
+    """(V_hf, D) -> (len(source), D): row ``source[j]`` of the checkpoint for id j, or its mean
+    row where ``source[j]`` is -1 (a token the checkpoint never learnt: fusion's special
+    tokens appended to its tokenizer). The mean keeps a new token's embedding and logit in the
+    range of the others instead of at a random scale (Hewitt 2021, "Initializing new word
+    embeddings for pretrained language models")."""
+    index = torch.tensor(source, dtype=torch.long)
+    out = weight[index.clamp(min=0)]
+    out[index < 0] = weight.float().mean(0).to(weight.dtype)
     return out
+
+
+def text_row_sources(n_text: int, n_rows: int, fresh: Iterable[int]) -> list[int]:
+    """Id i takes checkpoint row i, except ``fresh`` ids and ids past its ``n_rows`` rows."""
+    fresh = set(fresh)
+    return [i if i < n_rows and i not in fresh else -1 for i in range(n_text)]
 
 
 # ---- the text tokenizer ---------------------------------------------------------------------
@@ -324,8 +325,9 @@ def load_llama_backbone(model: nn.Module, folder: str | Path, tokenizer: TextTok
     head = embed if tied else ckpt.tensor("lm_head.weight")
     state = transformer_state(ckpt, model.transformer.cfg.n_layers)
     with torch.no_grad():
+        rows = text_row_sources(n_text, embed.shape[0], fresh)
         for param, source in ((model.embed.weight, embed), (model.lm_head.weight, head)):
-            param[:n_text] = grow_rows(source, n_text, fresh).to(param.dtype)
+            param[:n_text] = gather_rows(source, rows).to(param.dtype)
             if model.lm_head.weight is model.embed.weight:
                 break
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ def sentinel(i: int) -> str:
 
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, EOSS) + tuple(
     sentinel(i) for i in range(NUM_SENTINELS))
+CHAMELEON_IMAGE_TOKEN = re.compile(r"^IMGIMG([A-J]+)Z$")
 BYTE_ALPHABET = 256  # byte-level BPE: every byte is a token before any merge
 
 
@@ -125,6 +127,22 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def chameleon_image_tokens(self) -> dict[int, int]:
+        """id -> VQ code of Meta Chameleon's in-vocabulary image tokens (``IMGIMG``, the code's
+        decimal digits as the letters A-J, ``Z``); empty for any other tokenizer. A Chameleon
+        model converted from Meta's (fusion.convert.chameleon) keeps these ids as text ids that
+        are never generated: their rows moved to fusion's code range."""
+        out = {}
+        for name, i in self._tok.get_vocab(with_added_tokens=True).items():
+            match = CHAMELEON_IMAGE_TOKEN.match(name)
+            if match:
+                out[i] = int("".join(str(ord(c) - ord("A")) for c in match.group(1)))
+        return out
+
+    def id_of(self, token: str) -> int | None:
+        """Any token's id (None when the vocabulary lacks it)."""
+        return self._tok.token_to_id(token)
 
     def token_id(self, token: str) -> int:
         return self.special_ids[token]

@@ -15,7 +15,7 @@ def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
     cfg = to_dataclass(model_cfg, ChameleonModelConfig)
     h, w = image_tokenizer.latent_grid(image_size)
     model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w,
-                      code_grid=(h, w))
+                      code_grid=(h, w), unused_text_ids=list(tokenizer.chameleon_image_tokens()))
     row_length(cfg.loss.pack_len, model.max_seq_len)  # a bad pack_len fails before training
     cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
     return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)

@@ -49,6 +49,7 @@ h/w = code grid.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,10 +141,12 @@ def local_edit_codes(source_codes: torch.Tensor, target_codes: torch.Tensor,
 
 class Chameleon(nn.Module):
     """Token embedding over the unified vocabulary (+ optional 2-D image-cell embedding) +
-    shared transformer + LM head."""
+    shared transformer + LM head. ``unused_text_ids``: text ids never generated
+    (:meth:`unused_text_mask`)."""
 
     def __init__(self, cfg: ChameleonConfig, text_vocab: int, codebook_size: int,
-                 codes_per_image: int, code_grid: tuple[int, int] | None = None):
+                 codes_per_image: int, code_grid: tuple[int, int] | None = None,
+                 unused_text_ids: Sequence[int] = ()):
         super().__init__()
         self.cfg = cfg
         self.text_vocab, self.codebook_size = text_vocab, codebook_size
@@ -154,6 +157,12 @@ class Chameleon(nn.Module):
             raise ValueError(f"code_grid {self.code_grid} does not hold {codes_per_image} codes; "
                              "pass code_grid for a non-square image")
         self.vocab_size = text_vocab + codebook_size
+        unused = torch.zeros(self.vocab_size, dtype=torch.bool)
+        unused[list(unused_text_ids)] = True
+        if unused[text_vocab:].any():
+            raise ValueError(f"unused_text_ids must be text ids, in [0, {text_vocab})")
+        # not saved: it follows from the text tokenizer (fusion.data.text.chameleon_image_tokens)
+        self.register_buffer("unused_text", unused, persistent=False)
         bb = transformer_config(cfg.backbone, **{"qk_norm": True, **cfg.backbone_overrides})
         self.embed = nn.Embedding(self.vocab_size, bb.d_model)
         self.transformer = Transformer(bb)
@@ -187,6 +196,12 @@ class Chameleon(nn.Module):
         mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         mask[self.text_vocab:] = True
         return mask
+
+    def unused_text_mask(self, device=None) -> torch.Tensor:
+        """(V,) True for text ids that are never generated: the in-vocabulary image tokens of
+        a converted Meta Chameleon, whose rows moved to the code range
+        (fusion.convert.chameleon). Meta's model suppresses them in text too."""
+        return self.unused_text.to(device)
 
     def embed_tokens(self, ids: torch.Tensor, cells: torch.Tensor | None = None,
                      source: torch.Tensor | None = None) -> torch.Tensor:

@@ -76,7 +76,9 @@ class ChameleonSampler(StreamSampler):
         return m.embed_tokens(ids, image_cells(ids, s.boi, m.text_vocab), source)
 
     def _text_allowed(self, vocab: int) -> torch.Tensor:
-        return super()._text_allowed(vocab) & ~self.model.image_token_mask(self.device)
+        m = self.model
+        return (super()._text_allowed(vocab) & ~m.image_token_mask(self.device)
+                & ~m.unused_text_mask(self.device))
 
     def _generate_images(self, streams, batch, scales, steps, seed, progress, sampling,
                          guidance_interval):
