@@ -332,7 +332,17 @@ def register_configs() -> None:
     for (group, name), target in GROUP_SCHEMAS.items():
         module, cls = target.split(":")
         cs.store(group=group, name=name, node=getattr(importlib.import_module(module), cls))
+    OmegaConf.register_new_resolver("required", required_value, replace=True)
     _registered = True
+
+
+def required_value(value, name: str):
+    """``${required:${init_from},init_from}``: the value, or a clear error naming the key a
+    recipe needs (a MISSING ``???`` in an experiment file does not override the schema's
+    default, so recipes ask through this resolver)."""
+    if value is None or value == "":
+        raise UserError(f"this recipe needs {name}=...; set it on the command line")
+    return value
 
 
 class UnknownConfigKeyError(UserError):

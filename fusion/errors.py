@@ -29,6 +29,22 @@ def debug_requested() -> bool:
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError)
 
 
+# How OmegaConf reports an error raised by a resolver (fusion.config.required_value): it keeps
+# only the message, not the exception.
+_IN_RESOLVER = "UserError raised while resolving interpolation: "
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message to show for a user error, or None for any other exception."""
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    first_line = str(err).split("\n", 1)[0]
+    if type(err).__name__ == "InterpolationResolutionError" and first_line.startswith(
+            _IN_RESOLVER):
+        return first_line[len(_IN_RESOLVER):]
+    return None
+
+
 def report_user_errors(fn):
     """Decorator for a script's ``main``: a user error becomes ``error: <message>`` on stderr
     and exit status 2. Place it under ``@hydra.main`` so Hydra never sees the exception."""
@@ -37,10 +53,11 @@ def report_user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
-            if debug_requested():
+        except Exception as err:
+            message = user_error_message(err)
+            if message is None or debug_requested():
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
 
     return wrapper

@@ -17,15 +17,15 @@ transformers = pytest.importorskip("transformers")
 from fusion.convert.chameleon import (  # noqa: E402
     chameleon_layout,
     chameleon_model,
-    convert_chameleon,
 )
 from fusion.convert.llama import CheckpointError, HFCheckpoint  # noqa: E402
 from fusion.data.text import shapes_corpus  # noqa: E402
 from fusion.models.attention import layout_from_segments  # noqa: E402
 
-N_CODES, RESOLUTION = 16, 16  # a 2-level VQ encoder: 8x8 = 64 codes per image
+ROOT = Path(__file__).resolve().parents[1]
+N_CODES, RESOLUTION = 16, 32  # a 3-level VQ encoder (f = 4): 8x8 = 64 codes per image
 VQ = dict(embed_dim=32, num_embeddings=N_CODES, latent_channels=32, resolution=RESOLUTION,
-          base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1)
+          base_channels=32, channel_multiplier=[1, 1, 2], num_res_blocks=1)
 
 
 def code_name(code: int) -> str:
@@ -148,3 +148,88 @@ def test_broken_checkpoints_are_refused(hf_chameleon, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'llama'"):
         chameleon_layout(HFCheckpoint(bad))
+
+
+@pytest.fixture(scope="module")
+def converted(hf_chameleon) -> Path:
+    """The tiny checkpoint through scripts/convert.py (no --vqgan: encoder-only VQ-GAN)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts/convert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = hf_chameleon.parent / "fusion"
+    script.main(["chameleon", "--hf", str(hf_chameleon), "--out", str(out)])
+    return out
+
+
+def test_an_image_encodes_to_chameleons_codes(hf_chameleon, converted):
+    from fusion.image.vqgan import VQTokenizer
+
+    vq = VQTokenizer.from_pretrained(converted / "image_tokenizer")
+    assert vq.info["decoder"] == "untrained"
+    pixels = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(3))
+    pixels = pixels * 2 - 1
+    hf = transformers.ChameleonForConditionalGeneration.from_pretrained(hf_chameleon).eval()
+    with torch.no_grad():
+        theirs = hf.model.get_image_tokens(pixels)  # (B, N) Chameleon BPE ids
+        codes = vq.encode(pixels).flatten(1)  # (B, N) codes
+    layout = chameleon_layout(HFCheckpoint(hf_chameleon))
+    assert codes.unique().numel() > 1  # not a constant map
+    assert torch.equal(theirs.apply_(lambda b: layout.codes[b]), codes)
+
+
+def test_the_converted_folder_loads_and_samples(converted):
+    from fusion import FusionPipeline
+
+    meta = json.loads((converted / "config.json").read_text())
+    assert meta["model"]["family"] == "chameleon" and meta["converted_from"]
+    assert meta["image_size"] == RESOLUTION
+    pipe = FusionPipeline.from_pretrained(converted)
+    images = pipe("a red circle", output_type="pt", progress=False, temperature=1.0)
+    assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
+    text_allowed = pipe.sampler._text_allowed(pipe.model.vocab_size)
+    image_bpe = list(pipe.tokenizer.chameleon_image_tokens())
+    assert len(image_bpe) == N_CODES and not text_allowed[image_bpe].any()
+    assert text_allowed[pipe.tokenizer.encode("a red circle")].all()
+
+
+def fine_tune(converted: Path, out: Path, experiment: str) -> dict:
+    """A recipe at tiny scale on the CPU: the converted tiny model's shape, 32-px ShapesWorld,
+    a few steps."""
+    import subprocess
+    import sys
+
+    arch = json.loads((converted / "config.json").read_text())["model"]["arch"]
+    overrides = [f"++model.arch.backbone_overrides.{k}={str(v).lower() if v in (True, False) else v}"
+                 for k, v in arch["backbone_overrides"].items()]
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", f"experiment={experiment}",
+         f"init_from={converted}", f"model.arch.backbone={arch['backbone']}",
+         *overrides, "trainer=cpu",
+         "trainer.precision=32-true", f"data.image_size={RESOLUTION}", "debug=default", "logger=csv",
+         f"output_dir={out}", "sampling.prompts=[a red circle]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / "model" / "config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["chameleon_pretrained", "edit_chameleon_pretrained"])
+def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, experiment):
+    from fusion import FusionPipeline
+
+    meta = fine_tune(converted, tmp_path / "run", experiment)
+    assert meta["steps"] == 4 and meta["init_from"] == str(converted)
+    assert meta["documents"] == ("edit" if experiment.startswith("edit") else "caption")
+    FusionPipeline.from_pretrained(tmp_path / "run" / "model")  # loads
+
+
+def test_recipes_refuse_to_start_without_a_converted_model():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/train.py",
+                           "experiment=chameleon_pretrained", "debug=default"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "this recipe needs init_from=" in proc.stderr

@@ -10,19 +10,29 @@ Here it is assembled from library parts (docs/design.md, Principles):
   resolution, f = 2 ** (levels - 1);
 * quantiser, chosen by config, from vector-quantize-pytorch (:class:`Quantizer`):
   ``vq``  -- ``VectorQuantize`` with low-dimensional l2-normalised codes, EMA codebook and
-             dead-code expiry (LlamaGen, Sun et al. 2024, arXiv:2406.06525);
+             dead-code expiry (LlamaGen, Sun et al. 2024, arXiv:2406.06525); configured by
+             :func:`frozen_codebook_quantizer` it is taming's plain nearest-neighbour
+             Euclidean codebook instead (a converted VQ-GAN, ``fusion.convert.taming``);
   ``fsq`` -- ``FSQ``, finite scalar quantisation (Mentzer et al. 2023, arXiv:2309.15505);
   ``lfq`` -- ``LFQ``, lookup-free quantisation (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737).
+
+Optionally (``quant_conv_channels``, off unless set) taming's two 1x1 convolutions sit
+around the quantiser: ``quant_conv`` (C -> D) after the encoder and ``post_quant_conv``
+(D -> C) before the decoder, so the codebook's width D is free of the encoder's C. A VQ-GAN
+converted from taming-transformers (Chameleon's) has them; a fresh fusion one does not
+need them (the quantiser projects by itself).
 
 Shapes::
 
     B  batch              H, W  image height/width (pixels)
     C  latent channels    h, w  code grid = (H, W) / f, f = downsample_factor
     N  h·w codes per image K     codebook size
+    D  code channels: quant_conv_channels, else C
 
     images (B, 3, H, W) float in [-1, 1]
     codes  (B, h, w) int64 in [0, K)
-    z, zq  (B, C, h, w) float: encoder output, its quantised version (the decoder's input)
+    z      (B, C, h, w) float: encoder output
+    zq     (B, D, h, w) float: the quantised features (of quant_conv(z) when present)
 
 No training logic lives here (docs/design.md, Principles): ``fusion.training.tokenizer_module``
 trains the tokenizer through :meth:`VQTokenizer.forward` (the stage-1 interface shared with
@@ -32,6 +42,7 @@ the VAE) against ``fusion.image.losses.AutoencoderLoss``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,13 +62,16 @@ from fusion.image.artifacts import (
     read_json,
 )
 
+log = logging.getLogger(__name__)
+
 FORMAT = "fusion.vqgan"
 FORMAT_VERSION = 1
 KIND = "vqgan"
 QUANTIZERS = ("vq", "fsq", "lfq")
 AUTOENCODER_DEFAULTS = {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1,
                         "latent_channels": 32, "norm_num_groups": 32,
-                        "mid_block_add_attention": True, "norm": "group"}
+                        "mid_block_add_attention": True, "norm": "group",
+                        "quant_conv_channels": None}
 NORMS = ("group", "batch")
 
 
@@ -142,6 +156,47 @@ class VQQuantizer(Quantizer):
     def lookup(self, codes):
         return self.q.get_output_from_indices(codes)
 
+    @torch.no_grad()
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """Write the K x D code vectors (what :meth:`lookup` returns), e.g. a converted
+        codebook. The library's EMA statistics are reset to its own fresh state for that
+        codebook (cluster sizes 1, running sums = the codes), so a later EMA update starts
+        from these codes rather than from the random ones they replace."""
+        current = self.q.codebook
+        if tuple(codebook.shape) != tuple(current.shape):
+            raise ValueError(f"codebook of shape {tuple(codebook.shape)} does not fit this "
+                             f"quantiser's {tuple(current.shape)} (codebook_size x dim)")
+        self.q.codebook = codebook.to(current)  # the library's setter copies in place
+        inner = self.q._codebook
+        if hasattr(inner, "embed_avg") and hasattr(inner, "cluster_size"):
+            inner.cluster_size.fill_(1.0)
+            inner.embed_avg.copy_(inner.embed)
+
+
+def frozen_codebook_quantizer(codebook_size: int, dim: int, commitment_weight: float = 0.25
+                              ) -> dict:
+    """The ``quantizer`` config of taming's VQ (Esser et al. 2021): a plain K x ``dim``
+    Euclidean codebook that never moves.
+
+    Each choice, checked against vector-quantize-pytorch's source:
+
+    * ``codebook_dim = dim``: no ``project_in`` / ``project_out`` (they exist only when the
+      two differ), so :meth:`VQQuantizer.lookup` returns the code vectors themselves;
+    * ``use_cosine_sim = False``: no l2 normalisation of inputs or codes; the code is the
+      argmax of ``-cdist`` = the argmin of the L2 distance (in eval mode; training samples
+      no noise either, ``stochastic_sample_codes`` being off);
+    * ``ema_update = False`` and ``threshold_ema_dead_code = 0``: the library's codebook
+      update returns before touching anything, and the codebook is a buffer (not
+      ``learnable_codebook``), so no optimiser moves it either: frozen in every mode;
+    * ``kmeans_init = False``: no data-dependent initialisation overwrites written codes;
+    * ``rotation_trick = False``: taming's straight-through gradient to the encoder, with
+      its β-weighted commitment term (``commitment_weight``, taming's β = 0.25).
+    """
+    return {"kind": "vq", "codebook_size": int(codebook_size), "codebook_dim": int(dim),
+            "use_cosine_sim": False, "kmeans_init": False, "ema_update": False,
+            "threshold_ema_dead_code": 0, "rotation_trick": False,
+            "commitment_weight": float(commitment_weight)}
+
 
 class FSQQuantizer(Quantizer):
     """Finite scalar quantisation: an implicit codebook of prod(levels) codes, no loss."""
@@ -195,9 +250,11 @@ class VQTokenizer(ImageTokenizer):
     Args:
         autoencoder: ``VQAutoencoderConfig`` fields (``block_out_channels``,
             ``layers_per_block``, ``latent_channels``, ``norm_num_groups``,
-            ``mid_block_add_attention``, ``norm``); missing ones take
+            ``mid_block_add_attention``, ``norm``) and ``quant_conv_channels`` (D: taming's
+            1x1 convs around the quantiser, None = none); missing ones take
             :data:`AUTOENCODER_DEFAULTS` (so artifacts saved before ``norm`` existed load
-            with GroupNorm, as they were trained).
+            with GroupNorm, as they were trained, and those saved before
+            ``quant_conv_channels`` existed load without the convs they never had).
         quantizer: ``{"kind": "vq" | "fsq" | "lfq", **that quantiser's arguments}`` (the
             fields of ``VQConfig`` / ``FSQConfig`` / ``LFQConfig``).
         info: provenance and held-out figures, saved in ``config.json``.
@@ -220,6 +277,9 @@ class VQTokenizer(ImageTokenizer):
         if bad and ae["norm"] == "group":
             raise ValueError(f"block_out_channels {ae['block_out_channels']}: {bad} not "
                              f"divisible by norm_num_groups={ae['norm_num_groups']} (GroupNorm)")
+        d = ae["quant_conv_channels"]
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"quant_conv_channels={d!r}: expected a positive int or None")
         quantizer = dict(quantizer or {"kind": "fsq", "levels": [8, 5, 5, 5]})
         self.autoencoder_config, self.quantizer_config = ae, quantizer
         levels, c = len(ae["block_out_channels"]), int(ae["latent_channels"])
@@ -230,7 +290,10 @@ class VQTokenizer(ImageTokenizer):
         # double_z=False: one feature map to quantise, not AutoencoderKL's (mean, logvar).
         self.encoder = Encoder(in_channels=3, out_channels=c, double_z=False,
                                down_block_types=("DownEncoderBlock2D",) * levels, **common)
-        self.quantizer = build_quantizer(c, **quantizer)
+        # taming's 1x1 convs: the encoder's C channels -> the codebook's D and back.
+        self.quant_conv = nn.Conv2d(c, d, 1) if d is not None else None
+        self.post_quant_conv = nn.Conv2d(d, c, 1) if d is not None else None
+        self.quantizer = build_quantizer(self.code_channels, **quantizer)
         self.decoder = Decoder(in_channels=c, out_channels=3,
                                up_block_types=("UpDecoderBlock2D",) * levels, **common)
         if ae["norm"] == "batch":  # diffusers builds GroupNorms; swap the encoder's (the
@@ -251,6 +314,12 @@ class VQTokenizer(ImageTokenizer):
         return int(self.autoencoder_config["latent_channels"])
 
     @property
+    def code_channels(self) -> int:
+        """D: the width of the quantised features (``quant_conv_channels``, else C)."""
+        d = self.autoencoder_config["quant_conv_channels"]
+        return self.latent_channels if d is None else int(d)
+
+    @property
     def block_out_channels(self) -> list[int]:
         return list(self.autoencoder_config["block_out_channels"])
 
@@ -261,12 +330,20 @@ class VQTokenizer(ImageTokenizer):
 
     # ---- the tokenizer interface -------------------------------------------------------
     def _quantize(self, images: torch.Tensor, update_codebook: bool = True):
-        """images -> (zq (B, C, h, w), codes (B, h, w), aux)."""
+        """images -> (zq (B, D, h, w), codes (B, h, w), aux)."""
         self._check_images(images)
         z = self.encoder(images)  # (B, C, h, w)
-        b, c, h, w = z.shape
+        if self.quant_conv is not None:
+            z = self.quant_conv(z)  # (B, D, h, w)
+        b, d, h, w = z.shape
         zq, codes, aux = self.quantizer(z.flatten(2).transpose(1, 2), update_codebook)
-        return zq.transpose(1, 2).reshape(b, c, h, w), codes.view(b, h, w), aux
+        return zq.transpose(1, 2).reshape(b, d, h, w), codes.view(b, h, w), aux
+
+    def _decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """zq (B, D, h, w) -> images (B, 3, H, W)."""
+        if self.post_quant_conv is not None:
+            zq = self.post_quant_conv(zq)  # (B, C, h, w)
+        return self.decoder(zq)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64 in [0, codebook_size).
@@ -284,8 +361,8 @@ class VQTokenizer(ImageTokenizer):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         b, h, w = codes.shape
-        zq = self.quantizer.lookup(codes.reshape(b, h * w).long())  # (B, N, C)
-        return self.decoder(zq.transpose(1, 2).reshape(b, self.latent_channels, h, w))
+        zq = self.quantizer.lookup(codes.reshape(b, h * w).long())  # (B, N, D)
+        return self._decode(zq.transpose(1, 2).reshape(b, self.code_channels, h, w))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training pass, the stage-1 autoencoder interface shared with the VAE:
@@ -298,7 +375,7 @@ class VQTokenizer(ImageTokenizer):
         zq, codes, aux = self._quantize(images)
         if self.training:
             self.code_counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
-        return self.decoder(zq), aux
+        return self._decode(zq), aux
 
     def pop_code_stats(self) -> dict[str, float]:
         """Usage and perplexity of the codes chosen by training passes since the last call
@@ -344,6 +421,9 @@ class VQTokenizer(ImageTokenizer):
             # the quantiser libraries check their arguments with asserts
             raise TokenizerLoadError(f"{cfg_path}: bad model config: {err}") from err
         load_weights(tok, path / WEIGHTS_NAME)
+        if tok.info.get("decoder") == "untrained":  # converted from an encoder-only checkpoint
+            log.warning("%s: this VQ-GAN's decoder is untrained (converted without one, "
+                        "docs/pretrained.md); images it decodes are noise", path)
         return tok.eval()
 
 
