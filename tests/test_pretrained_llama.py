@@ -199,3 +199,29 @@ def test_unreadable_folders_are_refused(llama, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="corrupt or not safetensors"):
         load_llama_backbone(transfusion(tok), corrupt, tok)
+
+
+@pytest.mark.slow
+def test_train_script_starts_from_the_llm(llama, tmp_path):
+    """scripts/train.py init_backbone=... trains Transfusion from the LLM and records it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    overrides = [f"++model.arch.backbone_overrides.{k}={v}" for k, v in MATCHING.items()]
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "experiment=transfusion_tiny", "debug=default",
+         f"init_backbone={llama}", f"data.text_tokenizer={llama / 'tokenizer.json'}",
+         *overrides, "logger=csv", f"output_dir={out}", "sampling.diffusion_steps=2",
+         "sampling.prompts=[a red circle]"],
+        cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["init_backbone"] == str(llama) and meta["steps"] == 4
+    assert "the LLM" in (out / "model" / "README.md").read_text()
+    both = subprocess.run(
+        [sys.executable, "scripts/train.py", "experiment=transfusion_tiny", "debug=default",
+         f"init_backbone={llama}", f"init_from={out / 'model'}", f"output_dir={out}2"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "init_from and init_backbone both set" in both.stderr
