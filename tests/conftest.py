@@ -17,6 +17,17 @@ def tokenizer() -> TextTokenizer:
     return TextTokenizer.train(shapes_corpus(500), vocab_size=400, show_progress=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: tiny networks gain nothing from a second, and on a shared
+    2-core CPU a two-thread process waits at OpenMP barriers for a parked thread (one file of
+    tiny VQ-GAN tests took 121 s with two threads and ~30 s with one at load 2.5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     """A random 4-channel VAE artifact (16 channels wide): fast stand-in for shapes-vae."""

@@ -226,10 +226,17 @@ def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, exper
 
 
 def test_recipes_refuse_to_start_without_a_converted_model():
-    import subprocess
-    import sys
+    """The recipes take their tokenizers from init_from: without it the run stops with the
+    one-line user error that scripts print (fusion.errors.report_user_errors)."""
+    from fusion.config import compose
+    from fusion.errors import user_error_message
 
-    proc = subprocess.run([sys.executable, "scripts/train.py",
-                           "experiment=chameleon_pretrained", "debug=default"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "this recipe needs init_from=" in proc.stderr
+    for experiment in ("chameleon_pretrained", "edit_chameleon_pretrained"):
+        cfg = compose("train", [f"experiment={experiment}"])
+        with pytest.raises(Exception) as err:
+            _ = cfg.data.text_tokenizer
+        assert user_error_message(err.value) == ("this recipe needs init_from=...; set it on "
+                                                 "the command line")
+        cfg = compose("train", [f"experiment={experiment}", "init_from=models/c7b"])
+        assert cfg.image_tokenizer == "models/c7b/image_tokenizer"
+        assert cfg.model.arch.backbone == "7b" and cfg.trainer.strategy == "fsdp"

@@ -31,13 +31,8 @@ EMBED_DIM, N_EMBED = 8, 64
 HF_PREFIX = "model.vqmodel."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks gain nothing from a second thread on a shared CPU (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- a taming-layout state dict and its reference forward -------------------------------

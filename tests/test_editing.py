@@ -32,13 +32,8 @@ INSTR = (20, 21, 22)  # an instruction's ids
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96, multiple_of=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on the shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks gain nothing from a second thread on a shared CPU (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- stand-ins for the frozen image tokenizers (as in test_transfusion / test_chameleon) ------

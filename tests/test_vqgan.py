@@ -41,15 +41,8 @@ QUANTIZERS = {  # the tiny configs' quantiser blocks, as VQGANTokenizerConfig bu
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared CPU a two-thread process
-    waits at OpenMP barriers for a parked thread: this file took 121 s with two threads and
-    ~30 s with one at load 2.5 on the 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks gain nothing from a second thread on a shared CPU (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str = "fsq", seed: int = 0, attention: bool = False,
