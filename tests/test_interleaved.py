@@ -9,7 +9,6 @@ import torch
 # the tiny models and image-tokenizer stand-ins of the editing tests
 from test_editing import (
     SPECIAL,
-    one_thread,  # noqa: F401  (its autouse fixture: one thread here too)
     transfusion,
     vae_encode,
     vq_encode,
@@ -30,6 +29,9 @@ from fusion.eval.captioning import caption_objects, scene_objects
 from fusion.sampling.chameleon import ChameleonSampler
 from fusion.sampling.text import TokenSampling
 from fusion.sampling.transfusion import TransfusionSampler
+
+# one thread, as the editing tests (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- ShapesWorld stories ----------------------------------------------------------------------
