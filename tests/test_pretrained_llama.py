@@ -45,10 +45,9 @@ def own_tokenizer(path: Path) -> Path:
 
 def write_llama(path: Path, tie: bool = False, shard: bool = False, **config) -> Path:
     """A random LlamaForCausalLM folder (norm weights random too, so a swapped norm shows)."""
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
     cfg = transformers.LlamaConfig(vocab_size=HF_VOCAB, tie_word_embeddings=tie,
-                                   rope_parameters={"rope_type": "default",
-                                                    "rope_theta": 500000.0},
-                                   **{**SHAPE, **config})
+                                   **{**SHAPE, **rope, **config})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -132,6 +131,33 @@ def test_sharded_and_tied_checkpoints(tmp_path):
                                    hf_logits(folder, ids)[..., :300], atol=2e-5, rtol=1e-4)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """Llama 3.1/3.2's long-context RoPE: with L = 64 and Dh = 16 the eight frequencies
+    fall in all three bands (kept, blended, divided), over 100 positions."""
+    from fusion.models.transformer import rope_frequencies
+
+    folder = write_llama(tmp_path / "llama3", rope_parameters=LLAMA3_ROPE)
+    tok = TextTokenizer.from_file(folder / "tokenizer.json")
+    scaling = {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items()
+                                    if k not in ("rope_type", "rope_theta")}}
+    freqs = rope_frequencies(16, 500000.0)
+    scaled = rope_frequencies(16, 500000.0, scaling)
+    kept, divided = scaled == freqs, torch.isclose(scaled, freqs / 8)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()
+    with pytest.raises(CheckpointError, match=r"rope_scaling=\{type: llama3, factor: 8.0"):
+        load_llama_backbone(transfusion(tok), folder, tok)  # unscaled run: refused, with the fix
+    model = transfusion(tok, rope_scaling=scaling)
+    load_llama_backbone(model, folder, tok)
+    ids = random_ids(2, 100)
+    torch.testing.assert_close(fusion_logits(model, ids)[..., :300],
+                               hf_logits(folder, ids)[..., :300], atol=2e-5, rtol=1e-4)
+
+
 def test_untied_checkpoint_into_a_tied_model_is_refused(llama):
     tok = TextTokenizer.from_file(llama / "tokenizer.json")
     with pytest.raises(CheckpointError, match="tie_embeddings=false"):
@@ -167,8 +193,8 @@ def test_another_text_tokenizer_is_refused(llama, tokenizer):
 @pytest.mark.parametrize("change, message", [
     (dict(attention_bias=True), "attention_bias=true"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     "rope_type='llama3'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_type='yarn'"),
     (dict(model_type="mistral"), "model_type 'mistral' is not supported"),
 ])
 def test_unsupported_checkpoints_are_refused(llama, tmp_path, change, message):
@@ -225,3 +251,15 @@ def test_train_script_starts_from_the_llm(llama, tmp_path):
          f"init_backbone={llama}", f"init_from={out / 'model'}", f"output_dir={out}2"],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert both.returncode == 2 and "init_from and init_backbone both set" in both.stderr
+
+
+def test_bad_rope_scaling_settings_are_refused():
+    from fusion.models.transformer import TransformerConfig
+
+    for bad, message in [({"type": "yarn", "factor": 4.0}, "type 'yarn' is not supported"),
+                         ({"type": "llama3", "factor": 8.0}, "needs \\['low_freq_factor'"),
+                         ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                           "high_freq_factor": 1.0, "original_max_position_embeddings": 64},
+                          "high_freq_factor > low_freq_factor")]:
+        with pytest.raises(ValueError, match=message):
+            TransformerConfig(rope_scaling=bad)

@@ -157,13 +157,32 @@ def unsupported_features(hf_config: dict, where: str) -> list[str]:
     if hf_config.get("hidden_act", "silu") != "silu":
         out.append(f"{where}: hidden_act={hf_config['hidden_act']!r} (fusion's SwiGLU uses "
                    "silu)")
-    scaling = hf_config.get("rope_scaling") or {}
-    rope_type = (hf_config.get("rope_parameters") or {}).get("rope_type") or scaling.get(
-        "rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        out.append(f"{where}: rope_type={rope_type!r} (fusion's RoPE has no frequency "
-                   "scaling; only rope_type 'default' loads)")
+    rope_type = rope_parameters(hf_config).get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        out.append(f"{where}: rope_type={rope_type!r} (fusion's RoPE takes 'default' and "
+                   "'llama3' frequencies only)")
     return out
+
+
+def rope_parameters(hf_config: dict) -> dict:
+    """RoPE settings, from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (earlier files), with ``rope_type`` always set."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    return params
+
+
+def rope_scaling(hf_config: dict) -> dict | None:
+    """:attr:`TransformerConfig.rope_scaling` for the checkpoint's RoPE (None = unscaled)."""
+    params = rope_parameters(hf_config)
+    if params["rope_type"] != "llama3":
+        return None
+    from fusion.models.transformer import ROPE_SCALING_KEYS
+
+    scaling = {"type": "llama3", **{k: params.get(k) for k in ROPE_SCALING_KEYS}}
+    if scaling["original_max_position_embeddings"] is None:
+        scaling["original_max_position_embeddings"] = hf_config.get("max_position_embeddings")
+    return scaling
 
 
 def expected_backbone(hf_config: dict, qk_norm: bool = False,
@@ -174,6 +193,7 @@ def expected_backbone(hf_config: dict, qk_norm: bool = False,
             "n_kv_heads": hf_config.get("num_key_value_heads")
             or hf_config["num_attention_heads"],
             "ffn_dim": hf_config["intermediate_size"], "rope_theta": rope_theta(hf_config),
+            "rope_scaling": rope_scaling(hf_config),
             "norm_eps": float(hf_config.get("rms_norm_eps", 1e-6)),
             "qk_norm": qk_norm, "norm_reorder": norm_reorder}
 
@@ -182,7 +202,8 @@ def expected_backbone(hf_config: dict, qk_norm: bool = False,
 HF_NAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers",
             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
             "ffn_dim": "intermediate_size", "rope_theta": "rope_theta",
-            "norm_eps": "rms_norm_eps", "qk_norm": "QK-norm", "norm_reorder": "swin_norm"}
+            "norm_eps": "rms_norm_eps", "qk_norm": "QK-norm", "norm_reorder": "swin_norm",
+            "rope_scaling": "rope_parameters"}
 
 
 def backbone_differences(expected: dict, backbone: TransformerConfig,
@@ -195,10 +216,21 @@ def backbone_differences(expected: dict, backbone: TransformerConfig,
         same = abs(have - want) <= 1e-12 * abs(want) if isinstance(want, float) else have == want
         if not same:
             override = "ffn_hidden" if name == "ffn_dim" else name
-            value = str(want).lower() if isinstance(want, bool) else want
+            value = hydra_value(want)
             out.append(f"{name}: checkpoint {want!r} ({HF_NAMES[name]}), this run {have!r}; "
-                       f"set {where}{override}={value}")
+                       f"set ++{where}{override}={value}")
     return out
+
+
+def hydra_value(value) -> str:
+    """``value`` as a Hydra command-line override writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def backbone_overrides(expected: dict, preset: dict) -> dict:

@@ -58,6 +58,10 @@ class TransformerConfig:
     multiple_of: int = 256
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long context, as a pretrained checkpoint has it (None = none):
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"} (:func:`rope_frequencies`).
+    rope_scaling: dict | None = None
     norm_eps: float = 1e-5
     qk_norm: bool = False
     norm_reorder: bool = False
@@ -80,6 +84,8 @@ class TransformerConfig:
             raise ValueError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
 
@@ -126,15 +132,51 @@ def transformer_config(name: str, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**{**TRANSFORMER_PRESETS[name], **overrides})
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    if scaling.get("type") != "llama3":
+        raise ValueError(f"rope_scaling type {scaling.get('type')!r} is not supported; "
+                         "only 'llama3' is (or None)")
+    missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type llama3 needs {missing}")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0 < scaling["factor"]:
+        raise ValueError(f"rope_scaling: want factor > 0 and high_freq_factor > "
+                         f"low_freq_factor > 0, got {dict(scaling)}")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device=None) -> Tensor:
+    """(Dh/2,) fp32 rotation frequencies θ^(-2i/Dh), optionally scaled for long context.
+
+    ``llama3`` scaling (Llama 3.1, Meta 2024, "The Llama 3 Herd of Models"): with
+    L = original_max_position_embeddings, a frequency whose wavelength 2π/f is shorter than
+    L/high_freq_factor is kept, one longer than L/low_freq_factor is divided by ``factor``,
+    and the ones between blend the two linearly in L/wavelength, so the positions the model
+    was trained on keep their fine-grained rotations while slow ones stretch.
+    """
+    freqs = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                      / head_dim)
+    if scaling is None:
+        return freqs
+    length, factor = float(scaling["original_max_position_embeddings"]), scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods_in_context = length * freqs / (2 * math.pi)  # L / wavelength
+    blend = ((periods_in_context - low) / (high - low)).clamp(0.0, 1.0)  # 0 slow .. 1 fast
+    return blend * freqs + (1 - blend) * freqs / factor
+
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float,
+                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
     """(B, S) integer positions -> cos, sin each (B, 1, S, Dh/2) in fp32.
 
     Computed from the positions on the fly (no table), so any position id is valid and the
     module has no buffers to move or re-materialise.
     """
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions[:, None, :, None].float() * inv_freq
     return angles.cos(), angles.sin()
 
@@ -389,7 +431,8 @@ class Transformer(nn.Module):
                 f"{layout.key_len} positions exceed max_seq_len={self.cfg.max_seq_len}"
             )
         layout.prepare(call_backend(self.cfg.attn_backend, cache is not None), self.cfg.head_dim)
-        rope = rope_angles(layout.rope_positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = rope_angles(layout.rope_positions, self.cfg.head_dim, self.cfg.rope_theta,
+                           self.cfg.rope_scaling)
         for layer in self.layers:
             x = layer(x, rope, layout, cache)
         if cache is not None and commit:
