@@ -228,6 +228,21 @@ class SamplingConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    """LoRA adapters on the transformer blocks' projections (fusion.training.lora). rank 0 =
+    full fine-tuning. The saved model folder holds the merged weights."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # which projections of every block: attention wq, wk, wv, wo; SwiGLU w1, w2, w3
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2",
+                                                        "w3"])
+    # parameter-name prefixes trained in full as well (e.g. ["source_proj", "copy_gate"])
+    train_also: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     """``scripts/train.py``: stage 2, a family model on documents."""
 
@@ -243,6 +258,7 @@ class TrainConfig:
     # fresh. data.text_tokenizer must be that folder's tokenizer.json (fusion.convert.llama,
     # docs/pretrained.md).
     init_backbone: str | None = None
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     # Host memory (MiB) for the frozen image tokenizer's outputs, memoised per distinct image
     # (fusion.training.encode_cache): images seen again (every epoch) are not re-encoded.
     # 0 = encode every time. A 64x64 ShapesWorld image costs 1 KiB (VAE) or 0.5 KiB (VQ).

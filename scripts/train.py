@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fusion.config import check_keys, register_configs, resolve_path
 from fusion.convert.llama import load_llama_backbone
@@ -36,6 +36,7 @@ from fusion.training.factory import (
 )
 from fusion.training.fusion_module import FusionModule, NonFiniteTrainingError, nonfinite_weights
 from fusion.training.init_from import init_from_checkpoint
+from fusion.training.lora import add_lora, merge_lora
 from fusion.training.pre_encode import check_encoded_data
 from fusion.training.samplers import make_edit_sampler, make_image_sampler
 from fusion.training.sharding import full_state_dict
@@ -66,6 +67,8 @@ def main(cfg: DictConfig) -> None:
         init_from_checkpoint(model, cfg, tokenizer)
     elif cfg.init_backbone:
         load_llama_backbone(model, cfg.init_backbone, tokenizer, cfg.data.text_tokenizer)
+    if cfg.lora.rank:  # adapters on the started model; the rest is frozen
+        add_lora(model, cfg.lora)
     elif cfg.data.documents == "edit":
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
@@ -80,7 +83,8 @@ def main(cfg: DictConfig) -> None:
                                           check_prompts_for=model)
         grid_captions = cfg.sampling.prompts
     def fresh_model():  # the family's network, unsharded: grids and the folder under FSDP
-        return build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)[0]
+        fresh = build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)[0]
+        return add_lora(fresh, cfg.lora) if cfg.lora.rank else fresh
 
     grid = SampleGrid(grid_sampler, grid_captions, out, cfg.sampling.grid_every_n_steps,
                       build_model=fresh_model)
@@ -110,6 +114,8 @@ def main(cfg: DictConfig) -> None:
         return
     final = fresh_model()
     final.load_state_dict(weights)
+    if cfg.lora.rank:  # an ordinary model folder: the adapters written into the weights
+        merge_lora(final)
     bad = nonfinite_weights(final)
     if bad:
         raise NonFiniteTrainingError(f"the trained weights hold NaN or infinite values ({len(bad)}"
@@ -120,6 +126,8 @@ def main(cfg: DictConfig) -> None:
                                            "documents": cfg.data.documents,
                                            "init_from": cfg.init_from,
                                            "init_backbone": cfg.init_backbone,
+                                           "lora": (OmegaConf.to_container(cfg.lora)
+                                                    if cfg.lora.rank else None),
                                            # the recipe's sampling, evaluate.py's defaults
                                            "sampling": recipe_sampling(cfg.sampling)})
     print(f"saved {out / 'model'}; samples: {grid.last_path}")

@@ -194,7 +194,7 @@ def test_the_converted_folder_loads_and_samples(converted):
     assert text_allowed[pipe.tokenizer.encode("a red circle")].all()
 
 
-def fine_tune(converted: Path, out: Path, experiment: str) -> dict:
+def fine_tune(converted: Path, out: Path, experiment: str, *extra: str) -> dict:
     """A recipe at tiny scale on the CPU: the converted tiny model's shape, 32-px ShapesWorld,
     a few steps."""
     import subprocess
@@ -208,21 +208,34 @@ def fine_tune(converted: Path, out: Path, experiment: str) -> dict:
          f"init_from={converted}", f"model.arch.backbone={arch['backbone']}",
          *overrides, "trainer=cpu",
          "trainer.precision=32-true", f"data.image_size={RESOLUTION}", "debug=default", "logger=csv",
-         f"output_dir={out}", "sampling.prompts=[a red circle]"],
+         f"output_dir={out}", "sampling.prompts=[a red circle]", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads((out / "model" / "config.json").read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["chameleon_pretrained", "edit_chameleon_pretrained"])
-def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, experiment):
+@pytest.mark.parametrize("experiment, lora", [("chameleon_pretrained", False),
+                                              ("edit_chameleon_pretrained", False),
+                                              ("edit_chameleon_pretrained", True)])
+def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, experiment, lora):
+    from safetensors.torch import load_file
+
     from fusion import FusionPipeline
 
-    meta = fine_tune(converted, tmp_path / "run", experiment)
+    extra = ["lora.rank=4", "optim.lr=1e-3"] if lora else []
+    meta = fine_tune(converted, tmp_path / "run", experiment, *extra)
     assert meta["steps"] == 4 and meta["init_from"] == str(converted)
     assert meta["documents"] == ("edit" if experiment.startswith("edit") else "caption")
-    FusionPipeline.from_pretrained(tmp_path / "run" / "model")  # loads
+    FusionPipeline.from_pretrained(tmp_path / "run" / "model")  # loads (strictly)
+    if lora:  # merged: plain weight names; the embedding frozen, the projections moved
+        assert meta["lora"]["rank"] == 4
+        start = load_file(str(converted / "model.safetensors"))
+        tuned = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+        assert not any("lora" in k or "base_layer" in k for k in tuned)
+        assert torch.equal(tuned["embed.weight"], start["embed.weight"])
+        assert not torch.equal(tuned["transformer.layers.0.attention.wq.weight"],
+                               start["transformer.layers.0.attention.wq.weight"])
 
 
 def test_recipes_refuse_to_start_without_a_converted_model():

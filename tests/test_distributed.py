@@ -6,6 +6,7 @@ The multi-process runs are marked ``slow`` (four training launches, about two mi
 cores); ``.ci/run`` runs them after the default suite."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -375,6 +376,25 @@ def test_fsdp_with_bf16_activation_checkpointing_and_ema(tmp_path, tiny_vae):
     pipe = FusionPipeline.from_pretrained(out / "model")
     assert pipe("a red circle", diffusion_steps=2, output_type="np",
                 progress=False).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_trains_the_adapters_and_saves_them_merged(tmp_path):
+    """LoRA under FSDP2: frozen and trained parameters share each sharded block; the folder
+    holds the merged weights under the plain names, and only the projections moved."""
+    pytest.importorskip("peft")
+    from fusion import FusionPipeline
+
+    out = tmp_path / "run"
+    _train(out, *FSDP, "lora.rank=4", "optim.lr=1e-2", "trainer.max_steps=4",
+           "callbacks.checkpoint_every_n_steps=2")
+    losses = _losses(out)
+    assert sorted(losses) == list(range(4)) and all(float(v) == float(v) for v in losses.values())
+    weights = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in k or "base_layer" in k for k in weights)
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["lora"]["rank"] == 4
+    FusionPipeline.from_pretrained(out / "model")  # strict load of the plain model
 
 
 @pytest.mark.slow
