@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fusion.config import resolve_path
 from fusion.data.text import SPECIAL_TOKENS, TextTokenizer
@@ -129,7 +130,8 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.folder}: the checkpoint has no tensor {name!r}")
             by_file.setdefault(self._where[name], []).append(name)
         out = {}
-        for file, group in by_file.items():
+        for file, group in tqdm(by_file.items(), desc=f"reading {self.folder.name}",
+                                unit="file", disable=len(by_file) < 2, leave=False):
             with safe_open(str(file), "pt") as f:
                 out.update({n: f.get_tensor(n) for n in group})
         return out
