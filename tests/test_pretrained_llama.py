@@ -104,7 +104,7 @@ def test_text_logits_equal_transformers(llama, family):
     torch.testing.assert_close(ours[..., :300], theirs[..., :300], atol=2e-5, rtol=1e-4)
 
 
-def test_new_rows_start_at_the_mean_and_image_rows_stay_fresh(llama):
+def test_new_rows_start_at_the_mean_or_their_alias_and_image_rows_stay_fresh(llama):
     tok = TextTokenizer.from_file(llama / "tokenizer.json")
     model = chameleon(tok)
     code_rows = model.embed.weight[tok.vocab_size:].clone()
@@ -115,8 +115,13 @@ def test_new_rows_start_at_the_mean_and_image_rows_stay_fresh(llama):
     mean = hf["model.embed_tokens.weight"].mean(0)
     torch.testing.assert_close(model.embed.weight[:300], hf["model.embed_tokens.weight"][:300])
     torch.testing.assert_close(model.lm_head.weight[:300], hf["lm_head.weight"][:300])
-    for i in (tok.bos_id, tok.boi_id, tok.sentinel_ids()[-1]):
+    for i in (tok.pad_id, tok.boi_id, tok.sentinel_ids()[-1]):  # new to the checkpoint
         torch.testing.assert_close(model.embed.weight[i], mean)
+    # fusion's <bos>/<eos> take the rows of the checkpoint's bos/eos ids (<s>, </s>)
+    cfg = json.loads((llama / "config.json").read_text())
+    for ours, theirs in ((tok.bos_id, cfg["bos_token_id"]), (tok.eos_id, cfg["eos_token_id"])):
+        torch.testing.assert_close(model.embed.weight[ours], hf["model.embed_tokens.weight"][theirs])
+        torch.testing.assert_close(model.lm_head.weight[ours], hf["lm_head.weight"][theirs])
     torch.testing.assert_close(model.embed.weight[tok.vocab_size:], code_rows)
 
 

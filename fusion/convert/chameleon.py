@@ -99,16 +99,13 @@ def chameleon_layout(ckpt: HFCheckpoint) -> ChameleonLayout:
     if problems:
         raise CheckpointError("cannot convert this checkpoint:\n  - " + "\n  - ".join(problems))
 
-    n_text, n_rows = tokenizer.vocab_size, int(cfg["vocab_size"])
+    n_rows = int(cfg["vocab_size"])
     # Chameleon's own tokens keep their ids; the ones fusion appended alias Chameleon's.
     aliases = {BOS: cfg.get("bos_token_id"), EOS: cfg.get("eos_token_id"),
                PAD: cfg.get("pad_token_id"), BOI: tokenizer.id_of(BOI_TOKEN),
                EOI: tokenizer.id_of(EOI_TOKEN)}
     appended = added_special_ids(ckpt.folder, tokenizer)  # not Chameleon's own tokens
-    source = text_row_sources(n_text, n_rows, appended)
-    for token, row in aliases.items():
-        if tokenizer.token_id(token) in appended and row is not None:
-            source[tokenizer.token_id(token)] = int(row)
+    source = text_row_sources(tokenizer, n_rows, appended, aliases)
     img2bpe = {code: bpe for bpe, code in codes.items()}
     source += [img2bpe[c] for c in range(n_codes)]
 

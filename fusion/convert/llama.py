@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion.config import resolve_path
-from fusion.data.text import SPECIAL_TOKENS, TextTokenizer
+from fusion.data.text import BOS, EOS, PAD, SPECIAL_TOKENS, TextTokenizer
 from fusion.errors import UserError
 from fusion.families.folders import text_tokenizer_fingerprint
 from fusion.models.transformer import TransformerConfig
@@ -290,10 +290,20 @@ def gather_rows(weight: torch.Tensor, source: list[int]) -> torch.Tensor:
     return out
 
 
-def text_row_sources(n_text: int, n_rows: int, fresh: Iterable[int]) -> list[int]:
-    """Id i takes checkpoint row i, except ``fresh`` ids and ids past its ``n_rows`` rows."""
+def text_row_sources(tokenizer: TextTokenizer, n_rows: int, fresh: Iterable[int],
+                     aliases: dict | None = None) -> list[int]:
+    """Checkpoint row of each text id: id i takes row i, except ids past the checkpoint's
+    ``n_rows`` rows and the ``fresh`` ids (fusion's special tokens appended to its
+    tokenizer), which take the mean row (-1). A fresh special token named in ``aliases``
+    (fusion token -> checkpoint id, e.g. ``{"<bos>": bos_token_id}``) takes that id's row
+    instead: it plays the part the checkpoint learnt that token for."""
     fresh = set(fresh)
-    return [i if i < n_rows and i not in fresh else -1 for i in range(n_text)]
+    source = [i if i < n_rows and i not in fresh else -1 for i in range(tokenizer.vocab_size)]
+    for token, row in (aliases or {}).items():
+        row = row[0] if isinstance(row, list) and row else row  # Llama 3 lists its eos ids
+        if tokenizer.token_id(token) in fresh and isinstance(row, int) and 0 <= row < n_rows:
+            source[tokenizer.token_id(token)] = row
+    return source
 
 
 # ---- the text tokenizer ---------------------------------------------------------------------
@@ -359,13 +369,16 @@ def load_llama_backbone(model: nn.Module, folder: str | Path, tokenizer: TextTok
     head = embed if tied else ckpt.tensor("lm_head.weight")
     state = transformer_state(ckpt, model.transformer.cfg.n_layers)
     with torch.no_grad():
-        rows = text_row_sources(n_text, embed.shape[0], fresh)
+        rows = text_row_sources(tokenizer, embed.shape[0], fresh,
+                                {BOS: cfg.get("bos_token_id"), EOS: cfg.get("eos_token_id"),
+                                 PAD: cfg.get("pad_token_id")})
         for param, source in ((model.embed.weight, embed), (model.lm_head.weight, head)):
             param[:n_text] = gather_rows(source, rows).to(param.dtype)
             if model.lm_head.weight is model.embed.weight:
                 break
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected  # the names come from the model's own config
-    log.info("init_backbone: %d backbone tensors and %d text rows from %s (%d new rows: "
-             "fusion's special tokens); the image parts start fresh", len(state), n_text,
-             ckpt.folder, len(fresh))
+    log.info("init_backbone: %d backbone tensors and %d text rows from %s (%d of fusion's "
+             "special tokens were new: <bos>/<eos>/<pad> take the checkpoint's, the others its "
+             "mean row); the image parts start fresh", len(state), n_text, ckpt.folder,
+             len(fresh))
