@@ -8,7 +8,8 @@ what it touches.
 Stages: text tokenizer -> ShapesWorld preview + detector check -> image tokenizer (reused
 when its artifact exists) -> family model (scripts/train.py; resumes an interrupted run) ->
 sampling + evaluation (GenEval-shapes, FID-shapes, captioning) -> image-editing fine-tune + edit
-accuracy (optional, ``demo.edit_steps``) -> results.md / results.json.
+accuracy (off by default; ``demo.edit_steps=N`` turns it on) -> results.md / results.json, each
+score printed beside the best figure docs/ records for it (docs/best_results.json).
 """
 
 from __future__ import annotations
@@ -280,10 +281,31 @@ class MainJob:
         return results
 
 
+BEST_RESULTS = REPO / "docs" / "best_results.json"
+
+
+def best_results(family: str) -> dict[str, tuple[float, str]]:
+    """The best figure docs/ records for each metric of ``family``'s main-job table, with
+    where it was measured: {metric: (value, where)}. Empty when the file is absent (an
+    installed package without the repository's docs)."""
+    if not BEST_RESULTS.exists():
+        return {}
+    return {k: tuple(v) for k, v in json.loads(BEST_RESULTS.read_text()).get(family, {}).items()}
+
+
 def write_results(out: Path, results: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in results.items())
-    table = f"| metric | value |\n|---|---|\n{rows}\n"
+    """results.md (the printed table) and results.json. Beside each score the table shows the
+    best figure docs/ records for it, so a short run is read against what the recipes reach."""
+    best = best_results(str(results.get("family", "")))
+
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    def reference(key: str) -> str:
+        return f"{cell(best[key][0])} ({best[key][1]})" if key in best else ""
+
+    rows = "\n".join(f"| {k} | {cell(v)} | {reference(k)} |" for k, v in results.items())
+    table = f"| metric | this run | best in docs/ (where) |\n|---|---|---|\n{rows}\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return table

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fusion.pipeline import best_results, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,7 @@ def _run(out: Path, *extra: str) -> str:
 @pytest.mark.slow
 def test_demo_runs_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"
-    first = _run(out)
+    first = _run(out, "demo.edit_steps=1")  # the edit stage is off by default
     for name in ("results.md", "results.json", "shapes_grid.png", "stages.json",
                  "text_tokenizer/tokenizer.json", "samples.png", "samples_captions.png",
                  "eval.json", "transfusion/model/model.safetensors", "edits.png",
@@ -50,10 +52,42 @@ def test_demo_runs_and_reuses_finished_stages(tmp_path):
     table = (out / "results.md").read_text()
     assert table.strip() in first  # the printed table is the written one
     assert "reused" not in first
-    second = _run(out)
+    best = best_results("transfusion")
+    assert set(best) <= results.keys()  # every reference names a metric the job prints
+    for key, (value, where) in best.items():
+        assert f"| {key} | " in table and f"{value:.4g} ({where})" in table
+    second = _run(out, "demo.edit_steps=1")
     assert second.count("reused") == 8  # every stage
     # a changed setting redoes the stages it touches, and only those
-    third = _run(out, "demo.grid_images=4")
+    third = _run(out, "demo.edit_steps=1", "demo.grid_images=4")
     assert "[text_tokenizer] reused" in third and "[train] reused" in third
     assert "[edit_finetune] reused" in third
     assert "[shapes_preview] reused" not in third
+
+
+def test_edit_stage_is_off_by_default():
+    from fusion.config import DemoSettings
+
+    assert DemoSettings().edit_steps == 0
+
+
+@pytest.mark.parametrize("family", ["transfusion", "chameleon"])
+def test_results_table_shows_the_best_figure_in_docs_beside_each_score(tmp_path, family):
+    from fusion.data.shapes import TAGS
+
+    best = best_results(family)
+    printed = {"geneval_overall", "fid_shapes", "geneval_empty_share",
+               "caption_single_object_accuracy", "caption_single_object_class_accuracy",
+               "edit_accuracy", "edit_psnr", *(f"geneval_{t}" for t in TAGS),
+               *(f"edit_accuracy_{k}" for k in ("recolor", "move", "add", "remove"))}
+    assert {"geneval_overall", "fid_shapes", "caption_single_object_accuracy",
+            "edit_accuracy_recolor"} <= best.keys() <= printed  # no stale metric names
+    table = write_results(tmp_path, {"family": family, "train_steps": 10,
+                                     "geneval_overall": 0.125, "fid_shapes": 9.5})
+    rows = table.splitlines()
+    assert rows[0] == "| metric | this run | best in docs/ (where) |"
+    value, where = best["geneval_overall"]
+    assert f"| geneval_overall | 0.125 | {value:.4g} ({where}) |" in rows
+    assert "| train_steps | 10 |  |" in rows  # no reference: an empty cell
+    assert (tmp_path / "results.md").read_text() == table
+    assert json.loads((tmp_path / "results.json").read_text())["fid_shapes"] == 9.5
