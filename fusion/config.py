@@ -197,6 +197,11 @@ class OptimConfig(AdamWConfig):
     gradient clipping is ``trainer.gradient_clip_val``."""
 
     ema_decay: float | None = None  # e.g. 0.999; None = no EMA
+    # Training-compute budget (FLOPs, fusion.models.transformer.training_flops_per_position
+    # per packed position): like time_budget_s, the cosine ends at whichever comes first,
+    # trainer.max_steps or this, and training stops there; reproducible on any machine.
+    # null: steps only. Every run records the FLOPs it trained (config.json "train_flops").
+    flops_budget: float | None = None
     # A step whose loss or gradient norm is not finite applies no update; more than this many
     # in a row stop the run with an error (fusion_module.FusionModule.on_before_optimizer_step).
     max_nonfinite_steps: int = 3
@@ -336,6 +341,48 @@ class TrainTextTokenizerConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+@dataclass
+class StudyScoring:
+    """How every run of a study is scored: the same for all (fusion.study)."""
+
+    world_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # GenEval prompt sets
+    images_per_tag: int = 30  # per prompt set; pooled over the sets
+    caption_images: int = 100
+    text_loss_documents: int = 256  # held-out caption-only documents (fusion.eval.text_loss)
+    fid: bool = True
+
+
+@dataclass
+class StudySettings:
+    """One compute study (conf/study/<name>.yaml): every family at every budget."""
+
+    name: str = "cpu"
+    families: list[str] = field(default_factory=lambda: ["transfusion", "chameleon"])
+    # Training compute per run, in FLOPs (optim.flops_budget): a ladder, e.g. a factor of 2
+    # apart.
+    budgets: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # Seeds after the first run only at budgets up to this (null: at every budget).
+    extra_seeds_up_to: float | None = None
+    experiment: str = "{family}_tiny"  # the training recipe of each family
+    train_overrides: list[str] = field(default_factory=list)  # for every run
+    family_overrides: dict[str, list[str]] = field(default_factory=dict)  # per family
+    debug: str | None = None  # a conf/debug config for every run (seconds-long runs)
+    scoring: StudyScoring = field(default_factory=StudyScoring)
+
+
+@dataclass
+class StudyConfig:
+    """``scripts/study.py``: the families trained at matched compute and scored alike."""
+
+    output_dir: str = "outputs/study/${study.name}"
+    study: StudySettings = field(default_factory=StudySettings)
+    text_tokenizer: str = "tokenizers/shapes-bpe/tokenizer.json"
+    logger: str = "csv"  # what each run logs with: csv | wandb | none
+    accelerator: str = "cpu"
+    plots_dir: str | None = None  # where the PNGs go (default: output_dir), e.g. docs/images
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent; call before composing)."""
     global _registered
@@ -343,6 +390,7 @@ def register_configs() -> None:
         return
     cs = ConfigStore.instance()
     cs.store(name="demo_schema", node=DemoConfig)
+    cs.store(name="study_schema", node=StudyConfig)
     cs.store(name="train_tokenizer_schema", node=TrainTokenizerConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)

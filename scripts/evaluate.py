@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     m.add_argument("--world-seeds", type=int, nargs="+", metavar="W",
                    help="score the prompt sets of several ShapesWorld seeds and pool them "
                         "(set W is sampled with seed --seed + W); e.g. --world-seeds 0 1 2")
+    m.add_argument("--text-loss-documents", type=int, default=0, metavar="N",
+                   help="also the next-token loss on N held-out caption-only documents "
+                        "(fusion.eval.text_loss; 0: skip)")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
     m.add_argument("--keep-images", metavar="DIR",
                    help="also write the scored images here in GenEval's folder layout "

@@ -26,6 +26,7 @@ from fusion.data.text import TextTokenizer
 from fusion.errors import UserError, report_user_errors
 from fusion.families import build_family, load_image_tokenizer
 from fusion.families.folders import recipe_sampling, save_model
+from fusion.families.registry import training_flops_per_position
 from fusion.training.callbacks import SampleGrid
 from fusion.training.checkpointing import find_resume_checkpoint, graceful_sigint
 from fusion.training.factory import (
@@ -73,7 +74,8 @@ def main(cfg: DictConfig) -> None:
         log.warning("editing documents without init_from: training from a random init")
     module = FusionModule(model, loss, image_tokenizer, cfg.optim, cfg.trainer.max_steps,
                           cfg.seed, encode_cache_mb=cfg.encode_cache_mb,
-                          activation_checkpointing=cfg.trainer.activation_checkpointing)
+                          activation_checkpointing=cfg.trainer.activation_checkpointing,
+                          flops_per_position=training_flops_per_position(model, loss))
     if cfg.data.documents == "edit":  # grids of held-out edits: source | edited | target
         held_out = data.held_out(8)
         grid_sampler = make_edit_sampler(cfg, tokenizer, image_tokenizer, loss, held_out)
@@ -123,6 +125,7 @@ def main(cfg: DictConfig) -> None:
     save_model(out / "model", final, cfg.model, cfg.data.text_tokenizer,
                cfg.image_tokenizer, extra={"image_size": cfg.data.image_size,
                                            "steps": trainer.global_step,
+                                           "train_flops": module.clock.flops if module.flops_per_position else None,
                                            "documents": cfg.data.documents,
                                            "init_from": cfg.init_from,
                                            "init_backbone": cfg.init_backbone,

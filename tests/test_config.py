@@ -120,7 +120,7 @@ def test_both_stages_share_one_optimiser_schema_with_their_own_defaults():
     fam = compose("train", ["experiment=chameleon_tiny"]).optim
     assert OmegaConf.to_container(fam) == dict(
         lr=1.0e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, warmup_steps=200, min_lr_ratio=0.1,
-        time_budget_s=None, ema_decay=None, max_nonfinite_steps=3)
+        time_budget_s=None, ema_decay=None, flops_budget=None, max_nonfinite_steps=3)
     # the edit fine-tunes end their cosine at the 19-20 minutes (shared clock)
     for family in ("transfusion", "chameleon"):
         assert compose("train", [f"experiment=edit_{family}_tiny"]).optim.time_budget_s == 1140

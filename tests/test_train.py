@@ -145,6 +145,85 @@ def test_a_spent_time_budget_stops_family_training_early():
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
 
 
+def test_cosine_clock_ends_the_schedule_at_a_flops_budget():
+    from fusion.training.fusion_module import CosineClock
+
+    clock = CosineClock(warmup=10, min_ratio=0.1, budget_flops=1e12)
+    clock.add_flops(2.5e11)  # a quarter of the budget, a ninth of the steps: FLOPs lead
+    assert clock.progress(20, 100) == pytest.approx(0.25) and not clock.expired()
+    assert clock.progress(82, 100) == pytest.approx(0.8)  # steps lead
+    assert clock.progress(20, -1) == pytest.approx(0.25)  # no step limit: FLOPs alone
+    clock.add_flops(7.5e11)
+    assert clock.expired() and clock.multiplier(20, 100) == pytest.approx(0.1)
+    resumed = CosineClock(10, 0.1, budget_flops=1e12)
+    resumed.load_state_dict(clock.state_dict())
+    assert resumed.flops == 1e12 and resumed.expired()  # not granted afresh on resume
+    with pytest.raises(ValueError, match="flops_budget must be positive"):
+        CosineClock(10, 0.1, budget_flops=-1.0)
+
+
+def test_matmul_parameters_skip_lookup_tables_and_count_a_tied_head_once():
+    import torch
+
+    from fusion.models.transformer import matmul_parameters
+
+    class Toy(torch.nn.Module):
+        def __init__(self, tie: bool):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.proj = torch.nn.Linear(4, 4)  # 20 with its bias
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            if tie:
+                self.head.weight = self.embed.weight
+
+    assert matmul_parameters(Toy(tie=False)) == 20 + 40
+    assert matmul_parameters(Toy(tie=True)) == 20 + 40  # the shared table is the head's
+
+
+def test_a_flops_budget_stops_family_training_where_the_counted_flops_reach_it():
+    import lightning as L
+    import torch
+
+    from fusion.config import OptimConfig
+    from fusion.errors import UserError
+    from fusion.training.fusion_module import FusionModule
+
+    model = torch.nn.Linear(4, 1)
+    batches = torch.utils.data.DataLoader(torch.randn(400, 4), batch_size=8)
+
+    def loss_fn(model, batch, encode, rng, generator=None):  # 8 positions a step
+        return {"loss": model(batch).pow(2).mean(), "positions": torch.tensor(len(batch))}
+
+    # 100 FLOPs a position, 800 a step: a budget of 4,000 ends the run after step 5
+    module = FusionModule(model, loss_fn, None, OptimConfig(warmup_steps=1, flops_budget=4000.0),
+                          max_steps=50, flops_per_position=100.0)
+    trainer = L.Trainer(max_steps=50, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, batches)
+    assert trainer.global_step == 5 and module.clock.flops == 4000.0
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
+    with pytest.raises(UserError, match="flops_budget needs the FLOPs"):
+        FusionModule(model, loss_fn, None, OptimConfig(flops_budget=1.0), max_steps=5)
+
+
+def test_family_training_flops_follow_the_shared_transformer_and_row_length():
+    from fusion.config import compose
+    from fusion.data.text import TextTokenizer
+    from fusion.families import build_family, load_image_tokenizer
+    from fusion.families.registry import training_flops_per_position
+    from fusion.models.transformer import flops_per_token, matmul_parameters
+
+    cfg = compose("train", ["experiment=transfusion_tiny"])
+    tok = TextTokenizer.from_file(ROOT / cfg.data.text_tokenizer)
+    model, loss = build_family(cfg.model, tok, load_image_tokenizer(cfg.image_tokenizer),
+                               cfg.data.image_size)
+    n = matmul_parameters(model)
+    assert n == sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    per_position = training_flops_per_position(model, loss)
+    assert per_position == flops_per_token(model.transformer.cfg, 64, n)  # rows of 64
+    assert training_flops_per_position(model, object()) == 0.0  # outside the FLOP contract
+
+
 def test_evaluate_takes_unset_sampling_options_from_the_model_recipe():
     import argparse
 

@@ -12,7 +12,10 @@ Contracts (both built-in families meet them, tests/test_families.py checks a thi
   ``model`` is a plain ``nn.Module`` with ``vocab_size`` and ``max_seq_len``; ``loss`` is
   callable as ``loss(model, documents, encode, rng, generator=None) -> {"loss": ..., parts}``
   and has ``text_budget(model, n_images) -> int`` (text tokens a document with that many images
-  can hold in one packed row).
+  can hold in one packed row). Optional: a model whose shared network is ``model.transformer``
+  (fusion.models.transformer.Transformer) with a loss that packs rows of ``loss.cfg.pack_len``
+  and returns ``positions`` (packed positions that are not padding) gets its training FLOPs
+  counted (:func:`training_flops_per_position`), and can take ``optim.flops_budget``.
 * ``sampler(model, loss, text_tokenizer, image_tokenizer, use_cache) ->`` an object with
   ``generate_images``, ``caption``, ``generate_text``, ``edit`` and ``prompt_budget``
   (fusion.sampling.base.FamilySampler).
@@ -104,3 +107,16 @@ def family_of_weights(keys) -> Family | None:
         if family.weight_prefixes and any(k.startswith(family.weight_prefixes) for k in keys):
             return family
     return None
+
+
+def training_flops_per_position(model, loss) -> float:
+    """Training FLOPs per packed position of a family model, or 0.0 for a family that does not
+    meet the optional FLOP contract above (its FLOPs are then not counted)."""
+    from fusion.models.packing import row_length
+    from fusion.models.transformer import Transformer
+    from fusion.models.transformer import training_flops_per_position as per_row
+
+    pack_len = getattr(getattr(loss, "cfg", None), "pack_len", False)
+    if not isinstance(getattr(model, "transformer", None), Transformer) or pack_len is False:
+        return 0.0
+    return per_row(model, row_length(pack_len, model.max_seq_len))

@@ -299,6 +299,11 @@ def cmd_model(args) -> dict:
     if len(world_seeds) > 1:
         print(f"pooled over world seeds {world_seeds}:")
         result["per_world_seed"] = {w: _scores(r) for w, r in per_set.items()}
+    if args.text_loss_documents:
+        from fusion.eval.text_loss import heldout_text_loss
+
+        result.update(heldout_text_loss(pipe.model, pipe.loss, tok, args.text_loss_documents,
+                                        world_seed=world_seeds[0]))
     _print_floats(result)
     return {"model": str(args.model), "sampling": sampling, **result}
 

@@ -218,7 +218,9 @@ def next_token_loss(logits: torch.Tensor, packed: Packed, z_loss_weight: float =
     """Both families' text loss: next-token cross-entropy on ``packed``'s text targets
     (logits (B, S, V)), plus Chameleon's z-loss (arXiv:2405.09818, sec. 2.3) when weighted.
     ``predict`` (B, S) bool (:func:`target_mask`) drops the targets whose token is False there.
-    Returns ``{"lm_loss", ["z_loss"], "loss"}``; a family adds its own terms to ``loss``."""
+    Returns ``{"lm_loss", ["z_loss"], "loss", "positions"}``; a family adds its own terms to
+    ``loss``. ``positions``: the packed positions that are not padding (text and image), which
+    the training module counts FLOPs on; it is not a loss and is not logged."""
     import torch.nn.functional as F
 
     from fusion.models.transformer import z_loss
@@ -228,7 +230,7 @@ def next_token_loss(logits: torch.Tensor, packed: Packed, z_loss_weight: float =
         targets[:, :-1] = targets[:, :-1].masked_fill(~predict[:, 1:], -100)
     targets = targets.to(logits.device)
     lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    out = {"lm_loss": lm, "loss": lm}
+    out = {"lm_loss": lm, "loss": lm, "positions": (packed.doc_ids >= 0).sum()}
     if z_loss_weight:
         out["z_loss"] = z_loss(logits, z_loss_weight, mask=targets != -100)
         out["loss"] = lm + out["z_loss"]

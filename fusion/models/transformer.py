@@ -469,3 +469,21 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, n_params: int) -> floa
     FLOP/s ratios agree.
     """
     return 6 * n_params + 6 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """The parameters that take part in matrix products: every parameter but the embedding
+    tables read by index (a table tied to an output head is a product's weight, counted once).
+    This is the N of :func:`flops_per_token` for a whole family model."""
+    products = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - products
+    return sum(p.numel() for p in model.parameters() if id(p) not in lookups)
+
+
+def training_flops_per_position(model: nn.Module, row_len: int) -> float:
+    """Training FLOPs (forward + backward) per packed position of a family model
+    (``model.transformer``: its shared :class:`Transformer`) in rows of ``row_len``:
+    :func:`flops_per_token` with N = :func:`matmul_parameters`. Every position, text or image,
+    is charged the whole model, as in the Transfusion paper's FLOP counts (arXiv:2408.11039,
+    Sec. 4.1); the frozen image tokenizer is not counted."""
+    return flops_per_token(model.transformer.cfg, row_len, matmul_parameters(model))

@@ -96,22 +96,28 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class CosineClock:
-    """Where training is on the warm-up + cosine schedule when a wall-clock budget may end it.
+    """Where training is on the warm-up + cosine schedule when a budget may end it.
 
-    With ``budget_s`` set, the cosine reaches its end at whichever comes first, ``total`` steps
-    or ``budget_s`` seconds after :meth:`start`, and :meth:`expired` tells the module to stop
-    there, so a time-limited run still anneals fully instead of being cut mid-schedule (what
-    Lightning's ``max_time`` does). Without a budget the schedule is step-based and the step
-    count reproducible; with one, the count depends on the machine's speed and load.
-    Shared by both training stages."""
+    A budget is wall-clock seconds (``budget_s``) or training FLOPs (``budget_flops``, counted
+    with :meth:`add_flops`). With one set, the cosine reaches its end at whichever comes first,
+    ``total`` steps or the budget, and :meth:`expired` tells the module to stop there, so a
+    budgeted run still anneals fully instead of being cut mid-schedule (what Lightning's
+    ``max_time`` does). Without a budget the schedule is step-based. A FLOP budget is as
+    reproducible as a step count (the same data give the same FLOPs on any machine); with a
+    time budget the step count depends on the machine's speed and load. Shared by both
+    training stages."""
 
-    def __init__(self, warmup: int, min_ratio: float, budget_s: float | None = None):
-        if budget_s is not None and budget_s <= 0:
-            raise ValueError(f"time_budget_s must be positive seconds or null, got {budget_s}")
-        self.warmup, self.min_ratio, self.budget_s = warmup, min_ratio, budget_s
+    def __init__(self, warmup: int, min_ratio: float, budget_s: float | None = None,
+                 budget_flops: float | None = None):
+        for name, value in (("time_budget_s", budget_s), ("flops_budget", budget_flops)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or null, got {value}")
+        self.warmup, self.min_ratio = warmup, min_ratio
+        self.budget_s, self.budget_flops = budget_s, budget_flops
         self._start: float | None = None
         self._spent = 0.0  # seconds trained before a resume (from the checkpoint)
         self._agreed: float | None = None  # rank 0's reading at this step (see agree)
+        self.flops = 0.0  # training FLOPs so far, all ranks together (add_flops)
 
     def start(self) -> None:
         self._start = time.monotonic() - self._spent
@@ -122,32 +128,44 @@ class CosineClock:
         ``broadcast(obj, src)`` is the strategy's (``trainer.strategy.broadcast``). Ranks'
         clocks drift apart; with their own readings they would set different learning rates
         (weights that drift apart) and stop at different steps (a rank left waiting). Without a
-        budget the schedule counts steps only and nothing is exchanged."""
+        time budget the schedule needs no clock reading and nothing is exchanged."""
         if self.budget_s and self._start is not None:
             self._agreed = float(broadcast(time.monotonic() - self._start, 0))
 
+    def add_flops(self, flops: float) -> None:
+        """One step's training FLOPs, summed over the ranks (every rank adds the same)."""
+        self.flops += float(flops)
+
     def state_dict(self) -> dict:
-        return {"elapsed_s": self.elapsed()}
+        return {"elapsed_s": self.elapsed(), "flops": self.flops}
 
     def load_state_dict(self, state: dict) -> None:
         """A resumed run continues the budget where the checkpoint left it."""
         self._spent = float(state.get("elapsed_s", 0.0))
+        self.flops = float(state.get("flops", 0.0))
 
     def elapsed(self) -> float:
         if self._agreed is not None:
             return self._agreed
         return 0.0 if self._start is None else time.monotonic() - self._start
 
+    def _spent_shares(self) -> list[float]:
+        """How much of each budget that is set is spent (1 = all)."""
+        return ([self.elapsed() / self.budget_s] if self.budget_s else []) + (
+            [self.flops / self.budget_flops] if self.budget_flops else [])
+
     def expired(self) -> bool:
-        return bool(self.budget_s) and self.elapsed() >= self.budget_s
+        return any(share >= 1.0 for share in self._spent_shares())
 
     def progress(self, step: int, total: int) -> float | None:
-        """Position on the cosine: the larger of the step and wall-clock fractions (None
-        without a budget: :func:`warmup_cosine` then uses the steps alone)."""
-        if not self.budget_s:
+        """Position on the cosine: the largest of the step fraction and the budgets' spent
+        shares (None without a budget: :func:`warmup_cosine` then uses the steps alone; a
+        ``total`` of -1, no step limit, leaves the budgets alone)."""
+        shares = self._spent_shares()
+        if not shares:
             return None
-        return max((step - self.warmup) / max(1, total - self.warmup),
-                   self.elapsed() / self.budget_s)
+        steps = [(step - self.warmup) / max(1, total - self.warmup)] if total > 0 else []
+        return max(steps + shares)
 
     def multiplier(self, step: int, total: int) -> float:
         return warmup_cosine(step, self.warmup, total, self.min_ratio,
@@ -157,11 +175,15 @@ class CosineClock:
 class FusionModule(L.LightningModule):
     def __init__(self, model: nn.Module, loss_fn, image_tokenizer: nn.Module | None,
                  optim: OptimConfig, max_steps: int, seed: int = 0,
-                 encode_cache_mb: float = 0.0, activation_checkpointing: bool = False):
+                 encode_cache_mb: float = 0.0, activation_checkpointing: bool = False,
+                 flops_per_position: float = 0.0):
         """``encode_cache_mb``: host memory for memoised tokenizer outputs (EncodeCache;
         scripts/train.py passes the config's ``encode_cache_mb``); 0 = encode every time.
         ``activation_checkpointing``: recompute each transformer block's activations in the
-        backward pass (``trainer.activation_checkpointing``)."""
+        backward pass (``trainer.activation_checkpointing``).
+        ``flops_per_position``: training FLOPs per packed position that is not padding
+        (:func:`fusion.models.transformer.training_flops_per_position`); the module counts
+        them (``clock.flops``) and ``optim.flops_budget`` ends the run on them."""
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -176,7 +198,12 @@ class FusionModule(L.LightningModule):
         self._rng = random.Random(seed)
         self.encode_cache = (EncodeCache(image_tokenizer.encode, int(encode_cache_mb * 2**20))
                              if image_tokenizer is not None else None)
-        self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s)
+        if optim.flops_budget and not flops_per_position:
+            raise UserError("optim.flops_budget needs the FLOPs of a training position; "
+                            "scripts/train.py passes them (flops_per_position)")
+        self.flops_per_position = flops_per_position
+        self.clock = CosineClock(optim.warmup_steps, optim.min_lr_ratio, optim.time_budget_s,
+                                 optim.flops_budget)
         # Non-finite guard (on_before_optimizer_step): steps skipped in a row and in all.
         self.nonfinite_streak, self.nonfinite_steps = 0, 0
         self._window_finite = True  # every loss since the last optimizer step was finite
@@ -267,6 +294,7 @@ class FusionModule(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(
             step_seed("train", self.seed, self.global_step, batch_idx, *self._rank_tag()))
         out = self.loss_fn(self.model, batch, self.encode, rng, generator=g)
+        self._count_flops(out.pop("positions", None))
         self._window_finite &= bool(torch.isfinite(out["loss"].detach()))
         # sync_dist: the logged value is the mean over the ranks, what one process with the
         # whole global batch would log (up to how the ranks' token counts weigh it).
@@ -284,8 +312,18 @@ class FusionModule(L.LightningModule):
         out = self.loss_fn(self.eval_model, batch, self.encode,
                            random.Random("/".join(("val", str(batch_idx), *self._rank_tag()))),
                            generator=g)
+        out.pop("positions", None)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch),
                       sync_dist=True)
+
+    def _count_flops(self, positions: torch.Tensor | None) -> None:
+        """Adds this step's training FLOPs, every rank's positions together, to the clock."""
+        if positions is None or not self.flops_per_position:
+            return
+        positions = positions.detach().to(self.device, torch.float64)
+        if self.trainer.world_size > 1:  # a budget counts the whole global batch
+            positions = self.trainer.strategy.reduce(positions, reduce_op="sum")
+        self.clock.add_flops(float(positions) * self.flops_per_position)
 
     @property
     def eval_model(self) -> nn.Module:

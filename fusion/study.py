@@ -1,0 +1,273 @@
+"""The compute study: each family trained at a ladder of training-FLOP budgets, scored alike.
+
+The Transfusion paper's central comparison (arXiv:2408.11039, Sec. 4.2) trains Transfusion and
+Chameleon at matched compute and reports, per metric, the *parity FLOP ratio*: the share of
+Chameleon's training FLOPs with which Transfusion reaches Chameleon's score. This module runs
+that comparison on fusion's recipes (``scripts/study.py``, a study is ``conf/study/<name>.yaml``):
+
+* every (family, budget, seed) is one ``scripts/train.py`` run of the family's recipe with
+  ``optim.flops_budget`` = the budget, so the cosine schedule ends exactly at it and the count
+  is the same on any machine (FLOPs per position: fusion.models.transformer, with attention);
+* every run is scored the same way by ``scripts/evaluate.py model``: GenEval-shapes pooled over
+  several prompt sets, FID-shapes, captioning, and the held-out text loss on caption-only
+  documents (fusion.eval.text_loss);
+* the rows go to ``table.jsonl`` after every run, ``summary.md`` holds the side-by-side table
+  and the parity ratios, and one PNG per metric draws the curves (metric vs FLOPs, log x;
+  matplotlib, the ``study`` extra).
+
+Runs and scores are stages of :class:`fusion.pipeline.StageRunner`: a re-run reuses every
+finished one and an interrupted run resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fusion.config import resolve_path
+from fusion.data.shapes import TAGS
+from fusion.errors import UserError
+from fusion.pipeline import StageRunner, _script
+
+log = logging.getLogger(__name__)
+
+# metric -> (label, higher is better, the paper's parity FLOP ratio or None)
+# Paper figures: Transfusion (arXiv:2408.11039), Table 2 at 7B: MS-COCO FID 0.029 (1/34),
+# CIDEr 0.218, C4 perplexity 0.489. GenEval has no parity figure there.
+METRICS: dict[str, tuple[str, bool, float | None]] = {
+    "geneval_overall": ("GenEval-shapes", True, None),
+    "fid_shapes": ("FID-shapes", False, 0.029),
+    "caption_single_object_accuracy": ("captions, class + colour", True, 0.218),
+    "text_loss": ("held-out text loss (nats/token)", False, 0.489),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    family: str
+    budget: float  # training FLOPs
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}_{self.budget:.3g}_seed{self.seed}".replace("+", "")
+
+
+def plan_runs(study) -> list[Run]:
+    """Every run of ``study`` (a StudySettings node), cheapest first and the first seed before
+    the others, so a study stopped part-way has its small budgets complete."""
+    from fusion.families import names
+
+    unknown = [f for f in study.families if f not in names()]
+    if unknown or not study.families:
+        raise UserError(f"study.families: unknown {unknown or 'none given'}; known: "
+                        f"{', '.join(names())}")
+    budgets = sorted(float(b) for b in study.budgets)
+    if not budgets or budgets[0] <= 0 or len(set(budgets)) != len(budgets):
+        raise UserError(f"study.budgets must be distinct positive FLOP counts, got "
+                        f"{list(study.budgets)}")
+    if not study.seeds:
+        raise UserError("study.seeds is empty: give at least one seed")
+    up_to = study.extra_seeds_up_to
+    runs = [Run(f, b, study.seeds[0]) for b in budgets for f in study.families]
+    runs += [Run(f, b, seed) for seed in study.seeds[1:] for b in budgets
+             if up_to is None or b <= up_to for f in study.families]
+    return runs
+
+
+def run_study(cfg: DictConfig) -> list[dict]:
+    """Train and score every planned run (reusing finished ones); returns the table rows."""
+    study, out = cfg.study, Path(cfg.output_dir)
+    runs = plan_runs(study)
+    stages = StageRunner(out)
+    rows = []
+    for i, run in enumerate(runs, 1):
+        print(f"== study {study.name}: run {i}/{len(runs)}: {run.name}", flush=True)
+        run_dir = out / "runs" / run.name
+        overrides = [study.experiment.format(family=run.family), *study.train_overrides,
+                     *study.family_overrides.get(run.family, [])]
+        trained = stages.run(
+            f"train/{run.name}", {"run": run.__dict__, "over": overrides,
+                                  "tok": cfg.text_tokenizer},
+            [run_dir / "model" / "model.safetensors"],
+            lambda run=run, run_dir=run_dir, overrides=overrides:
+                _train(cfg, run, run_dir, overrides))
+        scores = stages.run(
+            f"score/{run.name}", {"scoring": study.scoring, "trained": trained},
+            [run_dir / "scores.json"],
+            lambda run_dir=run_dir: _score(cfg, run_dir))
+        rows.append({"family": run.family, "budget": run.budget, "seed": run.seed,
+                     **trained, **scores})
+        write_table(out / "table.jsonl", rows)
+    return rows
+
+
+def _train(cfg: DictConfig, run: Run, run_dir: Path, overrides: list[str]) -> dict:
+    experiment, *rest = overrides
+    _script("train", [f"experiment={experiment}", f"output_dir={run_dir}", f"seed={run.seed}",
+                      f"optim.flops_budget={run.budget:.6g}",
+                      # a cap only: the FLOP budget ends the run (its cosine ends there too)
+                      "trainer.max_steps=100000000",
+                      f"data.text_tokenizer={resolve_path(cfg.text_tokenizer)}",
+                      f"logger={cfg.logger}", f"trainer.accelerator={cfg.accelerator}",
+                      *([f"debug={cfg.study.debug}"] if cfg.study.debug else []), *rest])
+    meta = json.loads((run_dir / "model" / "config.json").read_text())
+    return {"steps": meta["steps"], "train_flops": meta["train_flops"],
+            "summary": f"{meta['steps']} steps, {meta['train_flops']:.3g} FLOPs"}
+
+
+def _score(cfg: DictConfig, run_dir: Path) -> dict:
+    s = cfg.study.scoring
+    path = run_dir / "scores.json"
+    device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
+    _script("evaluate", ["model", "--model", str(run_dir / "model"),
+                         "--images-per-tag", str(s.images_per_tag),
+                         "--caption-images", str(s.caption_images),
+                         "--world-seeds", *map(str, s.world_seeds),
+                         "--text-loss-documents", str(s.text_loss_documents),
+                         *([] if s.fid else ["--no-fid"]), "--device", device,
+                         "--json", str(path)])
+    res = json.loads(path.read_text())
+    figures = {k: v for k, v in res.items() if isinstance(v, float)}
+    figures.update({f"geneval_{t}": res[f"geneval_{t}"]["score"] for t in TAGS
+                    if isinstance(res.get(f"geneval_{t}"), dict)})
+    return {**figures, "summary": ", ".join(f"{METRICS[k][0]} {figures[k]:.3f}"
+                                            for k in METRICS if k in figures)}
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_table(path: Path) -> list[dict]:
+    if not path.exists():
+        raise UserError(f"no study table at {path}: run the study first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- analysis -------------------------------------------------------------------------------
+def curve(rows: list[dict], family: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOPs, metric) of ``family``'s seed means, one point per budget, cheapest first; the
+    x of a point is the mean of its runs' counted FLOPs."""
+    by_budget: dict[float, list[dict]] = {}
+    for r in rows:
+        if r["family"] == family and r.get(metric) is not None:
+            by_budget.setdefault(r["budget"], []).append(r)
+    budgets = sorted(by_budget)
+    return (np.array([np.mean([r["train_flops"] for r in by_budget[b]]) for b in budgets]),
+            np.array([np.mean([r[metric] for r in by_budget[b]]) for b in budgets]))
+
+
+def flops_to_reach(x: np.ndarray, y: np.ndarray, target: float,
+                   higher_is_better: bool) -> tuple[float, str]:
+    """The FLOPs at which the curve (x, y) first reaches ``target``, interpolating linearly in
+    log FLOPs between budgets: ``(flops, "=")``; ``(x[0], "≤")`` when its cheapest point
+    already does; ``(x[-1], ">")`` when no point does."""
+    sign = 1.0 if higher_is_better else -1.0
+    reached = sign * (y - target) >= 0
+    if not reached.any():
+        return float(x[-1]), ">"
+    k = int(np.argmax(reached))
+    if k == 0:
+        return float(x[0]), "≤"
+    lx0, lx1 = math.log(x[k - 1]), math.log(x[k])
+    share = (target - y[k - 1]) / (y[k] - y[k - 1])
+    return float(math.exp(lx0 + share * (lx1 - lx0))), "="
+
+
+def parity_ratios(rows: list[dict], reference: str = "chameleon",
+                  challenger: str = "transfusion") -> dict[str, dict]:
+    """Per metric: the parity FLOP ratio, ``challenger``'s FLOPs to reach ``reference``'s
+    score at its largest budget over those FLOPs (< 1: the challenger needs less compute),
+    with ``relation`` "=", "≤" (reached at its cheapest budget already: an upper bound) or
+    ">" (never reached on the ladder: a lower bound)."""
+    ratios = {}
+    for metric, (_, higher, _) in METRICS.items():
+        rx, ry = curve(rows, reference, metric)
+        cx, cy = curve(rows, challenger, metric)
+        if not len(rx) or not len(cx):
+            continue
+        flops, relation = flops_to_reach(cx, cy, float(ry[-1]), higher)
+        ratios[metric] = {"ratio": flops / float(rx[-1]), "relation": relation,
+                          "target": float(ry[-1]), "reference_flops": float(rx[-1])}
+    return ratios
+
+
+def summary_markdown(rows: list[dict], families: list[str]) -> str:
+    """The side-by-side table (seed means per budget) and the parity FLOP ratios."""
+    budgets = sorted({r["budget"] for r in rows})
+    head = "| budget (FLOPs) | " + " | ".join(
+        f"{f}: {METRICS[m][0]}" for m in METRICS for f in families) + " |"
+    lines = [head, "|---" * (1 + len(METRICS) * len(families)) + "|"]
+    for b in budgets:
+        cells = []
+        for m in METRICS:
+            for f in families:
+                vals = [r[m] for r in rows if r["family"] == f and r["budget"] == b
+                        and r.get(m) is not None]
+                cells.append(" / ".join(f"{v:.3f}" for v in vals) if vals else "—")
+        lines.append(f"| {b:.3g} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n\nSeeds are separated by ` / `.\n"
+    if {"transfusion", "chameleon"} <= set(families):
+        text += ("\n| metric | parity FLOP ratio (Transfusion / Chameleon) | Chameleon's score at "
+                 "its largest budget | the paper |\n|---|---|---|---|\n")
+        for m, p in parity_ratios(rows).items():
+            paper = METRICS[m][2]
+            text += (f"| {METRICS[m][0]} | {p['relation']} {p['ratio']:.3g} | {p['target']:.3f} "
+                     f"| {paper if paper is not None else '—'} |\n")
+    return text
+
+
+def draw_curves(rows: list[dict], families: list[str], folder: Path) -> list[Path]:
+    """One PNG per metric: each family's seed means against training FLOPs (log x), its
+    single runs as dots. Needs matplotlib (``pip install 'fusion[study]'``); without it the
+    plots are skipped with a warning and [] is returned."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'fusion[study]'): no plots")
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric, (label, higher, _) in METRICS.items():
+        if not any(r.get(metric) is not None for r in rows):
+            continue  # not scored in this study (e.g. scoring.fid=false)
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for family in families:
+            x, y = curve(rows, family, metric)
+            if not len(x):
+                continue
+            (line,) = ax.plot(x, y, marker="o", label=family)
+            single = [(r["train_flops"], r[metric]) for r in rows
+                      if r["family"] == family and r.get(metric) is not None]
+            ax.scatter(*zip(*single, strict=True), s=12, alpha=0.5, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(label + (" (higher is better)" if higher else " (lower is better)"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"study_{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(cfg: DictConfig, rows: list[dict]) -> str:
+    """Writes summary.md (and the plots) for ``rows``; returns the summary text."""
+    out = Path(cfg.output_dir)
+    families = list(OmegaConf.to_container(cfg.study.families))
+    text = summary_markdown(rows, families)
+    (out / "summary.md").write_text(text)
+    plots = draw_curves(rows, families, Path(cfg.plots_dir or out))
+    return text + "".join(f"\nplot: {p}" for p in plots) + "\n"
