@@ -367,6 +367,12 @@ class StudySettings:
     experiment: str = "{family}_tiny"  # the training recipe of each family
     train_overrides: list[str] = field(default_factory=list)  # for every run
     family_overrides: dict[str, list[str]] = field(default_factory=dict)  # per family
+    # An editing-data study: every run fine-tunes init_from[family] on this many distinct
+    # ShapesWorld edit triplets (data.num_train) at each budget, and is scored on held-out
+    # edits (experiment: "edit_{family}_tiny"). Empty: a compute study.
+    edit_triplets: list[int] = field(default_factory=list)
+    init_from: dict[str, str] = field(default_factory=dict)  # family -> model folder
+    edits_per_kind: int = 100  # editing-data studies: held-out edits of each kind, scored
     debug: str | None = None  # a conf/debug config for every run (seconds-long runs)
     scoring: StudyScoring = field(default_factory=StudyScoring)
 

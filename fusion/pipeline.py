@@ -67,7 +67,7 @@ class StageRunner:
         return result
 
 
-def _script(name: str, overrides: list[str], torchrun: int = 1) -> None:
+def run_script(name: str, overrides: list[str], torchrun: int = 1) -> None:
     """Run one of the stage entry points (scripts/<name>.py) as its own process, so that each
     stage is exactly what a user would run by hand; its progress bars stream through.
     ``torchrun`` > 1: that many processes, started by torchrun on this node."""
@@ -182,7 +182,7 @@ class MainJob:
         if (self.image_tok / "config.json").exists():
             return {"path": str(self.image_tok), "trained": False,
                     "summary": f"using the artifact in {self.image_tok}"}
-        _script("train_tokenizer", [f"tokenizer={self.tokenizer_config}",
+        run_script("train_tokenizer", [f"tokenizer={self.tokenizer_config}",
                                     f"tokenizer.artifact_dir={self.image_tok}",
                                     f"output_dir={self.out / 'image_tokenizer'}",
                                     *self.debug_args, *self.demo.tokenizer_overrides])
@@ -203,7 +203,7 @@ class MainJob:
                extra: tuple[str, ...] = ()) -> dict:
         # In debug mode the debug config's step count applies, not the demo's.
         max_steps = [] if self.debug else [f"trainer.max_steps={steps}"]
-        _script("train", [f"experiment={experiment}", f"output_dir={run_dir}", *extra,
+        run_script("train", [f"experiment={experiment}", f"output_dir={run_dir}", *extra,
                           f"image_tokenizer={self.image_tok}", *max_steps, *self.devices,
                           f"data.text_tokenizer={self.tok_dir / 'tokenizer.json'}",
                           f"logger={self.cfg.logger.kind}", *self.debug_args, *overrides])
@@ -238,7 +238,7 @@ class MainJob:
         """scripts/evaluate.py with the model's recorded sampling recipe (what it uses when no
         option says otherwise), the demo's seeds, and ``demo.processes`` processes."""
         device = "cuda" if self.cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
-        _script("evaluate", [*args, "--seed", str(self.cfg.seed), "--world-seed",
+        run_script("evaluate", [*args, "--seed", str(self.cfg.seed), "--world-seed",
                              str(self.data.seed), "--device", device, "--json", str(path)],
                 torchrun=self.demo.processes)
 

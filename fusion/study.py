@@ -1,4 +1,5 @@
-"""The compute study: each family trained at a ladder of training-FLOP budgets, scored alike.
+"""Studies: each family trained at a ladder of training-FLOP budgets (a compute study) or
+of edit-data sizes (an editing-data study), every run scored alike.
 
 The Transfusion paper's central comparison (arXiv:2408.11039, Sec. 4.2) trains Transfusion and
 Chameleon at matched compute and reports, per metric, the *parity FLOP ratio*: the share of
@@ -14,6 +15,11 @@ that comparison on fusion's recipes (``scripts/study.py``, a study is ``conf/stu
 * the rows go to ``table.jsonl`` after every run, ``summary.md`` holds the side-by-side table
   and the parity ratios, and one PNG per metric draws the curves (metric vs FLOPs, log x;
   matplotlib, the ``study`` extra).
+
+An editing-data study (``study.edit_triplets``) is the same harness on the edit fine-tunes:
+each run starts from ``study.init_from[family]``, trains the family's edit recipe on that many
+distinct ShapesWorld edit triplets at the same FLOP budget, and is scored by
+``scripts/evaluate.py editing`` (accuracy per edit kind); x is the number of triplets.
 
 Runs and scores are stages of :class:`fusion.pipeline.StageRunner`: a re-run reuses every
 finished one and an interrupted run resumes from its checkpoints.
@@ -33,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusion.config import resolve_path
 from fusion.data.shapes import TAGS
 from fusion.errors import UserError
-from fusion.pipeline import StageRunner, _script
+from fusion.pipeline import StageRunner, run_script
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,11 @@ METRICS: dict[str, tuple[str, bool, float | None]] = {
     "caption_single_object_accuracy": ("captions, class + colour", True, 0.218),
     "text_loss": ("held-out text loss (nats/token)", False, 0.489),
 }
+EDIT_KINDS = ("recolor", "move", "add", "remove")
+EDIT_METRICS: dict[str, tuple[str, bool, float | None]] = {
+    "edit_accuracy": ("edit accuracy, all kinds", True, None),
+    **{f"edit_accuracy_{k}": (f"edit accuracy, {k}", True, None) for k in EDIT_KINDS},
+}
 
 
 @dataclass(frozen=True)
@@ -53,10 +64,27 @@ class Run:
     family: str
     budget: float  # training FLOPs
     seed: int
+    edits: int | None = None  # editing-data studies: distinct edit triplets
 
     @property
     def name(self) -> str:
-        return f"{self.family}_{self.budget:.3g}_seed{self.seed}".replace("+", "")
+        edits = f"_{self.edits}edits" if self.edits is not None else ""
+        return f"{self.family}{edits}_{self.budget:.3g}_seed{self.seed}".replace("+", "")
+
+    def key(self) -> dict:
+        """What identifies the run in its stage fingerprint (the fields that are set)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def study_metrics(study) -> dict[str, tuple[str, bool, float | None]]:
+    return EDIT_METRICS if study.edit_triplets else METRICS
+
+
+def x_axis(study) -> tuple[str, str, str]:
+    """(row key of a point's x, row key that groups seeds into one point, axis label)."""
+    if study.edit_triplets:
+        return "edits", "edits", "distinct edit triplets"
+    return "train_flops", "budget", "training FLOPs"
 
 
 def plan_runs(study) -> list[Run]:
@@ -74,10 +102,24 @@ def plan_runs(study) -> list[Run]:
                         f"{list(study.budgets)}")
     if not study.seeds:
         raise UserError("study.seeds is empty: give at least one seed")
+    edits: list[int | None] = sorted(int(n) for n in study.edit_triplets) or [None]
+    if study.edit_triplets:
+        if edits[0] < 1 or len(set(edits)) != len(edits):
+            raise UserError(f"study.edit_triplets must be distinct counts >= 1, got "
+                            f"{list(study.edit_triplets)}")
+        if len(budgets) != 1:
+            raise UserError(f"an editing-data study trains every run at one FLOP budget (the "
+                            f"same compute at every data size); got budgets {budgets}")
+        missing = [f for f in study.families if not study.init_from.get(f)]
+        if missing:
+            raise UserError(f"an editing-data study fine-tunes a trained model: set "
+                            f"study.init_from.{missing[0]}=<model folder> (missing for "
+                            f"{', '.join(missing)})")
     up_to = study.extra_seeds_up_to
-    runs = [Run(f, b, study.seeds[0]) for b in budgets for f in study.families]
-    runs += [Run(f, b, seed) for seed in study.seeds[1:] for b in budgets
-             if up_to is None or b <= up_to for f in study.families]
+    runs = [Run(f, b, study.seeds[0], n) for b in budgets for n in edits
+            for f in study.families]
+    runs += [Run(f, b, seed, n) for seed in study.seeds[1:] for b in budgets
+             if up_to is None or b <= up_to for n in edits for f in study.families]
     return runs
 
 
@@ -92,25 +134,29 @@ def run_study(cfg: DictConfig) -> list[dict]:
         run_dir = out / "runs" / run.name
         overrides = [study.experiment.format(family=run.family), *study.train_overrides,
                      *study.family_overrides.get(run.family, [])]
+        if run.edits is not None:
+            overrides += [f"data.num_train={run.edits}",
+                          f"init_from={resolve_path(study.init_from[run.family])}"]
         trained = stages.run(
-            f"train/{run.name}", {"run": run.__dict__, "over": overrides,
+            f"train/{run.name}", {"run": run.key(), "over": overrides,
                                   "tok": cfg.text_tokenizer},
             [run_dir / "model" / "model.safetensors"],
             lambda run=run, run_dir=run_dir, overrides=overrides:
                 _train(cfg, run, run_dir, overrides))
         scores = stages.run(
-            f"score/{run.name}", {"scoring": study.scoring, "trained": trained},
+            f"score/{run.name}", {"scoring": study.scoring, "trained": trained,
+                                  **({"per_kind": study.edits_per_kind} if run.edits else {})},
             [run_dir / "scores.json"],
-            lambda run_dir=run_dir: _score(cfg, run_dir))
-        rows.append({"family": run.family, "budget": run.budget, "seed": run.seed,
-                     **trained, **scores})
+            lambda run_dir=run_dir, edit=run.edits is not None:
+                (_score_edits if edit else _score)(cfg, run_dir))
+        rows.append({**run.key(), **trained, **scores})
         write_table(out / "table.jsonl", rows)
     return rows
 
 
 def _train(cfg: DictConfig, run: Run, run_dir: Path, overrides: list[str]) -> dict:
     experiment, *rest = overrides
-    _script("train", [f"experiment={experiment}", f"output_dir={run_dir}", f"seed={run.seed}",
+    run_script("train", [f"experiment={experiment}", f"output_dir={run_dir}", f"seed={run.seed}",
                       f"optim.flops_budget={run.budget:.6g}",
                       # a cap only: the FLOP budget ends the run (its cosine ends there too)
                       "trainer.max_steps=100000000",
@@ -126,7 +172,7 @@ def _score(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.study.scoring
     path = run_dir / "scores.json"
     device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
-    _script("evaluate", ["model", "--model", str(run_dir / "model"),
+    run_script("evaluate", ["model", "--model", str(run_dir / "model"),
                          "--images-per-tag", str(s.images_per_tag),
                          "--caption-images", str(s.caption_images),
                          "--world-seeds", *map(str, s.world_seeds),
@@ -141,6 +187,18 @@ def _score(cfg: DictConfig, run_dir: Path) -> dict:
                                             for k in METRICS if k in figures)}
 
 
+def _score_edits(cfg: DictConfig, run_dir: Path) -> dict:
+    path = run_dir / "scores.json"
+    device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
+    run_script("evaluate", ["editing", "--model", str(run_dir / "model"), "--per-kind",
+                         str(cfg.study.edits_per_kind), "--device", device,
+                         "--json", str(path)])
+    res = json.loads(path.read_text())
+    figures = {"edit_accuracy": res["edit_accuracy"], "edit_psnr": res["psnr"],
+               **{f"edit_accuracy_{k}": res[k]["accuracy"] for k in EDIT_KINDS if k in res}}
+    return {**figures, "summary": ", ".join(f"{k} {v:.3f}" for k, v in figures.items())}
+
+
 def write_table(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
@@ -152,16 +210,18 @@ def read_table(path: Path) -> list[dict]:
 
 
 # -- analysis -------------------------------------------------------------------------------
-def curve(rows: list[dict], family: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(FLOPs, metric) of ``family``'s seed means, one point per budget, cheapest first; the
-    x of a point is the mean of its runs' counted FLOPs."""
-    by_budget: dict[float, list[dict]] = {}
+def curve(rows: list[dict], family: str, metric: str, x: str = "train_flops",
+          group: str = "budget") -> tuple[np.ndarray, np.ndarray]:
+    """(x, metric) of ``family``'s seed means, one point per value of ``group`` (the budget,
+    or the edit-triplet count), smallest first; a point's x is the mean of its runs' ``x``
+    (their counted FLOPs in a compute study)."""
+    points: dict[float, list[dict]] = {}
     for r in rows:
         if r["family"] == family and r.get(metric) is not None:
-            by_budget.setdefault(r["budget"], []).append(r)
-    budgets = sorted(by_budget)
-    return (np.array([np.mean([r["train_flops"] for r in by_budget[b]]) for b in budgets]),
-            np.array([np.mean([r[metric] for r in by_budget[b]]) for b in budgets]))
+            points.setdefault(r[group], []).append(r)
+    keys = sorted(points)
+    return (np.array([np.mean([r[x] for r in points[k]]) for k in keys]),
+            np.array([np.mean([r[metric] for r in points[k]]) for k in keys]))
 
 
 def flops_to_reach(x: np.ndarray, y: np.ndarray, target: float,
@@ -199,22 +259,25 @@ def parity_ratios(rows: list[dict], reference: str = "chameleon",
     return ratios
 
 
-def summary_markdown(rows: list[dict], families: list[str]) -> str:
-    """The side-by-side table (seed means per budget) and the parity FLOP ratios."""
-    budgets = sorted({r["budget"] for r in rows})
-    head = "| budget (FLOPs) | " + " | ".join(
-        f"{f}: {METRICS[m][0]}" for m in METRICS for f in families) + " |"
-    lines = [head, "|---" * (1 + len(METRICS) * len(families)) + "|"]
-    for b in budgets:
+def summary_markdown(rows: list[dict], families: list[str], metrics: dict | None = None,
+                     group: str = "budget") -> str:
+    """The side-by-side table (every run's figure per point of the ladder) and, for a compute
+    study of both families, the parity FLOP ratios."""
+    metrics = metrics or METRICS
+    label = "budget (FLOPs)" if group == "budget" else "edit triplets"
+    head = f"| {label} | " + " | ".join(
+        f"{f}: {metrics[m][0]}" for m in metrics for f in families) + " |"
+    lines = [head, "|---" * (1 + len(metrics) * len(families)) + "|"]
+    for point in sorted({r[group] for r in rows}):
         cells = []
-        for m in METRICS:
+        for m in metrics:
             for f in families:
-                vals = [r[m] for r in rows if r["family"] == f and r["budget"] == b
+                vals = [r[m] for r in rows if r["family"] == f and r[group] == point
                         and r.get(m) is not None]
                 cells.append(" / ".join(f"{v:.3f}" for v in vals) if vals else "—")
-        lines.append(f"| {b:.3g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {point:.3g} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nSeeds are separated by ` / `.\n"
-    if {"transfusion", "chameleon"} <= set(families):
+    if metrics is METRICS and {"transfusion", "chameleon"} <= set(families):
         text += ("\n| metric | parity FLOP ratio (Transfusion / Chameleon) | Chameleon's score at "
                  "its largest budget | the paper |\n|---|---|---|---|\n")
         for m, p in parity_ratios(rows).items():
@@ -224,10 +287,12 @@ def summary_markdown(rows: list[dict], families: list[str]) -> str:
     return text
 
 
-def draw_curves(rows: list[dict], families: list[str], folder: Path) -> list[Path]:
-    """One PNG per metric: each family's seed means against training FLOPs (log x), its
-    single runs as dots. Needs matplotlib (``pip install 'fusion[study]'``); without it the
-    plots are skipped with a warning and [] is returned."""
+def draw_curves(rows: list[dict], families: list[str], folder: Path,
+                metrics: dict | None = None, x: str = "train_flops", group: str = "budget",
+                x_label: str = "training FLOPs") -> list[Path]:
+    """One PNG per metric: each family's seed means against ``x`` (log x), its single runs as
+    dots. Needs matplotlib (``pip install 'fusion[study]'``); without it the plots are
+    skipped with a warning and [] is returned."""
     try:
         import matplotlib
 
@@ -238,20 +303,20 @@ def draw_curves(rows: list[dict], families: list[str], folder: Path) -> list[Pat
         return []
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for metric, (label, higher, _) in METRICS.items():
+    for metric, (label, higher, _) in (metrics or METRICS).items():
         if not any(r.get(metric) is not None for r in rows):
             continue  # not scored in this study (e.g. scoring.fid=false)
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for family in families:
-            x, y = curve(rows, family, metric)
-            if not len(x):
+            xs, ys = curve(rows, family, metric, x, group)
+            if not len(xs):
                 continue
-            (line,) = ax.plot(x, y, marker="o", label=family)
-            single = [(r["train_flops"], r[metric]) for r in rows
+            (line,) = ax.plot(xs, ys, marker="o", label=family)
+            single = [(r[x], r[metric]) for r in rows
                       if r["family"] == family and r.get(metric) is not None]
             ax.scatter(*zip(*single, strict=True), s=12, alpha=0.5, color=line.get_color())
         ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(label + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -267,7 +332,9 @@ def report(cfg: DictConfig, rows: list[dict]) -> str:
     """Writes summary.md (and the plots) for ``rows``; returns the summary text."""
     out = Path(cfg.output_dir)
     families = list(OmegaConf.to_container(cfg.study.families))
-    text = summary_markdown(rows, families)
+    metrics = study_metrics(cfg.study)
+    x, group, x_label = x_axis(cfg.study)
+    text = summary_markdown(rows, families, metrics, group)
     (out / "summary.md").write_text(text)
-    plots = draw_curves(rows, families, Path(cfg.plots_dir or out))
+    plots = draw_curves(rows, families, Path(cfg.plots_dir or out), metrics, x, group, x_label)
     return text + "".join(f"\nplot: {p}" for p in plots) + "\n"

@@ -23,6 +23,7 @@ LAYERS = (
     ("training",),
     ("api",),  # FusionPipeline: how a model folder is loaded and sampled, for the jobs too
     ("jobs", "pipeline", "benchmarks"),
+    ("study",),  # runs of stage 2 + scoring through the main job's stage runner
     ("__init__",),  # fusion.FusionPipeline, imported on first use
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -50,6 +50,22 @@ def test_bad_study_settings_are_refused_by_name(bad, message):
         plan_runs(_settings(**{"budgets": [1e12], **bad}))
 
 
+def test_an_editing_data_study_needs_its_start_models_and_one_budget():
+    edits = dict(budgets=[1e12], edit_triplets=[1000, 8000], experiment="edit_{family}_tiny")
+    with pytest.raises(UserError, match="study.init_from.transfusion=<model folder>"):
+        plan_runs(_settings(**edits))
+    start = {"transfusion": "a/model", "chameleon": "b/model"}
+    runs = plan_runs(_settings(**edits, init_from=start))
+    assert [(r.family, r.edits) for r in runs] == [
+        ("transfusion", 1000), ("chameleon", 1000), ("transfusion", 8000), ("chameleon", 8000)]
+    assert runs[0].name == "transfusion_1000edits_1e12_seed0"
+    assert Run("chameleon", 1e12, 0).key() == {"family": "chameleon", "budget": 1e12, "seed": 0}
+    with pytest.raises(UserError, match="one FLOP budget"):
+        plan_runs(_settings(**{**edits, "budgets": [1e12, 2e12]}, init_from=start))
+    with pytest.raises(UserError, match="distinct counts"):
+        plan_runs(_settings(**{**edits, "edit_triplets": [0, 8]}, init_from=start))
+
+
 def test_the_shipped_studies_compose_with_a_ladder_of_at_least_four_budgets():
     cpu = compose("study", []).study
     assert cpu.name == "cpu" and len(cpu.budgets) >= 4
@@ -157,3 +173,23 @@ def test_debug_study_trains_scores_and_reuses_its_runs(tmp_path):
         assert (out / f"study_{metric}.png").exists()
     second = run()
     assert second.count("reused") == 12 and "$ " not in second  # no run trained or scored
+
+    # the editing-data study on the same harness, from two of these models
+    edits = tmp_path / "edits"
+    proc = subprocess.run(
+        [sys.executable, "scripts/study.py", "study=edits_debug", f"output_dir={edits}",
+         f"+study.init_from.transfusion={out / 'runs/transfusion_2e10_seed0/model'}",
+         f"+study.init_from.chameleon={out / 'runs/chameleon_2e10_seed0/model'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_table(edits / "table.jsonl")
+    assert [(r["family"], r["edits"]) for r in rows] == [
+        ("transfusion", 8), ("chameleon", 8), ("transfusion", 32), ("chameleon", 32)]
+    for r in rows:
+        assert 0 <= r["edit_accuracy_recolor"] <= 1 and r["budget"] <= r["train_flops"]
+        meta = json.loads((edits / "runs" / f"{r['family']}_{r['edits']}edits_1e10_seed0" /
+                           "model" / "config.json").read_text())
+        assert meta["documents"] == "edit" and meta["init_from"].endswith(
+            f"{r['family']}_2e10_seed0/model")
+    assert (edits / "study_edit_accuracy_recolor.png").exists()
+    assert "| edit triplets |" in (edits / "summary.md").read_text()
