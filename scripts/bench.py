@@ -6,6 +6,7 @@
     train-step   a family recipe's training step: row length (pack_len) x SDPA kernel choice
     ddp          a recipe trained by one process against DDP / FSDP ranks: step time, docs/s
     encoded      stage-2 step time from pre-encoded shards against encoding on the fly
+    peer         fusion against transfusion-pytorch: training step and text->image sample
 """
 
 import importlib
@@ -16,7 +17,8 @@ BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "sampling": "fusion.benchmarks.sampling",
               "train-step": "fusion.benchmarks.train_step",
               "ddp": "fusion.benchmarks.ddp",
-              "encoded": "fusion.benchmarks.encoded"}
+              "encoded": "fusion.benchmarks.encoded",
+              "peer": "fusion.benchmarks.peer"}
 
 
 def main() -> None:

@@ -20,11 +20,32 @@ import argparse
 import copy
 import itertools
 import random
+from collections.abc import Callable
 
 import torch
 from omegaconf import open_dict
 
 from fusion.benchmarks.transformer import time_cases
+
+
+def training_step(model: torch.nn.Module, loss_of_step: Callable[[int], torch.Tensor],
+                  lr: float, bf16: bool, device: str) -> Callable[[], None]:
+    """One optimiser step per call, as FusionModule takes it without Lightning: the loss of
+    step i (``loss_of_step(i)``, under bf16 autocast when ``bf16``), backward, gradient
+    clipping at 1.0, AdamW. Shared by the benchmarks that time training steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    counter = itertools.count()
+
+    def step() -> None:
+        i = next(counter)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of_step(i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,19 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             model_cfg.arch.backbone_overrides.attn_backend = backend
         torch.manual_seed(args.seed)  # the same weights for every case
         model, loss = build_family(model_cfg, tok, image_tok, cfg.data.image_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-        counter = itertools.count()
-
-        def step() -> None:
-            i = next(counter)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = loss(model, batches[i % len(batches)], encode, random.Random(i))
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
+        return training_step(model, lambda i: loss(model, batches[i % len(batches)], encode,
+                                                   random.Random(i))["loss"],
+                             cfg.optim.lr, bf16, "cpu")
 
     steps = {(p, b): make_step(p, b) for p in args.pack_len for b in args.backends}
     seconds = time_cases({str(k): s for k, s in steps.items()}, args.warmup, args.rounds,

@@ -54,12 +54,14 @@ class Family:
 
 def sampler_io(tokenizer, image_tokenizer, use_cache: bool = True) -> dict:
     """The keyword arguments every family's sampler takes: the text tokenizer's special ids,
-    the frozen image tokenizer's ``decode`` / ``encode``, and whether to use the KV cache."""
+    the frozen image tokenizer's ``decode`` / ``encode`` (None for both without one: images
+    stay latents or codes), and whether to use the KV cache."""
     from fusion.models.packing import SpecialIds
 
+    codec = image_tokenizer is not None
     return dict(special=SpecialIds.from_tokenizer(tokenizer),
-                decode_images=image_tokenizer.decode, encode_images=image_tokenizer.encode,
-                use_cache=use_cache)
+                decode_images=image_tokenizer.decode if codec else None,
+                encode_images=image_tokenizer.encode if codec else None, use_cache=use_cache)
 
 
 _FAMILIES: dict[str, Family] = {}
