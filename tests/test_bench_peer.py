@@ -33,6 +33,7 @@ def test_the_peer_gets_fusions_documents_in_order_with_the_same_latent_patches()
         assert torch.equal(image.flatten(0, 1), expected)
 
 
+@pytest.mark.slow  # ~15 s: both models built, trained and sampled once
 def test_peer_benchmark_prints_both_rows_and_their_ratios(capsys):
     pytest.importorskip("transfusion_pytorch")
     peer.main(["--batch", "4", "--rounds", "1", "--warmup", "0", "--sample-batch", "1",
