@@ -156,30 +156,33 @@ def run_study(cfg: DictConfig) -> list[dict]:
 
 def _train(cfg: DictConfig, run: Run, run_dir: Path, overrides: list[str]) -> dict:
     experiment, *rest = overrides
-    run_script("train", [f"experiment={experiment}", f"output_dir={run_dir}", f"seed={run.seed}",
-                      f"optim.flops_budget={run.budget:.6g}",
-                      # a cap only: the FLOP budget ends the run (its cosine ends there too)
-                      "trainer.max_steps=100000000",
-                      f"data.text_tokenizer={resolve_path(cfg.text_tokenizer)}",
-                      f"logger={cfg.logger}", f"trainer.accelerator={cfg.accelerator}",
-                      *([f"debug={cfg.study.debug}"] if cfg.study.debug else []), *rest])
+    run_script("train", [
+        f"experiment={experiment}", f"output_dir={run_dir}", f"seed={run.seed}",
+        f"optim.flops_budget={run.budget:.6g}",
+        "trainer.max_steps=100000000",  # a cap only: the FLOP budget ends the run and its cosine
+        f"data.text_tokenizer={resolve_path(cfg.text_tokenizer)}", f"logger={cfg.logger}",
+        f"trainer.accelerator={cfg.accelerator}",
+        *([f"debug={cfg.study.debug}"] if cfg.study.debug else []), *rest])
     meta = json.loads((run_dir / "model" / "config.json").read_text())
     return {"steps": meta["steps"], "train_flops": meta["train_flops"],
             "summary": f"{meta['steps']} steps, {meta['train_flops']:.3g} FLOPs"}
 
 
-def _score(cfg: DictConfig, run_dir: Path) -> dict:
-    s = cfg.study.scoring
+def _evaluate(cfg: DictConfig, run_dir: Path, command: str, options: list[str]) -> dict:
+    """``scripts/evaluate.py <command>`` on the run's model folder; its JSON summary."""
     path = run_dir / "scores.json"
     device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
-    run_script("evaluate", ["model", "--model", str(run_dir / "model"),
-                         "--images-per-tag", str(s.images_per_tag),
-                         "--caption-images", str(s.caption_images),
-                         "--world-seeds", *map(str, s.world_seeds),
-                         "--text-loss-documents", str(s.text_loss_documents),
-                         *([] if s.fid else ["--no-fid"]), "--device", device,
-                         "--json", str(path)])
-    res = json.loads(path.read_text())
+    run_script("evaluate", [command, "--model", str(run_dir / "model"), *options,
+                            "--device", device, "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def _score(cfg: DictConfig, run_dir: Path) -> dict:
+    s = cfg.study.scoring
+    res = _evaluate(cfg, run_dir, "model", [
+        "--images-per-tag", str(s.images_per_tag), "--caption-images", str(s.caption_images),
+        "--world-seeds", *map(str, s.world_seeds),
+        "--text-loss-documents", str(s.text_loss_documents), *([] if s.fid else ["--no-fid"])])
     figures = {k: v for k, v in res.items() if isinstance(v, float)}
     figures.update({f"geneval_{t}": res[f"geneval_{t}"]["score"] for t in TAGS
                     if isinstance(res.get(f"geneval_{t}"), dict)})
@@ -188,12 +191,7 @@ def _score(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _score_edits(cfg: DictConfig, run_dir: Path) -> dict:
-    path = run_dir / "scores.json"
-    device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
-    run_script("evaluate", ["editing", "--model", str(run_dir / "model"), "--per-kind",
-                         str(cfg.study.edits_per_kind), "--device", device,
-                         "--json", str(path)])
-    res = json.loads(path.read_text())
+    res = _evaluate(cfg, run_dir, "editing", ["--per-kind", str(cfg.study.edits_per_kind)])
     figures = {"edit_accuracy": res["edit_accuracy"], "edit_psnr": res["psnr"],
                **{f"edit_accuracy_{k}": res[k]["accuracy"] for k in EDIT_KINDS if k in res}}
     return {**figures, "summary": ", ".join(f"{k} {v:.3f}" for k, v in figures.items())}
