@@ -10,8 +10,8 @@ that comparison on fusion's recipes (``scripts/study.py``, a study is ``conf/stu
   ``optim.flops_budget`` = the budget, so the cosine schedule ends exactly at it and the count
   is the same on any machine (FLOPs per position: fusion.models.transformer, with attention);
 * every run is scored the same way by ``scripts/evaluate.py model``: GenEval-shapes pooled over
-  several prompt sets, FID-shapes, captioning, and the held-out text loss on caption-only
-  documents (fusion.eval.text_loss);
+  several prompt sets, FID-shapes and captioning; and by ``scripts/evaluate.py text``: the
+  held-out text loss on unseen captions (fusion.eval.text_loss);
 * the rows go to ``table.jsonl`` after every run, ``summary.md`` holds the side-by-side table
   and the parity ratios, and one PNG per metric draws the curves (metric vs FLOPs, log x;
   matplotlib, the ``study`` extra).
@@ -149,7 +149,13 @@ def run_study(cfg: DictConfig) -> list[dict]:
             [run_dir / "scores.json"],
             lambda run_dir=run_dir, edit=run.edits is not None:
                 (_score_edits if edit else _score)(cfg, run_dir))
-        rows.append({**run.key(), **trained, **scores})
+        text = {}
+        if run.edits is None:  # its own stage: cheap, and independent of the image scores
+            text = stages.run(
+                f"text/{run.name}", {"documents": study.scoring.text_loss_documents,
+                                     "trained": trained}, [run_dir / "text_loss.json"],
+                lambda run_dir=run_dir: _text_loss(cfg, run_dir))
+        rows.append({**run.key(), **trained, **scores, **text})
         write_table(out / "table.jsonl", rows)
     return rows
 
@@ -168,9 +174,10 @@ def _train(cfg: DictConfig, run: Run, run_dir: Path, overrides: list[str]) -> di
             "summary": f"{meta['steps']} steps, {meta['train_flops']:.3g} FLOPs"}
 
 
-def _evaluate(cfg: DictConfig, run_dir: Path, command: str, options: list[str]) -> dict:
+def _evaluate(cfg: DictConfig, run_dir: Path, command: str, options: list[str],
+              json_name: str = "scores.json") -> dict:
     """``scripts/evaluate.py <command>`` on the run's model folder; its JSON summary."""
-    path = run_dir / "scores.json"
+    path = run_dir / json_name
     device = "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu"
     run_script("evaluate", [command, "--model", str(run_dir / "model"), *options,
                             "--device", device, "--json", str(path)])
@@ -181,13 +188,19 @@ def _score(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.study.scoring
     res = _evaluate(cfg, run_dir, "model", [
         "--images-per-tag", str(s.images_per_tag), "--caption-images", str(s.caption_images),
-        "--world-seeds", *map(str, s.world_seeds),
-        "--text-loss-documents", str(s.text_loss_documents), *([] if s.fid else ["--no-fid"])])
+        "--world-seeds", *map(str, s.world_seeds), *([] if s.fid else ["--no-fid"])])
     figures = {k: v for k, v in res.items() if isinstance(v, float)}
     figures.update({f"geneval_{t}": res[f"geneval_{t}"]["score"] for t in TAGS
                     if isinstance(res.get(f"geneval_{t}"), dict)})
     return {**figures, "summary": ", ".join(f"{METRICS[k][0]} {figures[k]:.3f}"
                                             for k in METRICS if k in figures)}
+
+
+def _text_loss(cfg: DictConfig, run_dir: Path) -> dict:
+    res = _evaluate(cfg, run_dir, "text", ["--documents",
+                                           str(cfg.study.scoring.text_loss_documents)],
+                    json_name="text_loss.json")
+    return {"text_loss": res["text_loss"], "summary": f"text loss {res['text_loss']:.4f}"}
 
 
 def _score_edits(cfg: DictConfig, run_dir: Path) -> dict:

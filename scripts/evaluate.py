@@ -1,5 +1,5 @@
 """Evaluate images and models: GenEval scoring, FID/KID, reconstruction, editing, models,
-interleaved generation.
+interleaved generation, held-out text loss.
 
     # GenEval on a folder in GenEval's layout (<dir>/<NNNNN>/metadata.jsonl + samples/<NNNN>.png)
     python scripts/evaluate.py geneval --images outputs/samples --detector shapes
@@ -22,6 +22,8 @@ interleaved generation.
     python scripts/evaluate.py model --model ... --no-fid --world-seeds 0 1 2  # 3 prompt sets
     # interleaved generation: image counts and text-image consistency on held-out stories
     python scripts/evaluate.py interleaved --model outputs/train/interleaved_transfusion_tiny/model
+    # held-out text loss: next-token loss on 256 captions of unseen scenes
+    python scripts/evaluate.py text --model outputs/train/transfusion_tiny/model
 
 `model`, `editing` and `interleaved` share their batches over several processes, with the same
 scores as one process (docs/scaling.md):
@@ -54,6 +56,7 @@ from fusion.jobs.evaluate import (
     cmd_interleaved,
     cmd_model,
     cmd_reconstruction,
+    cmd_text,
     optional_float,
 )
 
@@ -62,7 +65,7 @@ from fusion.jobs.evaluate import (
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:18]))
+                                     epilog=__doc__.split("\n\n")[1])  # the examples
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", type=Path, help="also write the summary to this JSON file")
     common.add_argument("--device", default="cpu")
@@ -186,9 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
     m.add_argument("--world-seeds", type=int, nargs="+", metavar="W",
                    help="score the prompt sets of several ShapesWorld seeds and pool them "
                         "(set W is sampled with seed --seed + W); e.g. --world-seeds 0 1 2")
-    m.add_argument("--text-loss-documents", type=int, default=0, metavar="N",
-                   help="also the next-token loss on N held-out caption-only documents "
-                        "(fusion.eval.text_loss; 0: skip)")
     m.add_argument("--grid", type=Path, help="save a grid of generated images here")
     m.add_argument("--keep-images", metavar="DIR",
                    help="also write the scored images here in GenEval's folder layout "
@@ -212,6 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
     i.add_argument("--page", type=Path, help="write the documents here as a Markdown page "
                                              "with their PNGs")
     i.set_defaults(fn=cmd_interleaved)
+
+    t = sub.add_parser("text", parents=[common],
+                       help="held-out text loss: next-token loss on unseen captions")
+    t.add_argument("--model", required=True, help="a model folder (<output_dir>/model)")
+    t.add_argument("--documents", type=int, default=256, help="held-out captions scored")
+    t.add_argument("--world-seed", type=int, default=0, help="ShapesWorld seed of the captions")
+    t.add_argument("--image-tokenizer", help="a copy of the image tokenizer the model was "
+                                             "trained with, instead of the folder's own")
+    t.set_defaults(fn=cmd_text)
 
     args = parser.parse_args(argv)
     size, _ = init_from_env()  # joins torchrun's process group when there is one

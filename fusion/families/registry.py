@@ -15,7 +15,9 @@ Contracts (both built-in families meet them, tests/test_families.py checks a thi
   can hold in one packed row). Optional: a model whose shared network is ``model.transformer``
   (fusion.models.transformer.Transformer) with a loss that packs rows of ``loss.cfg.pack_len``
   and returns ``positions`` (packed positions that are not padding) gets its training FLOPs
-  counted (:func:`training_flops_per_position`), and can take ``optim.flops_budget``.
+  counted (:func:`training_flops_per_position`), and can take ``optim.flops_budget``. A model
+  with ``text_logits(ids, layout) -> (B, S, V)`` for text-only packed batches gets the held-out
+  text loss (fusion.eval.text_loss).
 * ``sampler(model, loss, text_tokenizer, image_tokenizer, use_cache) ->`` an object with
   ``generate_images``, ``caption``, ``generate_text``, ``edit`` and ``prompt_budget``
   (fusion.sampling.base.FamilySampler).

@@ -236,6 +236,18 @@ def _diagnose_editing(args, settings, sampler, tok, image_tok, image_size: int) 
     return result
 
 
+def cmd_text(args) -> dict:
+    """The held-out text loss of a model folder (fusion.eval.text_loss)."""
+    from fusion.eval.text_loss import heldout_text_loss
+
+    pipe = _pipeline(args)
+    result = {"model": str(args.model),
+              **heldout_text_loss(pipe.model, pipe.tokenizer, args.documents,
+                                  world_seed=args.world_seed)}
+    _print_floats(result)
+    return result
+
+
 def cmd_interleaved(args) -> dict:
     """Interleaved generation from held-out story prompts, scored
     (fusion.eval.interleaved); ``--page``: the documents as a Markdown page."""
@@ -299,11 +311,6 @@ def cmd_model(args) -> dict:
     if len(world_seeds) > 1:
         print(f"pooled over world seeds {world_seeds}:")
         result["per_world_seed"] = {w: _scores(r) for w, r in per_set.items()}
-    if args.text_loss_documents:
-        from fusion.eval.text_loss import heldout_text_loss
-
-        result.update(heldout_text_loss(pipe.model, pipe.loss, tok, args.text_loss_documents,
-                                        world_seed=world_seeds[0]))
     _print_floats(result)
     return {"model": str(args.model), "sampling": sampling, **result}
 

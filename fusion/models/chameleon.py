@@ -244,6 +244,11 @@ class Chameleon(nn.Module):
         return self.head(self.transformer(self.embed_tokens(ids, cells, source), layout,
                                           cache=cache, commit=commit), source)
 
+    def text_logits(self, ids: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        """Logits (B, S, V) of a packed batch with no image positions (text-only documents)."""
+        cells = torch.full_like(ids, -1) if self.image_pos is not None else None
+        return self.forward(ids, layout, cells=cells)
+
 
 class ChameleonLoss:
     """Documents -> id streams (+ CM3) -> packed -> next-token CE (+ z-loss)."""

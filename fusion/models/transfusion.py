@@ -118,6 +118,10 @@ class Transfusion(nn.Module):
             image_out = self.patchifier.unpatchify(gather_images(h, packed), t, skips)
         return h, logits, image_out
 
+    def text_logits(self, ids: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        """Logits (B, S, V) of a packed batch with no image positions (text-only documents)."""
+        return self.forward(ids, layout)[1]
+
 
 class TransfusionLoss:
     """Documents -> packed batch -> L_LM + λ·L_diffusion (plus parts, for logging)."""
