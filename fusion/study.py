@@ -56,6 +56,10 @@ EDIT_KINDS = ("recolor", "move", "add", "remove")
 EDIT_METRICS: dict[str, tuple[str, bool, float | None]] = {
     "edit_accuracy": ("edit accuracy, all kinds", True, None),
     **{f"edit_accuracy_{k}": (f"edit accuracy, {k}", True, None) for k in EDIT_KINDS},
+    # Chameleon only (fusion.eval.edit_diagnosis, teacher-forced on the held-out edits): how
+    # well it predicts the codes an edit changes, which sampled accuracy hides while it is ~0
+    "changed_cells_nll": ("changed cells, teacher-forced nll (nats)", False, None),
+    "changed_cells_right": ("changed cells right, teacher-forced", True, None),
 }
 
 
@@ -147,8 +151,9 @@ def run_study(cfg: DictConfig) -> list[dict]:
             f"score/{run.name}", {"scoring": study.scoring, "trained": trained,
                                   **({"per_kind": study.edits_per_kind} if run.edits else {})},
             [run_dir / "scores.json"],
-            lambda run_dir=run_dir, edit=run.edits is not None:
-                (_score_edits if edit else _score)(cfg, run_dir))
+            lambda run=run, run_dir=run_dir:
+                _score_edits(cfg, run_dir, diagnose=run.family == "chameleon")
+                if run.edits is not None else _score(cfg, run_dir))
         text = {}
         if run.edits is None:  # its own stage: cheap, and independent of the image scores
             text = stages.run(
@@ -203,10 +208,16 @@ def _text_loss(cfg: DictConfig, run_dir: Path) -> dict:
     return {"text_loss": res["text_loss"], "summary": f"text loss {res['text_loss']:.4f}"}
 
 
-def _score_edits(cfg: DictConfig, run_dir: Path) -> dict:
-    res = _evaluate(cfg, run_dir, "editing", ["--per-kind", str(cfg.study.edits_per_kind)])
+def _score_edits(cfg: DictConfig, run_dir: Path, diagnose: bool = False) -> dict:
+    per_kind = ["--per-kind", str(cfg.study.edits_per_kind)]
+    res = _evaluate(cfg, run_dir, "editing", per_kind)
     figures = {"edit_accuracy": res["edit_accuracy"], "edit_psnr": res["psnr"],
                **{f"edit_accuracy_{k}": res[k]["accuracy"] for k in EDIT_KINDS if k in res}}
+    if diagnose:  # the kinds have equal edit counts, so their plain mean is the pooled one
+        res = _evaluate(cfg, run_dir, "editing", [*per_kind, "--diagnose"], "diagnosis.json")
+        for name, key in (("changed_cells_nll", "teacher_forced_nll"),
+                          ("changed_cells_right", "teacher_forced_accuracy")):
+            figures[name] = float(np.mean([res[k][key]["changed"] for k in EDIT_KINDS]))
     return {**figures, "summary": ", ".join(f"{k} {v:.3f}" for k, v in figures.items())}
 
 

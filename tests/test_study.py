@@ -188,9 +188,15 @@ def test_debug_study_trains_scores_and_reuses_its_runs(tmp_path):
         ("transfusion", 8), ("chameleon", 8), ("transfusion", 32), ("chameleon", 32)]
     for r in rows:
         assert 0 <= r["edit_accuracy_recolor"] <= 1 and r["budget"] <= r["train_flops"]
+        # the teacher-forced diagnosis of the changed cells: Chameleon rows only
+        diagnosed = r["family"] == "chameleon"
+        assert ("changed_cells_nll" in r) == diagnosed == ("changed_cells_right" in r)
+        if diagnosed:
+            assert r["changed_cells_nll"] > 0 and 0 <= r["changed_cells_right"] <= 1
         meta = json.loads((edits / "runs" / f"{r['family']}_{r['edits']}edits_1e10_seed0" /
                            "model" / "config.json").read_text())
         assert meta["documents"] == "edit" and meta["init_from"].endswith(
             f"{r['family']}_2e10_seed0/model")
     assert (edits / "study_edit_accuracy_recolor.png").exists()
+    assert (edits / "study_changed_cells_nll.png").exists()
     assert "| edit triplets |" in (edits / "summary.md").read_text()
