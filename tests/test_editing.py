@@ -740,6 +740,102 @@ def test_source_copy_needs_source_alignment_and_loads_a_plain_model():
     assert _weight_differences(copying, plain.state_dict()) == []  # init_from accepts it
 
 
+# -- Chameleon code digits (fusion.models.chameleon.code_digits) -----------------------------
+def test_code_digits_follow_the_fsq_index_order():
+    from vector_quantize_pytorch import FSQ
+
+    from fusion.models.chameleon import code_digits
+
+    levels = [8, 5, 5, 5]
+    digits = FSQ(levels=levels).indices_to_level_indices(torch.arange(1000))  # (K, 4)
+    offsets = torch.tensor([0, 8, 13, 18])
+    expected = torch.zeros(23, 1000)
+    expected[offsets + digits, torch.arange(1000)[:, None]] = 1.0
+    assert torch.equal(code_digits(levels), expected)
+
+
+def test_code_digit_head_adds_each_codes_digit_scores_and_starts_unchanged():
+    from fusion.training.init_from import _weight_differences
+
+    plain, _ = aligned_chameleon(source_copy=True)
+    torch.manual_seed(0)
+    digits = Chameleon(ChameleonConfig(backbone_overrides=SMALL, source_alignment=True,
+                                       source_copy=True, code_digit_levels=[4, 4]),
+                       VOCAB, CODEBOOK, codes_per_image=4)
+    assert _weight_differences(digits, plain.state_dict()) == []  # init_from accepts it
+    digits.load_state_dict(plain.state_dict(), strict=False)
+    hidden = torch.randn(2, 3, digits.embed.weight.shape[1])
+    source = torch.tensor([[VOCAB + 1, -1, VOCAB + 2], [-1, -1, VOCAB + 3]])
+    with torch.no_grad():
+        assert torch.equal(digits.head(hidden), plain.head(hidden))  # zero at the start
+        digits.digit_head.weight.normal_(0, 0.5)
+        scores = digits.digit_head(hidden)  # (2, 3, 8): digit 0 values, then digit 1's
+        code = torch.arange(CODEBOOK)
+        expected = plain.head(hidden)[..., VOCAB:] + scores[..., code % 4] + scores[
+            ..., 4 + code // 4]
+        out = digits.head(hidden)
+        assert torch.equal(out[..., :VOCAB], plain.head(hidden)[..., :VOCAB])  # text: as before
+        assert torch.allclose(out[..., VOCAB:], expected, atol=1e-5)
+        # under the copy gate the mixture is still a normalised distribution
+        mixed = digits.head(hidden, source)[source >= 0]
+        assert torch.allclose(mixed.logsumexp(-1), torch.zeros(3), atol=1e-5)
+    with pytest.raises(ValueError, match="product is its codebook size 16"):
+        Chameleon(ChameleonConfig(backbone_overrides=SMALL, code_digit_levels=[4, 5]),
+                  VOCAB, CODEBOOK, codes_per_image=4)
+
+
+def test_code_digit_levels_must_match_the_image_tokenizer():
+    from types import SimpleNamespace
+
+    from fusion.families.chameleon import build
+
+    def image_tokenizer(quantizer):
+        return SimpleNamespace(latent_grid=lambda size: (2, 2), codebook_size=CODEBOOK,
+                               quantizer_config=quantizer)
+    cfg = {"arch": {"backbone_overrides": SMALL, "code_digit_levels": [4, 4]}}
+    with pytest.raises(ValueError, match=r"FSQ levels; its quantizer is 'fsq' with levels "
+                                         r"\[2, 8\]"):
+        build(cfg, None, image_tokenizer({"kind": "fsq", "levels": [2, 8]}), 8)
+    with pytest.raises(ValueError, match="its quantizer is 'vq'"):
+        build(cfg, None, image_tokenizer({"kind": "vq", "codebook_size": 16}), 8)
+
+
+def test_code_digit_head_generalises_to_codes_it_never_saw():
+    """Trained on codes (first digit, second digit) = (2, 0), (2, 1), (1, 3), (0, 3), the digit
+    head raises the probability of the unseen code (2, 3), whose digits it saw in other
+    codes; the LM head's per-code rows, trained alike, lower it."""
+    seen, unseen = torch.tensor([2 + 4 * 0, 2 + 4 * 1, 1 + 4 * 3, 0 + 4 * 3]), 2 + 4 * 3
+
+    def unseen_probability(train: str) -> tuple[float, float]:
+        model, _ = aligned_chameleon(source_alignment=False)
+        model.digit_head = torch.nn.Linear(model.embed.weight.shape[1], 8, bias=False)
+        torch.nn.init.zeros_(model.digit_head.weight)
+        from fusion.models.chameleon import code_digits
+        model.register_buffer("digit_map", code_digits([4, 4]), persistent=False)
+        # one context, four right answers: a factorised fit is the product of the digits'
+        # marginals, 0.5 x 0.5 for the unseen code
+        hidden = torch.randn(1, model.embed.weight.shape[1], generator=torch.Generator()
+                             .manual_seed(1)).expand(64, -1)
+        targets = seen[torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))]
+        head = model.digit_head if train == "digits" else model.lm_head
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+
+        def p_unseen():
+            with torch.no_grad():
+                return float(model.head(hidden)[:, VOCAB:].softmax(-1)[:, unseen].mean())
+        before = p_unseen()
+        for _ in range(30):
+            loss = F.cross_entropy(model.head(hidden)[:, VOCAB:], targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return before, p_unseen()
+
+    before, with_digits = unseen_probability("digits")
+    _, with_rows = unseen_probability("rows")
+    assert with_digits > 3 * before and with_rows < before / 3, (before, with_digits, with_rows)
+
+
 def test_source_alignment_learns_to_copy_unseen_images():
     """Identity edits (target = source) of random images behind instructions of random length:
     with the aligned source code a tiny model copies images it never saw; without it, it has

@@ -14,6 +14,13 @@ from fusion.models.schemas import ChameleonModelConfig
 def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
     cfg = to_dataclass(model_cfg, ChameleonModelConfig)
     h, w = image_tokenizer.latent_grid(image_size)
+    levels = cfg.arch.code_digit_levels
+    quantizer = getattr(image_tokenizer, "quantizer_config", None) or {}
+    if levels and (quantizer.get("kind") != "fsq" or list(quantizer["levels"]) != list(levels)):
+        raise ValueError(f"model.arch.code_digit_levels={list(levels)} must be the image "
+                         f"tokenizer's FSQ levels; its quantizer is {quantizer.get('kind')!r}"
+                         + (f" with levels {list(quantizer['levels'])}"
+                            if quantizer.get("kind") == "fsq" else ""))
     model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w,
                       code_grid=(h, w), unused_text_ids=list(tokenizer.chameleon_image_tokens()))
     row_length(cfg.loss.pack_len, model.max_seq_len)  # a bad pack_len fails before training

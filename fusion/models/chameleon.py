@@ -42,12 +42,20 @@ into one of ~1,000 code ids, and a few wrong copies per image derail the cells a
 p = g·onehot(aligned source code) + (1 - g)·softmax(logits), so the logits only have to model
 the changed cells (also fusion's).
 
+Code digits (``code_digit_levels``): an FSQ code (Mentzer et al. 2023, arXiv:2309.15505) is a
+tuple of digits, one per quantised channel, and the LM head's 1,000 code rows share nothing
+between codes that differ in one digit. A second, factorised head scores each digit value
+(L = sum of the levels outputs) and adds to each code's logit the scores of its digits, so
+log p(code) gains a term that generalises across codes (fusion's addition, after the
+factorised per-digit outputs that the FSQ paper suggests for its codes' autoregressive models).
+
 Shape legend: B = rows, S = positions, D = d_model, V = text_vocab + codebook,
-h/w = code grid.
+h/w = code grid, K = codebook, L = sum of the FSQ levels.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -115,6 +123,19 @@ def source_alignment(ids: list[int], boi: int, eoi: int, text_vocab: int) -> lis
     for k in range(min(len(source), len(ids) - start)):
         out[start + k] = source[k]
     return out
+
+
+def code_digits(levels: Sequence[int]) -> torch.Tensor:
+    """(L, K) 0/1 map from FSQ digit values to the codes that have them, K = prod(levels):
+    row ``offset_d + v`` marks the codes whose digit d is v. Digits are mixed-radix with the
+    first level fastest, vector-quantize-pytorch's ``FSQ`` index order."""
+    codes = torch.arange(math.prod(levels))
+    rows, basis = [], 1
+    for n in levels:
+        digit = (codes // basis) % n  # (K,)
+        rows.append(F.one_hot(digit, n).T)  # (n, K)
+        basis *= n
+    return torch.cat(rows).float()
 
 
 def local_edit_codes(source_codes: torch.Tensor, target_codes: torch.Tensor,
@@ -186,6 +207,17 @@ class Chameleon(nn.Module):
             self.copy_gate = nn.Linear(bb.d_model, 1)
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.zeros_(self.copy_gate.bias)
+        self.digit_head = None
+        if cfg.code_digit_levels:
+            levels = list(cfg.code_digit_levels)
+            if math.prod(levels) != codebook_size or min(levels) < 2:
+                raise ValueError(f"code_digit_levels {levels} must be the FSQ levels of the "
+                                 f"image tokenizer, whose product is its codebook size "
+                                 f"{codebook_size}")
+            # zero at the start: a model without it starts a fine-tune unchanged
+            self.digit_head = nn.Linear(bb.d_model, sum(levels), bias=False)
+            nn.init.zeros_(self.digit_head.weight)
+            self.register_buffer("digit_map", code_digits(levels), persistent=False)  # (L, K)
 
     @property
     def max_seq_len(self) -> int:
@@ -227,6 +259,10 @@ class Chameleon(nn.Module):
         pointer-generator mixture g·onehot(source) + (1 - g)·softmax(logits) instead (fp32);
         cross-entropy and sampling treat both alike, since log_softmax leaves them unchanged."""
         logits = self.lm_head(hidden)
+        if self.digit_head is not None:  # + each code's digit scores (module docstring)
+            digits = self.digit_head(hidden) @ self.digit_map.to(logits.dtype)  # (..., K)
+            logits = torch.cat([logits[..., :self.text_vocab],
+                                logits[..., self.text_vocab:] + digits], -1)
         if self.copy_gate is None or source is None:
             return logits
         gate = self.copy_gate(hidden).float()  # (..., 1), the copy's logit

@@ -97,6 +97,12 @@ class ChameleonConfig:
     # the hidden state), so an unchanged cell is copied exactly and the logits only model the
     # changed cells (fusion.models.chameleon; docs/editing.md, "Copying the source").
     source_copy: bool = False
+    # The FSQ levels of the image tokenizer's quantizer (e.g. [8, 5, 5, 5]), or None: adds a
+    # factorised term to every image code's logit, the sum of one learned score per FSQ digit
+    # of the code (fusion.models.chameleon.code_digits; docs/editing.md, "Code digits"), so
+    # what is learnt about one code's digits carries over to every code that shares them. It
+    # starts at zero, so a model without it starts a fine-tune unchanged.
+    code_digit_levels: list[int] | None = None
 
 
 @dataclass

@@ -144,8 +144,9 @@ def _image_differences(meta: dict, run_path: str, image_size: int) -> list[str]:
 
 # Weights a fine-tune may add to its start model, initialised to zero (Chameleon's
 # source_alignment projection, which leaves the start model's function unchanged, and its
-# source_copy gate, which only acts on editing targets).
-STARTS_AT_ZERO = ("source_proj.", "copy_gate.")
+# source_copy gate, which only acts on editing targets, and its code-digit head, which adds
+# zero to every logit until trained).
+STARTS_AT_ZERO = ("source_proj.", "copy_gate.", "digit_head.")
 
 
 def _weight_differences(model, state: dict) -> list[str]:
