@@ -58,8 +58,8 @@ EDIT_METRICS: dict[str, tuple[str, bool, float | None]] = {
     **{f"edit_accuracy_{k}": (f"edit accuracy, {k}", True, None) for k in EDIT_KINDS},
     # Chameleon only (fusion.eval.edit_diagnosis, teacher-forced on the held-out edits): how
     # well it predicts the codes an edit changes, which sampled accuracy hides while it is ~0
-    "changed_cells_nll": ("changed cells, teacher-forced nll (nats)", False, None),
-    "changed_cells_right": ("changed cells right, teacher-forced", True, None),
+    "changed_cells_nll": ("changed-cell nll (nats)", False, None),
+    "changed_cells_right": ("changed cells right", True, None),
 }
 
 
@@ -287,16 +287,18 @@ def summary_markdown(rows: list[dict], families: list[str], metrics: dict | None
     study of both families, the parity FLOP ratios."""
     metrics = metrics or METRICS
     label = "budget (FLOPs)" if group == "budget" else "edit triplets"
-    head = f"| {label} | " + " | ".join(
-        f"{f}: {metrics[m][0]}" for m in metrics for f in families) + " |"
-    lines = [head, "|---" * (1 + len(metrics) * len(families)) + "|"]
+    # a (metric, family) column only where some run has the figure (the changed-cell scores
+    # are Chameleon's alone; a study scored without FID has none)
+    columns = [(m, f) for m in metrics for f in families
+               if any(r["family"] == f and r.get(m) is not None for r in rows)]
+    head = f"| {label} | " + " | ".join(f"{f}: {metrics[m][0]}" for m, f in columns) + " |"
+    lines = [head, "|---" * (1 + len(columns)) + "|"]
     for point in sorted({r[group] for r in rows}):
         cells = []
-        for m in metrics:
-            for f in families:
-                vals = [r[m] for r in rows if r["family"] == f and r[group] == point
-                        and r.get(m) is not None]
-                cells.append(" / ".join(f"{v:.3f}" for v in vals) if vals else "—")
+        for m, f in columns:
+            vals = [r[m] for r in rows if r["family"] == f and r[group] == point
+                    and r.get(m) is not None]
+            cells.append(" / ".join(f"{v:.3f}" for v in vals) if vals else "—")
         lines.append(f"| {point:.3g} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nSeeds are separated by ` / `.\n"
     if metrics is METRICS and {"transfusion", "chameleon"} <= set(families):

@@ -126,7 +126,12 @@ def test_summary_table_and_curves(tmp_path):
     assert "| 1e+12 | 0.100 | 0.100 |" in text
     assert "| FID-shapes | = 0.25 | 5.000 | 0.029 |" in text  # the paper's figure beside it
     for row in rows:
-        row.pop("fid_shapes")  # a study scored without FID draws no FID plot
+        row.pop("fid_shapes")  # a study scored without FID draws no FID plot, nor column
+    assert "FID" not in summary_markdown(rows, ["transfusion", "chameleon"]).split("\n")[0]
+    one_family = [dict(r, only=1.0) if r["family"] == "chameleon" else r for r in rows]
+    head = summary_markdown(one_family, ["transfusion", "chameleon"],
+                            {"only": ("only", True, None)}).split("\n")[0]
+    assert head == "| budget (FLOPs) | chameleon: only |"
     paths = draw_curves(rows, ["transfusion", "chameleon"], tmp_path / "plots")
     assert [p.name for p in paths] == ["study_geneval_overall.png",
                                        "study_caption_single_object_accuracy.png",
