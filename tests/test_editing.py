@@ -807,11 +807,9 @@ def test_code_digit_head_generalises_to_codes_it_never_saw():
     seen, unseen = torch.tensor([2 + 4 * 0, 2 + 4 * 1, 1 + 4 * 3, 0 + 4 * 3]), 2 + 4 * 3
 
     def unseen_probability(train: str) -> tuple[float, float]:
-        model, _ = aligned_chameleon(source_alignment=False)
-        model.digit_head = torch.nn.Linear(model.embed.weight.shape[1], 8, bias=False)
-        torch.nn.init.zeros_(model.digit_head.weight)
-        from fusion.models.chameleon import code_digits
-        model.register_buffer("digit_map", code_digits([4, 4]), persistent=False)
+        torch.manual_seed(0)
+        model = Chameleon(ChameleonConfig(backbone_overrides=SMALL, code_digit_levels=[4, 4]),
+                          VOCAB, CODEBOOK, codes_per_image=4)
         # one context, four right answers: a factorised fit is the product of the digits'
         # marginals, 0.5 x 0.5 for the unseen code
         hidden = torch.randn(1, model.embed.weight.shape[1], generator=torch.Generator()
