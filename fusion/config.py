@@ -61,6 +61,10 @@ class DataConfig:
     image_first_ratio: float = 0.2  # Transfusion's 80/20 caption->image / image->caption
     batch_size: int = 32
     num_workers: int = 0
+    # batches each loader worker keeps ready (torch's prefetch_factor; needs num_workers > 0)
+    prefetch_factor: int = 2
+    # page-locked batches when training on CUDA, so host-to-GPU copies overlap the step
+    pin_memory: bool = True
     text_tokenizer: str = "tokenizers/shapes-bpe/tokenizer.json"
 
 

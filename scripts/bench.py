@@ -7,6 +7,7 @@
     ddp          a recipe trained by one process against DDP / FSDP ranks: step time, docs/s
     encoded      stage-2 step time from pre-encoded shards against encoding on the fly
     peer         fusion against transfusion-pytorch: training step and text->image sample
+    loader       the training loader alone (documents/s) against what the training step consumes
 """
 
 import importlib
@@ -18,7 +19,8 @@ BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "train-step": "fusion.benchmarks.train_step",
               "ddp": "fusion.benchmarks.ddp",
               "encoded": "fusion.benchmarks.encoded",
-              "peer": "fusion.benchmarks.peer"}
+              "peer": "fusion.benchmarks.peer",
+              "loader": "fusion.benchmarks.loader"}
 
 
 def main() -> None:

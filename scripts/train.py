@@ -57,8 +57,10 @@ def main(cfg: DictConfig) -> None:
     tokenizer = TextTokenizer.from_file(resolve_path(cfg.data.text_tokenizer))
     image_tokenizer = load_image_tokenizer(cfg.image_tokenizer)
     model, loss = build_family(cfg.model, tokenizer, image_tokenizer, cfg.data.image_size)
+    # batches are packed in the loader workers (a family loss without ``preparer`` packs here)
     data = DocumentDataModule(cfg.data, tokenizer,
-                              text_budget=lambda n_images: loss.text_budget(model, n_images))
+                              text_budget=lambda n_images: loss.text_budget(model, n_images),
+                              prepare=loss.preparer(model) if hasattr(loss, "preparer") else None)
     data.setup()  # every record is checked now (lengths included), not hours into the run
     check_encoded_data(cfg.data, cfg.image_tokenizer)  # pre-encoded shards: the same tokenizer
     if cfg.init_from and cfg.init_backbone:

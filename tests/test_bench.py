@@ -2,15 +2,21 @@
 
 import re
 
+import pytest
+
 from fusion.benchmarks.sampling import main
 
 
-def test_sampling_benchmark_reports_both_paths_and_their_agreement(capsys):
-    main(["--batch", "2", "--steps", "2", "--repeats", "1", "--threads", "1"])
+@pytest.mark.parametrize("family,steps", [("transfusion", "2"), ("chameleon", "-")])
+def test_sampling_benchmark_reports_both_paths_and_their_agreement(capsys, family, steps):
+    main(["--family", family, "--batch", "2", "--steps", "2", "--repeats", "1",
+          "--threads", "1"])
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.split() and line.split()[0] == "2")
-    steps, cached, uncached, speedup, diff = row.split()
+    assert out.startswith(family.capitalize())
+    row = next(line for line in out.splitlines() if line.split() and line.split()[0] == steps)
+    _, cached, per_second, uncached, speedup, diff = row.split()
     assert float(cached) > 0 and float(uncached) > 0
+    assert abs(float(per_second) * float(cached) - 1) < 0.05  # images/s is 1 / (s/image)
     assert re.fullmatch(r"[0-9.]+x", speedup)
     assert float(diff) < 1e-3  # the cache changes speed, not the image
 
@@ -24,3 +30,19 @@ def test_train_step_benchmark_times_every_case(capsys):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
     assert [r[0].strip() for r in rows[1:]] == ["max_seq_len", "64"]  # header, then the cases
     assert all(float(r[2]) > 0 for r in rows[1:]) and rows[1][3].strip() == "1.00x"
+
+
+def test_loader_benchmark_reports_the_loader_against_the_step(capsys):
+    from fusion.benchmarks.loader import main as loader
+
+    loader(["--experiment", "chameleon_tiny", "--workers", "0", "1", "--batch", "4",
+            "--batches", "2", "--rounds", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| chameleon_tiny")]
+    assert [r[2] for r in rows] == ["0", "1"]  # one row per worker count
+    for _, batch, _, loader_rate, step_rate, ratio, _ in rows:
+        loader_rate, step_rate = (float(x.replace(",", "")) for x in (loader_rate, step_rate))
+        assert batch == "4" and loader_rate > 0 and step_rate > 0
+        assert float(ratio.rstrip("x")) == pytest.approx(loader_rate / step_rate, rel=0.02,
+                                                        abs=0.01)

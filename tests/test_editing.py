@@ -61,10 +61,10 @@ def transfusion(seed=0, **loss_kw):
     return model, TransfusionLoss(TransfusionLossConfig(**loss_kw), SPECIAL)
 
 
-def chameleon(seed=0, **loss_kw):
+def chameleon(seed=0, codes_per_image=4, **loss_kw):
     torch.manual_seed(seed)
     model = Chameleon(ChameleonConfig(backbone_overrides=SMALL), VOCAB, CODEBOOK,
-                      codes_per_image=4)
+                      codes_per_image=codes_per_image)
     return model, ChameleonLoss(ChameleonLossConfig(**loss_kw), SPECIAL, TOKENS)
 
 
@@ -905,7 +905,8 @@ def test_chameleon_local_edit_targets_keep_the_source_codes_away_from_the_edit()
     assert (src != tgt).all()
     spans = {}
     for mode in ("encoded", "local"):
-        model, loss = chameleon(edit_condition_dropout=0.0, edit_target_codes=mode)
+        model, loss = chameleon(edit_condition_dropout=0.0, edit_target_codes=mode,
+                                codes_per_image=16)
         (pieces, _), = loss.documents_with_cells(model, [doc], global_encode, random.Random(0))
         ids = [t for p in pieces for t in p]
         spans[mode] = torch.tensor(ids[-18:-2]) - VOCAB  # <boi> 16 codes <eoi> <eos>

@@ -1,13 +1,17 @@
-"""Transfusion text->image sampling speed: seconds per image, prompt cached vs not.
+"""Text->image sampling speed of either family: images/s, prompt KV-cached vs recomputed.
 
     python scripts/bench.py sampling --model outputs/demo/transfusion/model
-    python scripts/bench.py sampling                  # a random tiny model (speed only)
+    python scripts/bench.py sampling                        # a random tiny Transfusion model
+    python scripts/bench.py sampling --family chameleon     # a random tiny Chameleon model
 
-With the cache (the default sampler) the prompt runs once and each denoising step runs only the
-N image positions against it (Transfusion, arXiv:2408.11039, sec. 3); without it every step
-re-runs the whole sequence. Both are timed on the same prompts, seed and step count,
-round-robin, median of ``--repeats``; the report also gives the largest pixel difference
-between the two, which must be ~0 (tests/test_transfusion.py checks the same equivalence).
+With the cache (the default sampler) the prompt runs once; Transfusion's denoising steps then
+run only the N image positions against it (Transfusion, arXiv:2408.11039, sec. 3) and Chameleon
+decodes its codes one position at a time. Without it every Transfusion step, and every Chameleon
+code, re-runs the whole sequence. Both are timed on the same prompts, seed and settings,
+round-robin, median of ``--repeats``; the report also gives the largest difference between the
+two outputs (latents or codes), which must be ~0 (tests/test_transfusion.py and
+tests/test_chameleon.py check the same equivalence). ``--steps`` is Transfusion's: a Chameleon
+image is its h·w codes whatever the steps.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ PROMPTS = ["a photo of a red circle", "a photo of two blue squares",
            "a photo of a white diamond and a pink circle"]
 
 
-def _random_tiny(tokenizer_path: str, vae_path: str):
-    """(model, loss, tokenizer, VAE) of the tiny recipe with random weights."""
+def _random_tiny(family: str, tokenizer_path: str, image_tokenizer_path: str):
+    """(model, loss, tokenizer, image tokenizer) of a family's tiny recipe, random weights."""
     from fusion.config import compose, resolve_path
     from fusion.data.text import TextTokenizer
     from fusion.families import build_family, load_image_tokenizer
 
-    cfg = compose("train", ["experiment=transfusion_tiny"])
+    cfg = compose("train", [f"experiment={family}_tiny"])
     tok = TextTokenizer.from_file(resolve_path(tokenizer_path or cfg.data.text_tokenizer))
-    vae = load_image_tokenizer(vae_path or cfg.image_tokenizer)
+    vae = load_image_tokenizer(image_tokenizer_path or cfg.image_tokenizer)
     model, loss = build_family(cfg.model, tok, vae, cfg.data.image_size)
     return model, loss, tok, vae
 
@@ -44,9 +48,11 @@ def _synchronize(device: torch.device) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.py sampling", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a trained Transfusion model folder (default: random tiny)")
+    p.add_argument("--model", help="a trained model folder (default: a random tiny one)")
+    p.add_argument("--family", default="transfusion", choices=["transfusion", "chameleon"],
+                   help="random model: which family's tiny recipe")
     p.add_argument("--tokenizer", help="random model: text tokenizer.json")
-    p.add_argument("--vae", help="random model: VAE artifact folder")
+    p.add_argument("--vae", help="random model: image tokenizer folder (VAE or VQ-GAN)")
     p.add_argument("--batch", type=int, default=8, help="images per call (prompts cycled)")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50],
                    help="denoising steps per image")
@@ -60,7 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     from fusion.families import family_sampler
     from fusion.families.folders import load_model
-    from fusion.models.transfusion import Transfusion
 
     args = parse_args(argv)
     if args.threads:
@@ -68,21 +73,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         model, loss, tok, vae, _ = load_model(args.model)
     else:
-        model, loss, tok, vae = _random_tiny(args.tokenizer, args.vae)
+        model, loss, tok, vae = _random_tiny(args.family, args.tokenizer, args.vae)
     device = torch.device(args.device)
     model, vae = model.to(device), vae.to(device)
-    if not isinstance(model, Transfusion):
-        raise SystemExit("bench.py sampling: the model must be a Transfusion model")
+    diffuses = hasattr(model, "tokens_per_image")  # Transfusion; Chameleon decodes codes
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     samplers = {"cached": family_sampler(model, loss, tok, vae, use_cache=True),
                 "uncached": family_sampler(model, loss, tok, vae, use_cache=False)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{torch.get_num_threads()} threads")
-    print(f"{where}, batch {args.batch}, CFG {args.guidance_scale}, "
+    print(f"{type(model).__name__}, {where}, batch {args.batch}, CFG {args.guidance_scale}, "
           f"median of {args.repeats}")
-    print(f"{'steps':>5s} {'cached s/img':>13s} {'uncached s/img':>15s} {'speed-up':>9s} "
-          f"{'max |Δ|':>8s}")
-    for steps in args.steps:
+    print(f"{'steps':>5s} {'cached s/img':>13s} {'images/s':>9s} {'uncached s/img':>15s} "
+          f"{'speed-up':>9s} {'max |Δ|':>8s}")
+    for steps in args.steps if diffuses else [None]:
         times = {name: [] for name in samplers}
         images = {}
         for _ in range(args.repeats):
@@ -95,5 +99,5 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append((time.perf_counter() - start) / args.batch)
         cached, uncached = (statistics.median(times[n]) for n in ("cached", "uncached"))
         diff = float((images["cached"] - images["uncached"]).abs().max())
-        print(f"{steps:5d} {cached:13.4f} {uncached:15.4f} {uncached / cached:8.2f}x "
-              f"{diff:8.1e}")
+        print(f"{steps or '-':>5} {cached:13.4f} {1 / cached:9.1f} {uncached:15.4f} "
+              f"{uncached / cached:8.2f}x {diff:8.1e}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from fusion.config import DataConfig, resolve_path
 from fusion.data.documents import (
@@ -18,7 +19,7 @@ from fusion.data.documents import (
     collate_documents,
 )
 from fusion.data.shapes import EDIT_KINDS
-from fusion.data.shards import ShardStream, collate_positioned, expand_shards
+from fusion.data.shards import ShardStream, StreamPosition, collate_positioned, expand_shards
 from fusion.data.sources import (
     CaptionFolder,
     EditFolder,
@@ -154,6 +155,11 @@ class ResumableSampler(Sampler[int]):
         full = torch.randperm(self.num_samples, generator=g).tolist()
         return full[: len(self) * self.num_replicas][self.rank::self.num_replicas]
 
+    def next_start(self) -> int:
+        """How many of this rank's indices of the current epoch the next iteration leaves
+        out (:meth:`resume_at`)."""
+        return self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
+
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, None
         start = skip[1] if skip is not None and skip[0] == self.epoch else 0
@@ -178,6 +184,71 @@ class RankSlice(Sampler[int]):
         return len(self.indices)
 
 
+class NumberedBatches(Sampler[list]):
+    """Batches of ``sampler``'s indices, each index paired with its batch's key: ``(epoch,
+    batch number within the epoch)`` for a :class:`ResumableSampler`, ``(batch number,)``
+    otherwise. A loader worker seeds the batch's random draws from the key
+    (:class:`PrepareBatches`), so they depend on where the batch is in the run, not on which
+    worker builds it, and a resumed run (which starts part-way through an epoch) draws the
+    same. Lightning finds ``sampler`` here to call its ``set_epoch``."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        numbered = isinstance(self.sampler, ResumableSampler)
+        number = self.sampler.next_start() // self.batch_size if numbered else 0
+        batch: list[tuple] = []
+        for index in self.sampler:
+            key = (self.sampler.epoch, number) if numbered else (number,)
+            batch.append((*key, index))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch, number = [], number + 1
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class KeyedRecords(Dataset):
+    """``dataset`` read by :class:`NumberedBatches` keys: ``(*key, index) -> (record,
+    key)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple):
+        return self.dataset[key[-1]], key[:-1]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class PrepareBatches:
+    """A loader's ``collate_fn`` that turns a batch's documents into the family's
+    PreparedBatch (``prepare(documents, rng)``, fusion.models.packing.BatchPreparer) in the
+    loader worker. The batch's draws (caption and condition dropout, CM3 spans, clean-image
+    choices) come from a ``random.Random`` seeded by ``prefix``, the batch's key (its
+    :class:`NumberedBatches` key, or for a stream the reader position after it) and the rank
+    (no part on rank 0, so one process draws the same whatever launched it)."""
+
+    def __init__(self, prepare: Callable, prefix: tuple, rank: int = 0):
+        self.prepare, self.prefix = prepare, prefix
+        self.rank_tag = (f"rank{rank}",) if rank else ()
+
+    def __call__(self, items: list[tuple]):
+        key = items[-1][1]
+        parts = key.as_list() if isinstance(key, StreamPosition) else list(key)
+        rng = random.Random("/".join(map(str, (*self.prefix, *parts, *self.rank_tag))))
+        batch = self.prepare([doc for doc, _ in items], rng)
+        if isinstance(key, StreamPosition):
+            batch.stream_position = key
+        return batch
+
+
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """``data.batch_size`` is the global batch (what one optimizer step sees, before gradient
     accumulation); each of ``world_size`` data-parallel ranks loads its equal share."""
@@ -193,11 +264,20 @@ class DocumentDataModule(L.LightningDataModule):
 
     ``text_budget(n_images)`` -> the most text tokens a document with that many images can
     hold (the family loss's ``text_budget``): when given, every record is checked against it
-    as the data opens (fusion.data.documents.fitting_records)."""
+    as the data opens (fusion.data.documents.fitting_records).
+
+    ``prepare(documents, rng) -> PreparedBatch`` (the family loss's ``preparer(model)``):
+    when given, the loader workers pack each batch and make its random draws
+    (:class:`PrepareBatches`), and batches are PreparedBatches; the training process is left
+    with the encoder, the noise and the model. Without it batches are lists of Documents."""
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer | None = None,
-                 text_budget: Callable[[int], int] | None = None):
+                 text_budget: Callable[[int], int] | None = None,
+                 prepare: Callable | None = None):
         super().__init__()
+        if cfg.num_workers > 0 and cfg.prefetch_factor < 1:
+            raise UserError(f"data.prefetch_factor must be 1 or more, got {cfg.prefetch_factor}")
+        self.prepare = prepare
         if cfg.documents not in DOCUMENTS:
             raise UserError(f"unknown data.documents {cfg.documents!r}; expected one of "
                              f"{DOCUMENTS}")
@@ -278,9 +358,25 @@ class DocumentDataModule(L.LightningDataModule):
     def _stream_loader(self, stream: ShardStream) -> DataLoader:
         world, rank = self._ranks()
         stream.place(world, rank, self.cfg.num_workers)
+        collate = (PrepareBatches(self.prepare, self._prefix(stream is self.train_set), rank)
+                   if self.prepare is not None else collate_positioned)
         return DataLoader(stream, batch_size=per_rank_batch(self.cfg.batch_size, world),
-                          num_workers=self.cfg.num_workers, collate_fn=collate_positioned,
-                          persistent_workers=self.cfg.num_workers > 0)
+                          collate_fn=collate, **self._loader_options())
+
+    def _prefix(self, train: bool) -> tuple:
+        """Seed parts of a batch's draws before its key: the run's seed, or validation's."""
+        return (self.cfg.seed,) if train else ("val",)
+
+    def _loader_options(self) -> dict:
+        """Workers, prefetch and pinning, the same for every loader."""
+        workers = self.cfg.num_workers
+        trainer = getattr(self, "trainer", None)
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        out = dict(num_workers=workers, persistent_workers=workers > 0,
+                   pin_memory=self.prepare is not None and self.cfg.pin_memory and on_cuda)
+        if workers > 0:
+            out["prefetch_factor"] = self.cfg.prefetch_factor
+        return out
 
     def held_out(self, n: int) -> list:
         """The first ``n`` records of the validation source (fixed examples for grids)."""
@@ -297,11 +393,19 @@ class DocumentDataModule(L.LightningDataModule):
         # Its own generator: creating an iterator draws worker seeds from it, not from the
         # global torch RNG that the model's dropout uses, so validation and resumes leave the
         # training stream alone.
-        batch = per_rank_batch(self.cfg.batch_size, self._ranks()[0])
-        return DataLoader(dataset, batch_size=batch, sampler=sampler,
-                          num_workers=self.cfg.num_workers, collate_fn=collate_documents,
-                          persistent_workers=self.cfg.num_workers > 0, drop_last=drop_last,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+        world, rank = self._ranks()
+        batch = per_rank_batch(self.cfg.batch_size, world)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        if self.prepare is None:
+            return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last,
+                              collate_fn=collate_documents, generator=generator,
+                              **self._loader_options())
+        return DataLoader(KeyedRecords(dataset),
+                          batch_sampler=NumberedBatches(sampler, batch, drop_last),
+                          collate_fn=PrepareBatches(self.prepare,
+                                                    self._prefix(dataset is self.train_set),
+                                                    rank),
+                          generator=generator, **self._loader_options())
 
     def train_dataloader(self) -> DataLoader:
         # The Trainer runs with use_distributed_sampler=False (fusion.training.factory): the

@@ -51,24 +51,65 @@ class Image:
     pre_encoded: bool = False
 
 
+@dataclass
+class ImageBatch:
+    """A batch's images in order, stacked on the host (in a loader worker when the batch is
+    prepared there): the pixels that the frozen tokenizer still has to encode, and the values
+    read from a pre-encoded dataset (``Image.pre_encoded``), which training uses as they are.
+
+    Shapes: ``pixels`` (F, C, H, W) of the images at ``fresh``; ``stored`` (P, ...) of those
+    at ``stored_at``; F + P = ``count``."""
+
+    count: int
+    fresh: list[int]
+    pixels: torch.Tensor | None
+    stored_at: list[int]
+    stored: torch.Tensor | None
+
+    @classmethod
+    def of(cls, images: Sequence[Image]) -> ImageBatch:
+        fresh = [i for i, im in enumerate(images) if not im.pre_encoded]
+        stored_at = [i for i, im in enumerate(images) if im.pre_encoded]
+        return cls(len(images), fresh,
+                   torch.stack([images[i].pixels for i in fresh]) if fresh else None,
+                   stored_at, torch.stack([images[i].pixels for i in stored_at])
+                   if stored_at else None)
+
+    def pixels_of(self, indices: Sequence[int]) -> torch.Tensor:
+        """(len(indices), C, H, W) pixels of the images at ``indices`` (not pre-encoded)."""
+        row = {i: k for k, i in enumerate(self.fresh)}
+        missing = [i for i in indices if i not in row]
+        if missing:
+            raise ValueError(f"images {missing} are pre-encoded: they carry no pixels")
+        return self.pixels[[row[i] for i in indices]]
+
+    def encode(self, encode, device) -> torch.Tensor:
+        """(count, ...) on ``device``: ``encode`` (pixels (F, C, H, W) -> latents or codes)
+        of the fresh images and the stored values, back in image order."""
+        encoded = (encode(self.pixels.to(device, non_blocking=True))
+                   if self.pixels is not None else None)
+        if self.stored is None:
+            return encoded
+        dtype = encoded.dtype if encoded is not None else (
+            torch.float32 if self.stored.is_floating_point() else torch.long)
+        stored = self.stored.to(device=device, dtype=dtype, non_blocking=True)
+        if encoded is None:
+            return stored
+        out = stored.new_empty((self.count, *stored.shape[1:]))
+        out[self.fresh], out[self.stored_at] = encoded, stored
+        return out
+
+    def pin_memory(self) -> ImageBatch:
+        pin = (lambda t: t.pin_memory() if t is not None else None)
+        return ImageBatch(self.count, self.fresh, pin(self.pixels), self.stored_at,
+                          pin(self.stored))
+
+
 def encode_images(encode, images: Sequence[Image], device) -> torch.Tensor:
-    """The frozen tokenizer's output for every image, in order, (I, ...) on ``device``:
-    ``encode`` (pixels (I, 3, H, W) -> latents or codes) for the images given as pixels, the
-    stored tensor for pre-encoded ones (so training on an encoded dataset never runs the
-    encoder)."""
-    fresh = [i for i, im in enumerate(images) if not im.pre_encoded]
-    out: list[torch.Tensor | None] = [None] * len(images)
-    if fresh:
-        encoded = encode(torch.stack([images[i].pixels for i in fresh]).to(device))
-        for i, value in zip(fresh, encoded, strict=True):
-            out[i] = value
-    like = next((x for x in out if x is not None), None)
-    for i, im in enumerate(images):
-        if im.pre_encoded:
-            dtype = like.dtype if like is not None else (
-                torch.long if not im.pixels.is_floating_point() else torch.float32)
-            out[i] = im.pixels.to(device=device, dtype=dtype)
-    return torch.stack(out)
+    """The frozen tokenizer's output for every image, in order, (I, ...) on ``device``
+    (:meth:`ImageBatch.encode`): a pre-encoded image's stored tensor is used as it is, so
+    training on an encoded dataset never runs the encoder."""
+    return ImageBatch.of(images).encode(encode, device)
 
 
 Segment = Text | Image

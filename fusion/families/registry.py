@@ -12,7 +12,11 @@ Contracts (both built-in families meet them, tests/test_families.py checks a thi
   ``model`` is a plain ``nn.Module`` with ``vocab_size`` and ``max_seq_len``; ``loss`` is
   callable as ``loss(model, documents, encode, rng, generator=None) -> {"loss": ..., parts}``
   and has ``text_budget(model, n_images) -> int`` (text tokens a document with that many images
-  can hold in one packed row). Optional: a model whose shared network is ``model.transformer``
+  can hold in one packed row). Optional: a loss with ``preparer(model)`` (a picklable
+  ``(documents, rng) -> PreparedBatch``, fusion.models.packing) and ``compute(model, batch,
+  encode, generator)`` gets its batches prepared in the loader workers (packing, dropout and
+  CM3 draws), so the training process only encodes, draws noise and runs the model. A model
+  whose shared network is ``model.transformer``
   (fusion.models.transformer.Transformer) with a loss that packs rows of ``loss.cfg.pack_len``
   and returns ``positions`` (packed positions that are not padding) gets its training FLOPs
   counted (:func:`training_flops_per_position`), and can take ``optim.flops_budget``. A model

@@ -23,8 +23,8 @@ its neighbours are but not which cell of the h×w grid it fills, and an edit's t
 at a distance from its source cell that changes with the instruction's length. With
 ``image_pos_embed`` the model adds a learned 2-D (row + column) embedding of the cell to every
 image code's token embedding, as Transfusion's linear patchifier does for patches
-(``fusion.models.positions``). Cells come from :func:`image_cells` (in-place images) or, for
-CM3 documents, travel with the moved spans (:func:`fusion.models.cm3.cm3_apply`).
+(``fusion.models.positions``). Cells come from :func:`image_cells` (in-place images) or, in
+training, from the code placeholders (:func:`slot_cells`), which CM3 moves with their spans.
 
 Source alignment (editing): a target code that copies its source cell must find that cell
 somewhere ~100 positions back. With ``source_alignment`` each position of the target span also
@@ -55,6 +55,7 @@ h/w = code grid, K = codebook, L = sum of the FSQ levels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -66,15 +67,18 @@ from torch import nn
 from fusion.data.documents import (
     Document,
     Image,
+    ImageBatch,
     Text,
     caption_dropped,
     drop_edit_conditions,
-    encode_images,
 )
 from fusion.models.attention import AttentionLayout
 from fusion.models.cm3 import CM3_POSITIONS_PER_SPAN, CM3Tokens, cm3_apply, cm3_spans
 from fusion.models.packing import (
+    BatchPreparer,
     Context,
+    PreparedBatch,
+    RowSpec,
     SpecialIds,
     next_token_loss,
     pack,
@@ -104,18 +108,47 @@ def image_cells(ids: torch.Tensor, boi: int, text_vocab: int) -> torch.Tensor:
     return torch.where(is_code, count - at_boi - 1, -1)
 
 
+# A batch prepared in a loader worker (ChameleonLoss.prepare) does not know its codes yet: code j
+# of the batch's image k stands in its stream as CODE_SLOT - (k·N + j), N codes per image, and
+# the training process fills them in (fill_codes) once the VQ-GAN has encoded the images. CM3
+# moves the placeholders like any id, so each one still names its image and cell.
+CODE_SLOT = -2
+
+
+def code_slots(image: int, n: int) -> list[int]:
+    """The N placeholder ids of the batch's ``image``-th image, cell by cell."""
+    return list(range(CODE_SLOT - image * n, CODE_SLOT - (image + 1) * n, -1))
+
+
+def fill_codes(ids: torch.Tensor, code_ids: torch.Tensor | None) -> torch.Tensor:
+    """``ids`` (...) with every placeholder replaced by its code's id in the unified vocabulary
+    (``code_ids`` (I·N,): the batch's codes, image by image, offset by ``text_vocab``)."""
+    slot = ids <= CODE_SLOT
+    if code_ids is None:
+        if slot.any():
+            raise ValueError("code placeholders without encoded images")
+        return ids
+    return torch.where(slot, code_ids[(CODE_SLOT - ids).clamp(min=0)], ids)
+
+
+def slot_cells(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """(...) grid cell of each placeholder (its index within its image), -1 elsewhere."""
+    return torch.where(ids <= CODE_SLOT, (CODE_SLOT - ids) % n, -1)
+
+
 def source_alignment(ids: list[int], boi: int, eoi: int, text_vocab: int) -> list[int]:
     """One document's ids (S,) -> (S,): at the ``<boi>`` and codes of its second image, the
     first image's code (an id of the unified vocabulary) at the cell that position predicts
     (``<boi>`` -> cell 0, the code at cell k -> cell k + 1); -1 everywhere else, including the
     last code (it predicts ``<eoi>``). A document with fewer than two images, or whose first
-    image is not closed by ``<eoi>``, is all -1. A prefix of a document works the same way."""
+    image is not closed by ``<eoi>``, is all -1. A prefix of a document works the same way.
+    Code placeholders (:func:`code_slots`) count as codes and are copied as they are."""
     out = [-1] * len(ids)
     bois = [i for i, t in enumerate(ids) if t == boi]
     if len(bois) < 2:
         return out
     end = bois[0] + 1
-    while end < len(ids) and ids[end] >= text_vocab:
+    while end < len(ids) and (ids[end] >= text_vocab or ids[end] <= CODE_SLOT):
         end += 1
     if end >= len(ids) or ids[end] != eoi:
         return out
@@ -306,20 +339,21 @@ class ChameleonLoss:
         row = row_length(self.cfg.pack_len, model.max_seq_len)
         return row - 2 - n_images * (model.codes_per_image + 2)
 
-    def document_pieces(self, doc: Document, codes: list[list[int]], text_vocab: int,
-                        drop_caption: bool, target_only: bool = False) -> list[list[int]]:
-        """A document body as pieces: text ids, and ``<boi> codes+offset <eoi>`` per image.
+    def document_pieces(self, doc: Document, code_ids: list[list[int]], drop_caption: bool,
+                        target_only: bool = False) -> list[list[int]]:
+        """A document body as pieces: text ids, and ``<boi> codes <eoi>`` per image
+        (``code_ids``: each image's ids in the unified vocabulary, or its placeholders).
 
         ``target_only``: every piece but the generated (non-condition) image is
         :class:`~fusion.models.packing.Context`, input that is never predicted."""
-        s, out, images = self.special, [], iter(codes)
+        s, out, images = self.special, [], iter(code_ids)
         for seg in doc.segments:
             if isinstance(seg, Text):
                 if drop_caption:
                     continue
                 piece = list(seg.ids)
             else:
-                piece = [s.boi] + [text_vocab + c for c in next(images)] + [s.eoi]
+                piece = [s.boi, *next(images), s.eoi]
             is_target = isinstance(seg, Image) and not seg.is_condition
             out.append(Context(piece) if target_only and not is_target else piece)
         return out
@@ -327,103 +361,136 @@ class ChameleonLoss:
     def document_ids(self, doc: Document, codes: list[list[int]], text_vocab: int,
                      drop_caption: bool) -> list[int]:
         """A document as ids: <bos> ... <boi> codes+offset <eoi> ... <eos> (no CM3)."""
-        return [t for p in self.document_pieces(doc, codes, text_vocab, drop_caption) for t in p]
+        code_ids = [[text_vocab + c for c in image] for image in codes]
+        return [t for p in self.document_pieces(doc, code_ids, drop_caption) for t in p]
 
-    def documents(self, model: Chameleon, docs: list[Document], encode,
-                  rng: random.Random) -> list[list[list[int]]]:
-        """Packing pieces per document: ``[<bos>], body..., [<eos>]``, the body
-        CM3-transformed or not (:meth:`documents_with_cells` without the cells)."""
-        return [pieces for pieces, _ in self.documents_with_cells(model, docs, encode, rng)]
+    def rows(self, model: Chameleon) -> RowSpec:
+        return RowSpec(row_length(self.cfg.pack_len, model.max_seq_len), model.codes_per_image,
+                       model.text_vocab, reads_cells=model.image_pos is not None,
+                       reads_source=model.source_proj is not None)
 
-    def documents_with_cells(self, model: Chameleon, docs: list[Document], encode,
-                             rng: random.Random) -> list[tuple[list[list[int]], list[int]]]:
-        """(pieces, cells) per document: the packing pieces ``[<bos>], body..., [<eos>]``
-        and the image-grid cell of each of their tokens (-1 = not an image code).
+    def preparer(self, model: Chameleon) -> BatchPreparer:
+        """:meth:`prepare` bound to ``model``'s sizes, for loader workers."""
+        return BatchPreparer(self.prepare, self.rows(model))
+
+    def _placeholder_documents(self, docs: list[Document], rng: random.Random, rows: RowSpec
+                               ) -> tuple[list[list[list[int]]], list[Image], list[tuple]]:
+        """(pieces per document, the batch's images in order, (source, target) image pairs
+        that get local target codes): ``[<bos>], body..., [<eos>]``, the body CM3-transformed
+        or not, with code placeholders (:func:`code_slots`) for the codes.
 
         CM3 runs on each document's body alone, so no span can cross a document boundary
-        even after packing; the cells are moved with the spans. Editing documents first get
-        condition dropout (one draw each, before any other draw, so caption-only batches see
-        the same random stream as before)."""
-        cfg, device, s = self.cfg, model.embed.weight.device, self.special
-        row = row_length(cfg.pack_len, model.max_seq_len)
+        even after packing. Editing documents first get condition dropout (one draw each,
+        before any other draw, so caption-only batches see the same random stream)."""
+        cfg, s, n = self.cfg, self.special, rows.image_positions
         edits = [d.is_edit for d in docs]
         docs = [drop_edit_conditions(d, rng, cfg.edit_condition_dropout) if e else d
                 for d, e in zip(docs, edits, strict=True)]
         images = [seg for d in docs for seg in d.segments if isinstance(seg, Image)]
-        pixels = [seg.pixels for seg in images]
-        codes = []
-        if images:
-            with torch.no_grad():
-                grids = encode_images(encode, images, device)  # (I, h, w)
-                if cfg.edit_target_codes == "local":
-                    grids = self._local_targets(docs, grids, pixels)
-            codes = grids.flatten(1).tolist()
-        out, k = [], 0
+        out, pairs, k = [], [], 0
         for doc, edit in zip(docs, edits, strict=True):
             n_img = len(doc.images)
+            if cfg.edit_target_codes == "local" and doc.is_edit and n_img == 2:
+                pairs.append((k, k + 1))  # source (condition), then target
             drop = caption_dropped(doc, rng, cfg.caption_dropout, edit)
             target_only = edit and cfg.edit_loss == "target"
-            body = self.document_pieces(doc, codes[k:k + n_img], model.text_vocab, drop,
-                                        target_only)
+            body = self.document_pieces(doc, [code_slots(k + i, n) for i in range(n_img)],
+                                        drop, target_only)
             k += n_img
-            flat = [t for p in body for t in p]
-            cells = image_cells(torch.tensor(flat, dtype=torch.long), s.boi,
-                                model.text_vocab).tolist()
             if cfg.cm3 and not edit:
+                flat = [t for p in body for t in p]
                 spans = cm3_spans(len(flat), len(self.cm3_tokens.sentinels), rng,
                                   cfg.cm3_lambda, cfg.cm3_rate)
                 # each span adds 3 positions (cm3_apply); keep the ones the row has room for
-                spans = spans[:max(0, row - 2 - len(flat)) // CM3_POSITIONS_PER_SPAN]
+                spans = spans[:max(0, rows.row_length - 2 - len(flat)) // CM3_POSITIONS_PER_SPAN]
                 body = [cm3_apply(flat, spans, self.cm3_tokens.sentinels, self.cm3_tokens.eoss)]
-                cells = cm3_apply(cells, spans, [-1] * len(spans), -1)
             eos = Context([s.eos]) if target_only else [s.eos]
-            out.append(([[s.bos], *body, eos], [-1, *cells, -1]))
+            out.append([[s.bos], *body, eos])
+        return out, images, pairs
+
+    def prepare(self, docs: list[Document], rng: random.Random, rows: RowSpec) -> PreparedBatch:
+        """The host half of the loss: dropout and CM3 draws (``rng``), packing with code
+        placeholders, and the images stacked in order. ``extras``: ``local_pairs`` (see
+        :meth:`_placeholder_documents`) and, for a model that reads it, ``source`` (B, S),
+        the aligned source placeholder of each position (-1 = none)."""
+        pieces, images, pairs = self._placeholder_documents(docs, rng, rows)
+        packed = pack(pieces, rows.row_length, self.special.pad)
+        extras: dict = {"local_pairs": pairs}
+        if rows.reads_source:  # editing documents only; -1 everywhere else
+            s = self.special
+            extras["source"] = per_position(
+                [source_alignment([t for p in doc for t in p], s.boi, s.eoi, rows.text_vocab)
+                 if d.is_edit else [-1] * sum(len(p) for p in doc)
+                 for doc, d in zip(pieces, docs, strict=True)], packed, fill=-1)
+        return PreparedBatch(packed, ImageBatch.of(images), len(docs),
+                             target_mask(pieces, packed), extras)
+
+    def _code_ids(self, model: Chameleon, images: ImageBatch, pairs: list[tuple], encode
+                  ) -> torch.Tensor | None:
+        """(I·N,) the batch's codes in the unified vocabulary, image by image (None: none)."""
+        if not images.count:
+            return None
+        device = model.embed.weight.device
+        with torch.no_grad():
+            grids = images.encode(encode, device)  # (I, h, w)
+            if grids[0].numel() != model.codes_per_image:
+                raise ValueError(f"the image tokenizer gives {tuple(grids.shape[1:])} codes per "
+                                 f"image; the model takes {model.codes_per_image}")
+            if pairs:
+                src, tgt = (list(x) for x in zip(*pairs, strict=True))
+                grids = grids.clone()
+                grids[tgt] = local_edit_codes(grids[src], grids[tgt],
+                                              images.pixels_of(src).to(device),
+                                              images.pixels_of(tgt).to(device))
+        return grids.flatten() + model.text_vocab
+
+    def documents_with_cells(self, model: Chameleon, docs: list[Document], encode,
+                             rng: random.Random) -> list[tuple[list[list[int]], list[int]]]:
+        """(pieces, cells) per document, in this process: the packing pieces ``[<bos>],
+        body..., [<eos>]`` (:meth:`_placeholder_documents`, codes filled in) and the
+        image-grid cell of each of their tokens (-1 = not an image code)."""
+        pieces, images, pairs = self._placeholder_documents(docs, rng, self.rows(model))
+        code_ids = self._code_ids(model, ImageBatch.of(images), pairs, encode)
+        out = []
+        for doc in pieces:
+            flat = torch.tensor([t for p in doc for t in p], dtype=torch.long)
+            filled = fill_codes(flat, code_ids.cpu() if code_ids is not None else None).tolist()
+            it = iter(filled)
+            out.append(([type(p)(next(it) for _ in p) for p in doc],
+                        slot_cells(flat, model.codes_per_image).tolist()))
         return out
 
-    @staticmethod
-    def _local_targets(docs: list[Document], grids: torch.Tensor,
-                       pixels: list[torch.Tensor]) -> torch.Tensor:
-        """``grids`` (I, h, w) of every image of ``docs`` in order -> the same, with the
-        target of each editing document that kept its source replaced by
-        :func:`local_edit_codes`."""
-        pairs, k = [], 0
-        for doc in docs:
-            if doc.is_edit and len(doc.images) == 2:  # source (condition), then target
-                pairs.append((k, k + 1))
-            k += len(doc.images)
-        if not pairs:
-            return grids
-        src, tgt = (list(x) for x in zip(*pairs, strict=True))
-        grids = grids.clone()
-        grids[tgt] = local_edit_codes(grids[src], grids[tgt],
-                                      torch.stack([pixels[i] for i in src]).to(grids.device),
-                                      torch.stack([pixels[i] for i in tgt]).to(grids.device))
-        return grids
+    def documents(self, model: Chameleon, docs: list[Document], encode,
+                  rng: random.Random) -> list[list[list[int]]]:
+        """Packing pieces per document (:meth:`documents_with_cells` without the cells)."""
+        return [pieces for pieces, _ in self.documents_with_cells(model, docs, encode, rng)]
 
     def sequences(self, model: Chameleon, docs: list[Document], encode,
                   rng: random.Random) -> list[list[int]]:
         """One id sequence per document: <bos> body (CM3-transformed or not) <eos>."""
         return [[t for p in doc for t in p] for doc in self.documents(model, docs, encode, rng)]
 
-    def __call__(self, model: Chameleon, docs: list[Document], encode, rng: random.Random,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``encode``: pixels (I, 3, H, W) -> codes (I, h, w) int64, frozen (the VQ-GAN)."""
-        cfg, device = self.cfg, model.embed.weight.device
-        pieces, cells = zip(*self.documents_with_cells(model, docs, encode, rng), strict=True)
-        packed = pack(list(pieces), row_length(cfg.pack_len, model.max_seq_len),
-                      self.special.pad)
-        ids = packed.ids.to(device)
+    def compute(self, model: Chameleon, batch: PreparedBatch, encode,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The device half: encode the images, fill in their codes, next-token CE (+ z-loss).
+        ``encode``: pixels (I, 3, H, W) -> codes (I, h, w) int64, frozen (the VQ-GAN)."""
+        device, packed = model.embed.weight.device, batch.packed
+        code_ids = self._code_ids(model, batch.images, batch.extras["local_pairs"], encode)
+        slots = packed.ids.to(device, non_blocking=True)
+        ids = fill_codes(slots, code_ids)
         source = None
-        if model.source_proj is not None:  # editing documents only; -1 everywhere else
-            s = self.special
-            source = per_position(
-                [source_alignment([t for p in doc for t in p], s.boi, s.eoi, model.text_vocab)
-                 if d.is_edit else [-1] * sum(len(p) for p in doc)
-                 for doc, d in zip(pieces, docs, strict=True)], packed, fill=-1).to(device)
-        logits = model(ids, AttentionLayout(packed.doc_ids.to(device),
-                                            packed.image_ids.to(device)),
-                       # the (B, S) cell map is only built for a model that reads it
-                       cells=(per_position(list(cells), packed, fill=-1).to(device)
+        if model.source_proj is not None:
+            if "source" not in batch.extras:
+                raise ValueError("the batch was prepared for a model without source alignment")
+            source = fill_codes(batch.extras["source"].to(device, non_blocking=True), code_ids)
+        logits = model(ids, packed.layout(device),
+                       cells=(slot_cells(slots, model.codes_per_image)
                               if model.image_pos is not None else None),
                        source=source)
-        return next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(list(pieces), packed))
+        filled = dataclasses.replace(packed, ids=ids)  # the targets are the real ids
+        return next_token_loss(logits, filled, self.cfg.z_loss_weight, batch.predict)
+
+    def __call__(self, model: Chameleon, docs: list[Document], encode, rng: random.Random,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`prepare` then :meth:`compute`, in this process."""
+        return self.compute(model, self.prepare(docs, rng, self.rows(model)), encode, generator)

@@ -16,10 +16,15 @@ Shape legend: B = rows, S = max_len, I = image slots in the batch.
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fusion.data.documents import ImageBatch
 from fusion.models.attention import AttentionLayout
 
 
@@ -67,8 +72,14 @@ class Packed:
     image_sizes: list[int]  # (I,) positions per image slot
     doc_of_image: list[int]  # (I,) which input document each slot came from
 
-    def layout(self) -> AttentionLayout:
-        return AttentionLayout(self.doc_ids, self.image_ids)
+    def layout(self, device=None) -> AttentionLayout:
+        return AttentionLayout(self.doc_ids.to(device, non_blocking=True),
+                               self.image_ids.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Packed:
+        return dataclasses.replace(self, ids=self.ids.pin_memory(),
+                                   doc_ids=self.doc_ids.pin_memory(),
+                                   image_ids=self.image_ids.pin_memory())
 
     @property
     def is_text(self) -> torch.Tensor:
@@ -87,6 +98,61 @@ class Packed:
         ok = text[:, :-1] & text[:, 1:] & (self.doc_ids[:, :-1] == self.doc_ids[:, 1:])
         targets[:, :-1] = torch.where(ok, self.ids[:, 1:], ignore_index)
         return targets
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What preparing a batch needs to know about the model: sizes and switches, never
+    weights, so a preparer travels to loader workers cheaply (``Family.rows(model)``)."""
+
+    row_length: int  # positions per packed row
+    image_positions: int  # positions per image: Transfusion patches, Chameleon codes
+    text_vocab: int = 0  # Chameleon: the first image-code id
+    reads_cells: bool = False  # Chameleon: the model embeds each code's grid cell
+    reads_source: bool = False  # Chameleon: the model reads the aligned source code
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of documents made ready for a family's loss on the host: packed rows, the
+    image tensors stacked in slot order, and every random draw that is not noise (caption
+    and condition dropout, CM3 spans, clean-image choices). Loader workers build it
+    (``DocumentDataModule(prepare=...)``), so the training process only encodes images,
+    draws noise and runs the model. ``extras`` holds the family's own per-batch values."""
+
+    packed: Packed
+    images: ImageBatch
+    num_documents: int
+    predict: torch.Tensor | None = None  # (B, S) bool target_mask, None = every text target
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # streamed data: where this rank's reader is after the batch (fusion.data.shards)
+    stream_position: Any = None
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def pin_memory(self) -> PreparedBatch:
+        """Page-locked copies of the tensors (DataLoader ``pin_memory``), so the copies to the
+        GPU run asynchronously."""
+        extras = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                  for k, v in self.extras.items()}
+        return dataclasses.replace(
+            self, packed=self.packed.pin_memory(), images=self.images.pin_memory(),
+            predict=self.predict.pin_memory() if self.predict is not None else None,
+            extras=extras)
+
+
+@dataclass(frozen=True)
+class BatchPreparer:
+    """``prepare(documents, rng, rows) -> PreparedBatch`` bound to one model's
+    :class:`RowSpec`: the callable a loader worker runs on each batch (picklable: a family
+    loss's method and a few numbers)."""
+
+    prepare: Callable[..., PreparedBatch]
+    rows: RowSpec
+
+    def __call__(self, documents: list, rng: random.Random) -> PreparedBatch:
+        return self.prepare(documents, rng, self.rows)
 
 
 def row_length(pack_len: int | None, max_seq_len: int) -> int:
@@ -227,7 +293,7 @@ def next_token_loss(logits: torch.Tensor, packed: Packed, z_loss_weight: float =
 
     targets = packed.next_token_targets()
     if predict is not None:  # position p's target is the token at p + 1
-        targets[:, :-1] = targets[:, :-1].masked_fill(~predict[:, 1:], -100)
+        targets[:, :-1] = targets[:, :-1].masked_fill(~predict[:, 1:].to(targets.device), -100)
     targets = targets.to(logits.device)
     lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     out = {"lm_loss": lm, "loss": lm, "positions": (packed.doc_ids >= 0).sum()}

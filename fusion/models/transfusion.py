@@ -34,17 +34,20 @@ from torch import nn
 from fusion.data.documents import (
     Document,
     Image,
+    ImageBatch,
     Text,
     caption_dropped,
     drop_edit_conditions,
-    encode_images,
 )
 from fusion.models.attention import AttentionLayout
 from fusion.models.diffusion import Diffusion
 from fusion.models.packing import (
+    BatchPreparer,
     Context,
     ImageSlot,
     Packed,
+    PreparedBatch,
+    RowSpec,
     SpecialIds,
     gather_images,
     next_token_loss,
@@ -155,44 +158,53 @@ class TransfusionLoss:
         out.append([s.eos])
         return out
 
-    def __call__(
-        self,
-        model: Transfusion,
-        docs: list[Document],
-        encode,
-        rng: random.Random,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """``encode``: pixels (I, 3, H, W) -> scaled latents (I, C, h, w), frozen (the VAE)."""
-        cfg, device = self.cfg, model.embed.weight.device
-        pieces, images, clean_share_mask, is_condition = [], [], [], []
+    def rows(self, model: Transfusion) -> RowSpec:
+        return RowSpec(row_length(self.cfg.pack_len, model.max_seq_len), model.tokens_per_image)
+
+    def preparer(self, model: Transfusion) -> BatchPreparer:
+        """:meth:`prepare` bound to ``model``'s sizes, for loader workers."""
+        return BatchPreparer(self.prepare, self.rows(model))
+
+    def prepare(self, docs: list[Document], rng: random.Random, rows: RowSpec) -> PreparedBatch:
+        """The host half of the loss: caption and condition dropout, the clean-image choice
+        (``rng``), packing, and the images stacked in slot order. ``extras``: per image,
+        ``is_condition`` and ``clean`` (its timestep is drawn from ``clean_image_max_t``)."""
+        cfg = self.cfg
+        pieces, images, clean, is_condition = [], [], [], []
         for doc in docs:
             edit = doc.is_edit
             if edit:  # editing documents get InstructPix2Pix dropout instead of caption dropout
                 doc = drop_edit_conditions(doc, rng, cfg.edit_condition_dropout)
             drop = caption_dropped(doc, rng, cfg.caption_dropout, edit)
-            pieces.append(self.pieces(doc, model.tokens_per_image, drop,
+            pieces.append(self.pieces(doc, rows.image_positions, drop,
                                       text_targets=not edit or cfg.instruction_loss))
             for seg in doc.segments:
                 if isinstance(seg, Image):
                     images.append(seg)
                     is_condition.append(seg.is_condition)
-                    clean_share_mask.append(
+                    clean.append(
                         doc.order == "image_first" and rng.random() < cfg.clean_image_share
                     )
-        packed = pack(pieces, row_length(cfg.pack_len, model.max_seq_len), self.special.pad)
-        ids, layout = (
-            packed.ids.to(device),
-            AttentionLayout(packed.doc_ids.to(device), packed.image_ids.to(device)),
-        )
+        packed = pack(pieces, rows.row_length, self.special.pad)
+        return PreparedBatch(packed, ImageBatch.of(images), len(docs),
+                             target_mask(pieces, packed),
+                             {"is_condition": is_condition, "clean": clean})
+
+    def compute(self, model: Transfusion, batch: PreparedBatch, encode,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The device half: encode the images, noise them, run the model, L_LM + λ·L_diff.
+        ``encode``: pixels (I, 3, H, W) -> scaled latents (I, C, h, w), frozen (the VAE)."""
+        cfg, device, packed = self.cfg, model.embed.weight.device, batch.packed
+        ids, layout = packed.ids.to(device, non_blocking=True), packed.layout(device)
+        is_condition = batch.extras["is_condition"]
         latents = t = target = None
-        if images:
+        if batch.images.count:
             with torch.no_grad():
                 # float32: noise and targets must not inherit bf16 from an autocast encoder.
-                x0 = encode_images(encode, images, device).float()
+                x0 = batch.images.encode(encode, device).float()
             n = x0.shape[0]
             max_t = torch.tensor(
-                [cfg.clean_image_max_t if c else self.diffusion.T for c in clean_share_mask],
+                [cfg.clean_image_max_t if c else self.diffusion.T for c in batch.extras["clean"]],
                 device=device,
             )
             t = self.diffusion.sample_timesteps(n, max_t, generator=generator, device=device)
@@ -204,7 +216,7 @@ class TransfusionLoss:
             )
             target = self.diffusion.target(x0, noise)
         _, logits, image_out = model(ids, layout, packed, latents, t)
-        out = next_token_loss(logits, packed, cfg.z_loss_weight, target_mask(pieces, packed))
+        out = next_token_loss(logits, packed, cfg.z_loss_weight, batch.predict)
         if image_out is not None:
             per_image = (image_out.float() - target).pow(2).flatten(1).mean(1)
             keep = ~torch.tensor(is_condition, device=device)
@@ -212,3 +224,14 @@ class TransfusionLoss:
             out["diffusion_loss"] = diff
             out["loss"] = out["loss"] + cfg.diffusion_weight * diff
         return out
+
+    def __call__(
+        self,
+        model: Transfusion,
+        docs: list[Document],
+        encode,
+        rng: random.Random,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`prepare` then :meth:`compute`, in this process."""
+        return self.compute(model, self.prepare(docs, rng, self.rows(model)), encode, generator)

@@ -1,9 +1,9 @@
 """The LightningModule shared by both families.
 
 The family supplies a plain ``nn.Module`` (the model) and a loss callable
-``loss_fn(model, documents, encode, rng, generator=) -> {"loss": ..., <parts>...}``; this module
-adds what
-is the same for both: AdamW with decoupled weight decay on layer weights only
+``loss_fn(model, documents, encode, rng, generator=) -> {"loss": ..., <parts>...}``, whose
+``compute(model, prepared, encode, generator=)`` takes the batches that loader workers already
+prepared (fusion.models.packing.PreparedBatch); this module adds what is the same for both: AdamW with decoupled weight decay on layer weights only
 (:func:`weight_decay_groups`), linear warm-up and cosine decay, an optional EMA of the weights,
 logging of every loss part, a guard that skips non-finite updates, seeded per-step random
 streams that a resumed run continues, and a frozen image tokenizer whose ``encode`` turns
@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fusion.config import OptimConfig
 from fusion.distributed import all_ranks
 from fusion.errors import UserError
+from fusion.models.packing import PreparedBatch
 from fusion.training.encode_cache import EncodeCache
 
 
@@ -285,15 +286,23 @@ class FusionModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.clock.agree(self.trainer.strategy.broadcast)
 
+    def _loss(self, model: nn.Module, batch, rng_parts: tuple, generator: torch.Generator):
+        """The family loss of a batch: prepared by the loader (its draws made there, seeded by
+        the batch's place in the data, fusion.data.datamodule.PrepareBatches), or a list of
+        Documents prepared here with ``rng_parts`` as the seed."""
+        if isinstance(batch, PreparedBatch):
+            return self.loss_fn.compute(model, batch, self.encode, generator=generator)
+        rng = random.Random("/".join(map(str, rng_parts)))
+        return self.loss_fn(model, batch, self.encode, rng, generator=generator)
+
     def training_step(self, batch, batch_idx):
-        # Caption dropout, CM3 spans, noise levels and noise draw from generators seeded by
-        # (seed, step, batch, rank): a resumed run continues the same streams, and the ranks'
-        # streams differ (the same noise on every rank would correlate their gradients).
-        rng = random.Random("/".join(map(str, (self.seed, self.global_step,
-                                                *self._rank_tag()))))
+        # Noise levels and noise (and, for unprepared batches, caption dropout and CM3 spans)
+        # draw from generators seeded by (seed, step, batch, rank): a resumed run continues the
+        # same streams, and the ranks' streams differ (the same noise on every rank would
+        # correlate their gradients).
         g = torch.Generator(device=self.device).manual_seed(
             step_seed("train", self.seed, self.global_step, batch_idx, *self._rank_tag()))
-        out = self.loss_fn(self.model, batch, self.encode, rng, generator=g)
+        out = self._loss(self.model, batch, (self.seed, self.global_step, *self._rank_tag()), g)
         self._count_flops(out.pop("positions", None))
         self._window_finite &= bool(torch.isfinite(out["loss"].detach()))
         # sync_dist: the logged value is the mean over the ranks, what one process with the
@@ -309,9 +318,7 @@ class FusionModule(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(
             step_seed("val", self.seed, batch_idx, *self._rank_tag()) if self._rank_tag()
             else self.seed + batch_idx)
-        out = self.loss_fn(self.eval_model, batch, self.encode,
-                           random.Random("/".join(("val", str(batch_idx), *self._rank_tag()))),
-                           generator=g)
+        out = self._loss(self.eval_model, batch, ("val", batch_idx, *self._rank_tag()), g)
         out.pop("positions", None)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch),
                       sync_dist=True)
