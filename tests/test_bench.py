@@ -13,8 +13,8 @@ def test_sampling_benchmark_reports_both_paths_and_their_agreement(capsys, famil
           "--threads", "1"])
     out = capsys.readouterr().out
     assert out.startswith(family.capitalize())
-    row = next(line for line in out.splitlines() if line.split() and line.split()[0] == steps)
-    _, cached, per_second, uncached, speedup, diff = row.split()
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["2", steps])
+    _, _, cached, per_second, uncached, speedup, diff = row.split()
     assert float(cached) > 0 and float(uncached) > 0
     assert abs(float(per_second) * float(cached) - 1) < 0.05  # images/s is 1 / (s/image)
     assert re.fullmatch(r"[0-9.]+x", speedup)

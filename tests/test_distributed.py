@@ -109,7 +109,10 @@ def test_every_rank_reads_rank_zeros_clock():
 # -- two gloo processes on the CPU ----------------------------------------------------------
 # Chameleon without its random parts (CM3 spans, caption dropout): one process and two ranks
 # then see the same documents at every step and differ only in how the loss weighs them.
+# float32 everywhere: trainer.precision=auto would pick bf16 on a CPU with AMX and float32
+# on one without, and the FSDP runs (32-true) are compared with these loss by loss.
 RUN = ["scripts/train.py", "experiment=chameleon_tiny", "debug=default", "logger=csv",
+       "trainer.precision=32-true",
        "model.loss.cm3=false", "model.loss.caption_dropout=0", "trainer.max_steps=20",
        "trainer.limit_val_batches=0", "sampling.prompts=[a photo of a red circle]",
        "callbacks.checkpoint_every_n_steps=4", "callbacks.keep_last_checkpoints=2"]

@@ -60,11 +60,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.mark.slow  # three training launches; CI runs it (make test-slow)
-def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae):
-    steps = "trainer.max_steps=9"
+@pytest.mark.parametrize("workers", [0, 2])  # batches prepared in this process / in workers
+def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae, workers):
+    steps = ("trainer.max_steps=9", f"data.num_workers={workers}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    subprocess.run(_cmd(straight, tiny_vae, steps), cwd=ROOT, check=True, capture_output=True)
-    proc = _start(_cmd(resumed, tiny_vae, steps))
+    subprocess.run(_cmd(straight, tiny_vae, *steps), cwd=ROOT, check=True, capture_output=True)
+    proc = _start(_cmd(resumed, tiny_vae, *steps))
     _wait_for(resumed / "checkpoints" / "step0000004.ckpt", proc)
     # Lightning writes a batch's log row just after the checkpoint of that batch; a kill in
     # those milliseconds loses one row (docs/reliability.md). Kill once it is written.
@@ -74,7 +75,7 @@ def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae)
     proc.wait()
     _, killed_at = find_resume_checkpoint(resumed / "checkpoints")
     assert 4 <= killed_at < 9
-    done = subprocess.run(_cmd(resumed, tiny_vae, steps), cwd=ROOT, capture_output=True,
+    done = subprocess.run(_cmd(resumed, tiny_vae, *steps), cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout  # Hydra logs to stdout

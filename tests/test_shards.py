@@ -212,6 +212,34 @@ def test_the_datamodule_streams_batches_that_say_where_they_stand(shards, tokeni
                            tokenizer).setup()
 
 
+def test_streamed_batches_are_prepared_with_draws_seeded_by_their_position(shards, tokenizer):
+    """With a family preparer, a stream's batches come prepared; each batch's draws follow
+    its reader position, so two passes (or a resumed one) draw the same, batch by batch."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from fusion.config import DataConfig
+    from fusion.data.datamodule import DocumentDataModule
+
+    def prepare(docs, rng):  # a stand-in for a family's BatchPreparer
+        return SimpleNamespace(docs=docs, draw=rng.random())
+
+    cfg = DataConfig(source="shards", shards=shards, image_size=32, batch_size=2, num_workers=0)
+
+    def first_batches(n):
+        dm = DocumentDataModule(OmegaConf.structured(cfg), tokenizer, prepare=prepare)
+        dm.setup()
+        loader = iter(dm.train_dataloader())
+        return [next(loader) for _ in range(n)]
+
+    one, two = first_batches(3), first_batches(3)
+    assert one[0].stream_position == StreamPosition(0, 0, 0, 2)
+    assert [b.stream_position for b in one] == [b.stream_position for b in two]
+    assert [b.draw for b in one] == [b.draw for b in two]
+    assert len({b.draw for b in one}) == 3 and all(len(b.docs) == 2 for b in one)
+
+
 @pytest.mark.slow
 def test_a_run_on_shards_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae):
     """scripts/train.py data=shards with two loader workers: kill -9 mid-run, run again,

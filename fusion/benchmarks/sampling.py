@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="random model: which family's tiny recipe")
     p.add_argument("--tokenizer", help="random model: text tokenizer.json")
     p.add_argument("--vae", help="random model: image tokenizer folder (VAE or VQ-GAN)")
-    p.add_argument("--batch", type=int, default=8, help="images per call (prompts cycled)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8],
+                   help="images per call (prompts cycled); several: one row each")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50],
                    help="denoising steps per image")
     p.add_argument("--guidance-scale", type=float, default=3.0)
@@ -77,27 +78,28 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model, vae = model.to(device), vae.to(device)
     diffuses = hasattr(model, "tokens_per_image")  # Transfusion; Chameleon decodes codes
-    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     samplers = {"cached": family_sampler(model, loss, tok, vae, use_cache=True),
                 "uncached": family_sampler(model, loss, tok, vae, use_cache=False)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{torch.get_num_threads()} threads")
-    print(f"{type(model).__name__}, {where}, batch {args.batch}, CFG {args.guidance_scale}, "
+    print(f"{type(model).__name__}, {where}, CFG {args.guidance_scale}, "
           f"median of {args.repeats}")
-    print(f"{'steps':>5s} {'cached s/img':>13s} {'images/s':>9s} {'uncached s/img':>15s} "
-          f"{'speed-up':>9s} {'max |Δ|':>8s}")
-    for steps in args.steps if diffuses else [None]:
-        times = {name: [] for name in samplers}
-        images = {}
-        for _ in range(args.repeats):
-            for name, sampler in samplers.items():  # round-robin: drift hits both alike
-                _synchronize(device)
-                start = time.perf_counter()
-                images[name] = sampler.generate_images(prompts, args.guidance_scale, steps,
-                                                       seed=0)
-                _synchronize(device)
-                times[name].append((time.perf_counter() - start) / args.batch)
-        cached, uncached = (statistics.median(times[n]) for n in ("cached", "uncached"))
-        diff = float((images["cached"] - images["uncached"]).abs().max())
-        print(f"{steps or '-':>5} {cached:13.4f} {1 / cached:9.1f} {uncached:15.4f} "
-              f"{uncached / cached:8.2f}x {diff:8.1e}")
+    print(f"{'batch':>5s} {'steps':>5s} {'cached s/img':>13s} {'images/s':>9s} "
+          f"{'uncached s/img':>15s} {'speed-up':>9s} {'max |Δ|':>8s}")
+    for batch in args.batch:
+        prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+        for steps in args.steps if diffuses else [None]:
+            times = {name: [] for name in samplers}
+            images = {}
+            for _ in range(args.repeats):
+                for name, sampler in samplers.items():  # round-robin: drift hits both alike
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    images[name] = sampler.generate_images(prompts, args.guidance_scale, steps,
+                                                           seed=0)
+                    _synchronize(device)
+                    times[name].append((time.perf_counter() - start) / batch)
+            cached, uncached = (statistics.median(times[n]) for n in ("cached", "uncached"))
+            diff = float((images["cached"] - images["uncached"]).abs().max())
+            print(f"{batch:5d} {steps or '-':>5} {cached:13.4f} {1 / cached:9.1f} "
+                  f"{uncached:15.4f} {uncached / cached:8.2f}x {diff:8.1e}")

@@ -202,10 +202,12 @@ def pack(
         placed.append((r, used[r]))
         used[r] += n
     B = len(used)
-    ids = torch.full((B, max_len), pad_id, dtype=torch.long)
-    doc_ids = torch.full((B, max_len), -1, dtype=torch.long)
-    image_ids = torch.full((B, max_len), -1, dtype=torch.long)
-    packed = Packed(ids, doc_ids, image_ids, [], [], [], [])
+    # Rows are built as Python lists and become tensors once: a batch has thousands of pieces,
+    # and a tensor write per piece costs more than the packing itself.
+    ids = [[pad_id] * max_len for _ in range(B)]
+    doc_ids = [[-1] * max_len for _ in range(B)]
+    image_ids = [[-1] * max_len for _ in range(B)]
+    rows, starts, sizes, owners = [], [], [], []
     # Documents are written in input order, whatever row first fit put them in, so image slot i
     # is the i-th image of the input: callers pair slots with per-image tensors (latents,
     # timesteps, condition flags) built in document order.
@@ -213,17 +215,18 @@ def pack(
         pos = start
         for piece in documents[d]:
             if isinstance(piece, ImageSlot):
-                image_ids[r, pos : pos + piece.n] = len(packed.image_rows)
-                packed.image_rows.append(r)
-                packed.image_starts.append(pos)
-                packed.image_sizes.append(piece.n)
-                packed.doc_of_image.append(d)
+                image_ids[r][pos : pos + piece.n] = [len(rows)] * piece.n
+                rows.append(r)
+                starts.append(pos)
+                sizes.append(piece.n)
+                owners.append(d)
                 pos += piece.n
             else:
-                ids[r, pos : pos + len(piece)] = torch.as_tensor(piece, dtype=torch.long)
+                ids[r][pos : pos + len(piece)] = piece
                 pos += len(piece)
-        doc_ids[r, start:pos] = d
-    return packed
+        doc_ids[r][start:pos] = [d] * (pos - start)
+    return Packed(torch.tensor(ids, dtype=torch.long), torch.tensor(doc_ids, dtype=torch.long),
+                  torch.tensor(image_ids, dtype=torch.long), rows, starts, sizes, owners)
 
 
 def per_position(values: list[list[int]], packed: Packed, fill: int) -> torch.Tensor:
