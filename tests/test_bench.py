@@ -41,7 +41,7 @@ def test_loader_benchmark_reports_the_loader_against_the_step(capsys):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
             if line.startswith("| chameleon_tiny")]
     assert [r[2] for r in rows] == ["0", "1"]  # one row per worker count
-    for _, batch, _, loader_rate, step_rate, ratio, _ in rows:
+    for _, batch, _, loader_rate, _, step_rate, ratio, _ in rows:
         loader_rate, step_rate = (float(x.replace(",", "")) for x in (loader_rate, step_rate))
         assert batch == "4" and loader_rate > 0 and step_rate > 0
         assert float(ratio.rstrip("x")) == pytest.approx(loader_rate / step_rate, rel=0.02,

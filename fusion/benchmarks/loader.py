@@ -62,8 +62,8 @@ def _seconds(fn) -> float:
 
 
 def measure(experiment: str, args: argparse.Namespace, device: torch.device) -> tuple:
-    """(batch, {workers: loader documents/s}, step s, step documents/s, prepare s) of one
-    recipe."""
+    """(batch, {workers: loader documents/s}, step precision, step s, step documents/s,
+    prepare s) of one recipe."""
     from omegaconf import open_dict
 
     from fusion.config import compose, resolve_path
@@ -94,12 +94,13 @@ def measure(experiment: str, args: argparse.Namespace, device: torch.device) -> 
     prepare_s = statistics.median(
         _seconds(lambda: loss.prepare(raw, random.Random(0), rows)) for _ in range(5))
     model, image_tok = model.to(device), image_tok.to(device)
-    bf16 = str(resolve_precision(cfg.trainer.precision, device.type)).startswith("bf16")
+    precision = str(resolve_precision(cfg.trainer.precision, device.type))
+    bf16 = precision.startswith("bf16")
     step = training_step(model, lambda i: loss.compute(
         model, batches[i % len(batches)], image_tok.encode,
         torch.Generator(device).manual_seed(i))["loss"], cfg.optim.lr, bf16, device.type)
     step_s = time_cases({"step": step}, args.warmup, args.rounds, device)["step"]
-    return cfg.data.batch_size, rates, step_s, cfg.data.batch_size / step_s, prepare_s
+    return cfg.data.batch_size, rates, precision, step_s, cfg.data.batch_size / step_s, prepare_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,11 +111,11 @@ def main(argv: list[str] | None = None) -> None:
              else f"{torch.get_num_threads()} threads")
     print(f"step on {args.device} ({where}), torch {torch.__version__}; loader: "
           f"{args.batches} batches after the first; step: median of {args.rounds}\n")
-    print("| recipe | batch | loader workers | loader documents/s | step documents/s | "
-          "loader / step | prepare in-process, ms/batch (share of the step) |")
-    print("|---|---|---|---|---|---|---|")
-    for experiment, batch, rates, step_s, step_rate, prepare_s in rows:
+    print("| recipe | batch | loader workers | loader documents/s | step precision | "
+          "step documents/s | loader / step | prepare in-process, ms/batch (share of the step) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for experiment, batch, rates, precision, step_s, step_rate, prepare_s in rows:
         for workers, rate in rates.items():
-            print(f"| {experiment} | {batch} | {workers} | {rate:,.0f} | {step_rate:,.0f} | "
-                  f"{rate / step_rate:.2f}x | {1000 * prepare_s:.1f} "
+            print(f"| {experiment} | {batch} | {workers} | {rate:,.0f} | {precision} | "
+                  f"{step_rate:,.0f} | {rate / step_rate:.2f}x | {1000 * prepare_s:.1f} "
                   f"({prepare_s / step_s:.0%}) |")
