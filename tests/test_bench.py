@@ -36,7 +36,7 @@ def test_loader_benchmark_reports_the_loader_against_the_step(capsys):
     from fusion.benchmarks.loader import main as loader
 
     loader(["--experiment", "chameleon_tiny", "--workers", "0", "1", "--batch", "4",
-            "--batches", "2", "--rounds", "1", "--warmup", "0"])
+            "--batches", "2", "--rounds", "1", "--warmup", "0", "--set", "data.num_train=64"])
     out = capsys.readouterr().out
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
             if line.startswith("| chameleon_tiny")]

@@ -79,18 +79,15 @@ def measure(experiment: str, args: argparse.Namespace, device: torch.device) -> 
     image_tok = load_image_tokenizer(cfg.image_tokenizer)
     torch.manual_seed(0)
     model, loss = build_family(cfg.model, tok, image_tok, cfg.data.image_size)
+    data = DocumentDataModule(cfg.data, tok, prepare=loss.preparer(model),
+                              text_budget=lambda n: loss.text_budget(model, n))
+    data.setup("fit")  # once: opening the data checks every record
     rates, batches = {}, []
     for workers in args.workers:
-        with open_dict(cfg):
-            cfg.data.num_workers = workers
-        data = DocumentDataModule(cfg.data, tok, prepare=loss.preparer(model),
-                                  text_budget=lambda n: loss.text_budget(model, n))
-        data.setup("fit")
+        data.cfg.num_workers = workers  # read when the loader is made
         rates[workers], got = loader_rate(data, args.batches)
         batches = batches or got
-    docs = DocumentDataModule(cfg.data, tok)
-    docs.setup("fit")
-    raw, rows = next(iter(docs.train_dataloader())), loss.rows(model)
+    raw, rows = [data.train_set[i] for i in range(cfg.data.batch_size)], loss.rows(model)
     prepare_s = statistics.median(
         _seconds(lambda: loss.prepare(raw, random.Random(0), rows)) for _ in range(5))
     model, image_tok = model.to(device), image_tok.to(device)
