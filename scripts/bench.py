@@ -8,6 +8,7 @@
     encoded      stage-2 step time from pre-encoded shards against encoding on the fly
     peer         fusion against transfusion-pytorch: training step and text->image sample
     loader       the training loader alone (documents/s) against what the training step consumes
+    family-step  a whole family training step at a backbone size: tokens/s, MFU, memory, parts
 """
 
 import importlib
@@ -20,7 +21,8 @@ BENCHMARKS = {"shapes": "fusion.benchmarks.shapes",
               "ddp": "fusion.benchmarks.ddp",
               "encoded": "fusion.benchmarks.encoded",
               "peer": "fusion.benchmarks.peer",
-              "loader": "fusion.benchmarks.loader"}
+              "loader": "fusion.benchmarks.loader",
+              "family-step": "fusion.benchmarks.family_step"}
 
 
 def main() -> None:

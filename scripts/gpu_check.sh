@@ -3,9 +3,12 @@
 # Benchmarks first, since they are what a lease is for; then the `gpu`-marked tests; then, if
 # TRAIN_SECONDS > 0, a short run of each tiny family on `trainer=gpu` and its evaluation.
 #   1. backbone: the 350m preset at S=2048 and 4096, causal vs mixed-modal (SDPA, flex), MFU
-#   2. the training loader alone against the GPU step, both tiny recipes, batch 256
-#   3. text->image sampling, both families, batch 1 / 64 / 256
-#   4. fusion against transfusion-pytorch (needs the `bench` extra; skipped without it)
+#   2. whole family steps at 350m, S=4096: tokens/s, MFU, peak memory, time by part, most rows
+#   3. the training loader alone against the GPU step, both tiny recipes, batch 256
+#   4. text->image sampling, both families, batch 1 / 64 / 256
+#   5. fusion against transfusion-pytorch (needs the `bench` extra; skipped without it)
+# Stages run in that order of priority: their limits add up to more than one 600-s device
+# call, so a slow early stage leaves the later ones to the next call.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR] [TRAIN_SECONDS]   (defaults: outputs/gpu_check, 0)
 # Each stage has its own time limit, so a slow stage (first compilation) cannot starve the rest.
 set -u
@@ -23,6 +26,8 @@ $PY -c "import sys,torch,lightning,diffusers;print(sys.version.split()[0],torch.
 
 stage bench_transformer_2048 150 $PY scripts/bench.py transformer --configs 350m --batch 8 --seq 2048
 stage bench_transformer_4096 120 $PY scripts/bench.py transformer --configs 350m --batch 4 --seq 4096
+stage bench_family_step 240 $PY scripts/bench.py family-step --backbone 350m --seq 4096 \
+  --rows 2 --max-rows 32 --rounds 5 --device cuda
 stage bench_loader 120 $PY scripts/bench.py loader --device cuda --batch 256 --workers 0 4 8 \
   --batches 20 --rounds 10
 stage bench_sampling_transfusion 90 $PY scripts/bench.py sampling --device cuda \

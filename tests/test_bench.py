@@ -46,3 +46,18 @@ def test_loader_benchmark_reports_the_loader_against_the_step(capsys):
         assert batch == "4" and loader_rate > 0 and step_rate > 0
         assert float(ratio.rstrip("x")) == pytest.approx(loader_rate / step_rate, rel=0.02,
                                                         abs=0.01)
+
+
+def test_family_step_benchmark_times_every_part_of_a_packed_step(capsys):
+    from fusion.benchmarks.family_step import PARTS
+    from fusion.benchmarks.family_step import main as family_step
+
+    family_step(["--experiment", "transfusion_tiny", "--seq", "128", "--rows", "2",
+                 "--rounds", "1", "--warmup", "0", "--set", "data.num_train=256"])
+    out = capsys.readouterr().out
+    (row,) = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+              if line.startswith("| transfusion_tiny")]
+    assert row[3] in ("1×128", "2×128") and int(row[4]) > 4  # rows of 128 hold many documents
+    assert float(row[6].replace(",", "")) > 0 and row[8] == "-"  # no MFU peak on a CPU
+    shares = [float(s.rstrip("%")) for s in row[-len(PARTS):]]
+    assert all(s >= 0 for s in shares) and abs(sum(shares) - 100) <= len(PARTS)
