@@ -64,6 +64,12 @@ def init_from_env() -> tuple[int, int]:
     return world()
 
 
+def rank_seed_parts(rank: int) -> tuple[str, ...]:
+    """Seed parts naming data-parallel rank ``rank``: none on rank 0, so a single process
+    draws the same random streams whatever launched it, and another rank's differ."""
+    return (f"rank{rank}",) if rank else ()
+
+
 def all_ranks(obj: T) -> list[T]:
     """``obj`` from every process of the default process group, in rank order (``[obj]``
     alone). A collective: every rank must call it."""

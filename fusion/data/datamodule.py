@@ -28,6 +28,7 @@ from fusion.data.sources import (
     ShapesStorySource,
 )
 from fusion.data.text import TextTokenizer
+from fusion.distributed import rank_seed_parts
 from fusion.errors import UserError
 
 SOURCES = ("shapes", "folder", "shards")
@@ -237,7 +238,7 @@ class PrepareBatches:
 
     def __init__(self, prepare: Callable, prefix: tuple, rank: int = 0):
         self.prepare, self.prefix = prepare, prefix
-        self.rank_tag = (f"rank{rank}",) if rank else ()
+        self.rank_tag = rank_seed_parts(rank)
 
     def __call__(self, items: list[tuple]):
         key = items[-1][1]

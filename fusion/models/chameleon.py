@@ -366,8 +366,7 @@ class ChameleonLoss:
 
     def rows(self, model: Chameleon) -> RowSpec:
         return RowSpec(row_length(self.cfg.pack_len, model.max_seq_len), model.codes_per_image,
-                       model.text_vocab, reads_cells=model.image_pos is not None,
-                       reads_source=model.source_proj is not None)
+                       model.text_vocab, reads_source=model.source_proj is not None)
 
     def preparer(self, model: Chameleon) -> BatchPreparer:
         """:meth:`prepare` bound to ``model``'s sizes, for loader workers."""

@@ -103,12 +103,12 @@ class Packed:
 @dataclass(frozen=True)
 class RowSpec:
     """What preparing a batch needs to know about the model: sizes and switches, never
-    weights, so a preparer travels to loader workers cheaply (``Family.rows(model)``)."""
+    weights, so a preparer travels to loader workers cheaply (the family loss's
+    ``rows(model)``)."""
 
     row_length: int  # positions per packed row
     image_positions: int  # positions per image: Transfusion patches, Chameleon codes
     text_vocab: int = 0  # Chameleon: the first image-code id
-    reads_cells: bool = False  # Chameleon: the model embeds each code's grid cell
     reads_source: bool = False  # Chameleon: the model reads the aligned source code
 
 

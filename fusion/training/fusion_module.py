@@ -3,11 +3,12 @@
 The family supplies a plain ``nn.Module`` (the model) and a loss callable
 ``loss_fn(model, documents, encode, rng, generator=) -> {"loss": ..., <parts>...}``, whose
 ``compute(model, prepared, encode, generator=)`` takes the batches that loader workers already
-prepared (fusion.models.packing.PreparedBatch); this module adds what is the same for both: AdamW with decoupled weight decay on layer weights only
-(:func:`weight_decay_groups`), linear warm-up and cosine decay, an optional EMA of the weights,
-logging of every loss part, a guard that skips non-finite updates, seeded per-step random
-streams that a resumed run continues, and a frozen image tokenizer whose ``encode`` turns
-pixels into what the family consumes.
+prepared (fusion.models.packing.PreparedBatch). This module adds what is the same for both:
+AdamW with decoupled weight decay on layer weights only (:func:`weight_decay_groups`),
+linear warm-up and cosine decay, an optional EMA of the weights, logging of every loss part, a
+guard that skips non-finite updates, seeded per-step random streams that a resumed run
+continues, and a frozen image tokenizer whose ``encode`` turns pixels into what the family
+consumes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fusion.config import OptimConfig
-from fusion.distributed import all_ranks
+from fusion.distributed import all_ranks, rank_seed_parts
 from fusion.errors import UserError
 from fusion.models.packing import PreparedBatch
 from fusion.training.encode_cache import EncodeCache
@@ -278,10 +279,8 @@ class FusionModule(L.LightningModule):
         return batch
 
     def _rank_tag(self) -> tuple:
-        """Seed parts naming this data-parallel rank: none on rank 0, so a single process
-        draws the same streams whatever launched it."""
-        rank = self.global_rank if self._trainer is not None else 0
-        return (f"rank{rank}",) if rank else ()
+        """Seed parts naming this data-parallel rank (:func:`rank_seed_parts`)."""
+        return rank_seed_parts(self.global_rank if self._trainer is not None else 0)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.clock.agree(self.trainer.strategy.broadcast)
