@@ -10,7 +10,8 @@ function here is a no-op that returns what one process would.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -62,6 +63,40 @@ def init_from_env() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return world()
+
+
+@contextmanager
+def process_group_from_env() -> Iterator[tuple[int, int]]:
+    """:func:`init_from_env` for the length of a ``with`` block, yielding (world size, rank),
+    and the group left at its end. A job that ends well meets the other ranks at a barrier
+    first, so no rank closes its connections while another still reads them; then the group is
+    destroyed before the interpreter exits. Left to interpreter teardown, gloo's worker threads
+    can be destroyed while joinable, which aborts the process (SIGABRT, "terminate called
+    without an active exception") after all its work is done. On an error the group is
+    destroyed without the barrier: the other ranks may never reach it. A group that existed
+    before the block (Lightning's) is left alone."""
+    joined = not _group_ready()
+    size_rank = init_from_env()
+    try:
+        yield size_rank
+    except BaseException:
+        if joined:
+            leave_process_group(meet_first=False)
+        raise
+    if joined:
+        leave_process_group()
+
+
+def leave_process_group(meet_first: bool = True) -> None:
+    """Destroy the default process group, after a barrier when ``meet_first`` (every rank must
+    then call it); a no-op without one. See :func:`process_group_from_env` for the reason."""
+    if not _group_ready():
+        return
+    import torch.distributed as dist
+
+    if meet_first:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank_seed_parts(rank: int) -> tuple[str, ...]:

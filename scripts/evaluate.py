@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 from fusion.config import SamplingConfig
-from fusion.distributed import init_from_env, is_first_process, quiet_other_ranks
+from fusion.distributed import process_group_from_env, quiet_other_ranks
 from fusion.errors import UserError, report_user_errors
 from fusion.eval.editing import EditEvalConfig
 from fusion.eval.interleaved import InterleavedEvalConfig
@@ -223,23 +223,23 @@ def main(argv: list[str] | None = None) -> dict:
     t.set_defaults(fn=cmd_text)
 
     args = parser.parse_args(argv)
-    size, _ = init_from_env()  # joins torchrun's process group when there is one
-    if size > 1 and args.fn not in (cmd_model, cmd_editing, cmd_interleaved):
-        raise UserError(f"{args.fn.__name__.removeprefix('cmd_')} scores files in one "
-                        "process; only model, editing and interleaved split over processes "
-                        "(launch it without torchrun)")
-    quiet_other_ranks()
-    try:
-        result = args.fn(args)
-    except (FileExistsError, ValueError, ModuleNotFoundError) as err:
-        # fusion.eval reports bad folders, options and missing extras with these: what the
-        # user passed, so one `error:` line (report_user_errors), not a traceback
-        if isinstance(err, UserError):
-            raise
-        raise UserError(str(err)) from err
-    if args.json and is_first_process():
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    with process_group_from_env() as (size, rank):  # torchrun's group, when there is one
+        if size > 1 and args.fn not in (cmd_model, cmd_editing, cmd_interleaved):
+            raise UserError(f"{args.fn.__name__.removeprefix('cmd_')} scores files in one "
+                            "process; only model, editing and interleaved split over processes "
+                            "(launch it without torchrun)")
+        quiet_other_ranks()
+        try:
+            result = args.fn(args)
+        except (FileExistsError, ValueError, ModuleNotFoundError) as err:
+            # fusion.eval reports bad folders, options and missing extras with these: what the
+            # user passed, so one `error:` line (report_user_errors), not a traceback
+            if isinstance(err, UserError):
+                raise
+            raise UserError(str(err)) from err
+        if args.json and rank == 0:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fusion.config import check_keys, given_keys, register_configs
-from fusion.distributed import init_from_env, quiet_other_ranks
+from fusion.distributed import process_group_from_env, quiet_other_ranks
 from fusion.errors import report_user_errors
 from fusion.jobs.sample import run_sampling
 
@@ -33,10 +33,10 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    init_from_env()  # joins torchrun's process group when there is one
-    quiet_other_ranks()
-    result = run_sampling(check_keys(cfg),
-                          explicit_sampling=given_keys(HydraConfig.get().overrides.task))
+    with process_group_from_env():  # torchrun's group, when there is one
+        quiet_other_ranks()
+        result = run_sampling(check_keys(cfg),
+                              explicit_sampling=given_keys(HydraConfig.get().overrides.task))
     skipped = f" ({result['skipped']} unreadable images skipped)" if result.get("skipped") else ""
     print(f"{result['task']}: {result['count']} results in {result['output_dir']}{skipped}")
 

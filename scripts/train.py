@@ -23,6 +23,7 @@ from fusion.config import check_keys, register_configs, resolve_path
 from fusion.convert.llama import load_llama_backbone
 from fusion.data.datamodule import DocumentDataModule
 from fusion.data.text import TextTokenizer
+from fusion.distributed import leave_process_group
 from fusion.errors import UserError, report_user_errors
 from fusion.families import build_family, load_image_tokenizer
 from fusion.families.folders import recipe_sampling, save_model
@@ -114,6 +115,7 @@ def main(cfg: DictConfig) -> None:
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
     # The weights whole, on rank 0 (FSDP: gathered from every rank's shard).
     weights = full_state_dict(module.eval_model)
+    leave_process_group()  # the ranks' last collective is done (fusion.distributed)
     if not trainer.is_global_zero:  # one process writes the model folder (DDP, FSDP)
         return
     final = fresh_model()

@@ -263,6 +263,30 @@ def test_two_processes_sample_interleaved_documents_as_one_does(model_folder, tm
     assert "1 prompt(s) cannot be split over 2 processes" in bad.stderr
 
 
+_GROUP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from fusion.distributed import all_ranks, process_group_from_env
+
+with process_group_from_env() as (size, rank):
+    ranks = all_ranks(rank)
+    if sys.argv[1] == "fail" and rank == 1:
+        raise RuntimeError("rank 1 fails")
+print(f"rank {rank} of {size} saw {ranks}; group left: {not dist.is_initialized()}")
+"""
+
+
+@pytest.mark.slow
+def test_a_script_leaves_torchruns_group_at_its_end_and_a_failing_rank_fails_the_job(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text(_GROUP_SCRIPT)
+    for _ in range(3):  # the abort at teardown it guards against came 1 run in several
+        proc = _torchrun(str(script), "ok")
+        assert "rank 0 of 2 saw [0, 1]; group left: True" in proc.stdout
+    bad = _torchrun(str(script), "fail", ok=False)
+    assert "rank 1 fails" in bad.stderr
+
+
 # -- FSDP (trainer=fsdp: FSDP2 through Lightning's ModelParallelStrategy) -------------------
 def _tiny_family(family: str = "chameleon"):
     from fusion.config import compose
