@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fusion.config import check_keys, register_configs, resolve_path
@@ -29,7 +28,7 @@ from fusion.families import build_family, load_image_tokenizer
 from fusion.families.folders import recipe_sampling, save_model
 from fusion.families.registry import training_flops_per_position
 from fusion.training.callbacks import SampleGrid
-from fusion.training.checkpointing import find_resume_checkpoint, graceful_sigint
+from fusion.training.checkpointing import find_resume_checkpoint, fit_resuming
 from fusion.training.factory import (
     build_callbacks,
     build_logger,
@@ -96,16 +95,8 @@ def main(cfg: DictConfig) -> None:
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints", extra=[grid])
     logger = build_logger(cfg.logger, out, resume_step=resume_step if resume else None)
     trainer = build_trainer(cfg.trainer, logger, callbacks, out, splits_data_itself=True)
-    stop_signal = graceful_sigint(trainer)
-    if resume:
-        log.info("resuming from %s (step %d)", resume, resume_step)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None,
-                    weights_only=True)
-    except SIGTERMException:
-        raise SystemExit(f"stopped by {stop_signal.name} at step {trainer.global_step}; the "
-                         f"checkpoints in {out / 'checkpoints'} hold it: run the same command "
-                         "again to resume") from None
+        fit_resuming(trainer, module, data, out / "checkpoints", resume, resume_step)
     except NonFiniteTrainingError as err:
         kept, step = find_resume_checkpoint(out / "checkpoints")
         raise NonFiniteTrainingError(f"{err}. Newest checkpoint: "

@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
 
     from fusion.eval.reconstruction import evaluate_reconstruction
     from fusion.image.vae import measure_latent_scaling as measure
+    from fusion.training.checkpointing import find_resume_checkpoint, fit_resuming
     from fusion.training.factory import build_callbacks, build_logger, build_trainer
     from fusion.training.tokenizer_module import (
         AutoencoderModule,
@@ -49,6 +50,9 @@ def main(cfg: DictConfig) -> None:
     except FileExistsError as err:  # an artifact there already: the user picks overwrite or not
         raise UserError(str(err)) from err
     L.seed_everything(cfg.seed, workers=True)
+    trains = tok_cfg.get("pretrained") is None
+    # a killed run goes on from its newest intact checkpoint (docs/reliability.md)
+    resume, resume_step = find_resume_checkpoint(out / "checkpoints") if trains else (None, 0)
 
     data = ImageDataModule(cfg.data, train_crop=tok_cfg.get("train_crop"))
     data.setup()
@@ -57,15 +61,15 @@ def main(cfg: DictConfig) -> None:
     module = AutoencoderModule(tokenizer, tok_cfg.loss, tok_cfg.optim,
                                image_log_every=tok_cfg.image_log_every,
                                image_dir=out / "images")
-    logger = build_logger(cfg.logger, out)
+    logger = build_logger(cfg.logger, out, resume_step=resume_step if resume else None)
     callbacks = build_callbacks(cfg.callbacks, out / "checkpoints")
-    trainer = build_trainer(cfg.trainer, logger, callbacks, out)
+    trainer = build_trainer(cfg.trainer, logger, callbacks, out, splits_data_itself=True)
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if tok_cfg.get("pretrained") is None:
-        trainer.fit(module, datamodule=data)
-    train_seconds = time.perf_counter() - start
-    cpu_seconds = time.process_time() - cpu_start  # all threads; < 2x wall when CPU is shared
+    cpu_start = time.process_time()
+    if trains:
+        fit_resuming(trainer, module, data, out / "checkpoints", resume, resume_step)
+    cpu_seconds = time.process_time() - cpu_start  # this process's; all threads
+    train_seconds = module.clock.elapsed()  # with a resumed run's earlier time (its checkpoint)
     if not trainer.is_global_zero:  # one process measures and writes the artifact (DDP)
         return
 

@@ -59,31 +59,69 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+def _kill_and_resume(cmd: list[str], out: Path, kill_after: int, its_row: int,
+                     steps: int) -> None:
+    """Start ``cmd``, kill -9 it once the checkpoint of step ``kill_after`` and the log row of
+    its batch (``its_row``: the CSV counts batches) are written, and run ``cmd`` again to its
+    end."""
+    proc = _start(cmd)
+    _wait_for(out / "checkpoints" / f"step{kill_after:07d}.ckpt", proc)
+    # Lightning writes a batch's log row just after the checkpoint of that batch; a kill in
+    # those milliseconds loses one row (docs/reliability.md). Kill once it is written.
+    while str(its_row) not in _logged_steps(out):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: what an OOM killer does
+    proc.wait()
+    _, killed_at = find_resume_checkpoint(out / "checkpoints")
+    assert kill_after <= killed_at < steps
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout  # Hydra logs to stdout
+
+
 @pytest.mark.slow  # three training launches; CI runs it (make test-slow)
 @pytest.mark.parametrize("workers", [0, 2])  # batches prepared in this process / in workers
 def test_a_run_killed_with_sigkill_resumes_on_the_same_curve(tmp_path, tiny_vae, workers):
     steps = ("trainer.max_steps=9", f"data.num_workers={workers}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(_cmd(straight, tiny_vae, *steps), cwd=ROOT, check=True, capture_output=True)
-    proc = _start(_cmd(resumed, tiny_vae, *steps))
-    _wait_for(resumed / "checkpoints" / "step0000004.ckpt", proc)
-    # Lightning writes a batch's log row just after the checkpoint of that batch; a kill in
-    # those milliseconds loses one row (docs/reliability.md). Kill once it is written.
-    while "3" not in _logged_steps(resumed):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: what an OOM killer does
-    proc.wait()
-    _, killed_at = find_resume_checkpoint(resumed / "checkpoints")
-    assert 4 <= killed_at < 9
-    done = subprocess.run(_cmd(resumed, tiny_vae, *steps), cwd=ROOT, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout  # Hydra logs to stdout
+    _kill_and_resume(_cmd(resumed, tiny_vae, *steps), resumed, kill_after=4, its_row=3, steps=9)
     a, b = _losses(straight), _losses(resumed)
     assert sorted(a) == list(range(9)) == sorted(b)
     # Same data order, same noise, same weights: the same float32 kernels on the same
     # inputs give bitwise the same losses, before and after the resume point.
     assert a == b
+
+
+# Stage 1: a 32-px VAE with the GAN on from batch 2 (two optimisers), random crops and posterior
+# samples; 40 images in batches of 8, 5 batches an epoch. With the GAN on, Lightning counts two
+# steps a batch: 20 steps are 11 batches, over three epochs.
+STAGE1 = ["scripts/train_tokenizer.py", "debug=default", "logger=csv", "data.num_train=40",
+          "data.image_size=32", "tokenizer.autoencoder.block_out_channels=[16,32,32]",
+          "tokenizer.autoencoder.norm_num_groups=8", "tokenizer.train_crop=24",
+          "tokenizer.loss.disc_weight=0.5", "tokenizer.loss.disc_start=2",
+          "tokenizer.loss.disc_channels=8", "tokenizer.loss.disc_layers=2", "tokenizer.eval_images=8",
+          "tokenizer.scaling_images=8", "tokenizer.image_log_every=0",
+          "trainer.limit_val_batches=0", "trainer.max_steps=20", "trainer.log_every_n_steps=1",
+          "callbacks.checkpoint_every_n_steps=2", "callbacks.keep_last_checkpoints=10"]
+
+
+@pytest.mark.slow  # three stage-1 launches
+def test_a_killed_stage_one_run_resumes_on_the_same_curve(tmp_path):
+    def cmd(name: str) -> list[str]:
+        return [sys.executable, *STAGE1, f"output_dir={tmp_path / name}",
+                f"tokenizer.artifact_dir={tmp_path / name / 'artifact'}"]
+
+    subprocess.run(cmd("straight"), cwd=ROOT, check=True, capture_output=True)
+    # optimiser steps 1, 2, 4, 6, ... after batches 0, 1, 2, 3, ...: step 6 ends batch 3
+    _kill_and_resume(cmd("resumed"), tmp_path / "resumed", kill_after=6, its_row=3, steps=20)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert len(a) == 11 and "train/d_loss" in (tmp_path / "straight" / "csv" /
+                                                  "metrics.csv").read_text()
+    assert a == b  # every batch's loss, as logged, before and after the resume
+    weights = [(tmp_path / name / "artifact" / "model.safetensors").read_bytes()
+               for name in ("straight", "resumed")]
+    assert weights[0] == weights[1]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, tiny_vae):

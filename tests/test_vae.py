@@ -256,6 +256,37 @@ def test_training_crops_stay_on_the_latent_grid():
         ImageDataset(src, crop=20, align=8)[0]
 
 
+def test_keyed_crops_depend_on_the_key_alone():
+    ds = ImageDataset(ShapesSource(3, size=64), crop=32, align=8, seed=0)
+    first = ds[(0, 1, 2)]  # (epoch, batch, index)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(ds[(0, 1, 2)], first)
+    windows = {ds[(epoch, 0, 2)].sum().item() for epoch in range(8)}
+    assert len(windows) > 1  # another epoch, another window
+
+
+def test_image_batches_resume_where_a_checkpoint_left_them():
+    from fusion.training.tokenizer_module import ImageDataModule
+
+    cfg = compose("train_tokenizer", ["debug=default", "data.num_train=24", "data.image_size=32",
+                                      "tokenizer.train_crop=16"])
+
+    def epoch(data, number):  # what Lightning does at an epoch's start
+        data.setup()
+        loader = data.train_dataloader()
+        data.train_sampler.set_epoch(number)
+        return list(loader)
+
+    data = ImageDataModule(cfg.data, train_crop=16, crop_align=8)
+    straight = epoch(data, 0) + epoch(data, 1)  # 3 batches an epoch
+    again = ImageDataModule(cfg.data, train_crop=16, crop_align=8)
+    again.resume_at(1, 1)  # a checkpoint after the 1st batch of epoch 1
+    resumed = epoch(again, 1)
+    assert len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(straight[4:], resumed, strict=True))
+    assert not torch.equal(straight[0], straight[3])  # another epoch, another order and crops
+
+
 def test_schedule_warms_up_then_follows_the_larger_of_steps_and_time():
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)

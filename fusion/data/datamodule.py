@@ -259,6 +259,31 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+def trainer_ranks(datamodule: L.LightningDataModule) -> tuple[int, int]:
+    """(world size, global rank) of the Trainer ``datamodule`` serves; (1, 0) alone."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def positioned_sampler(sampler: ResumableSampler | None, n_records: int, cfg: DataConfig,
+                       world: int, rank: int,
+                       resume: tuple[int, int] | None) -> ResumableSampler:
+    """The training sampler of a datamodule (``sampler``, or a new one over ``n_records`` the
+    first time), started after ``resume = (epoch, batches)`` when a checkpoint gave one
+    (DataPosition). Refuses data too small for one batch per rank (drop_last would leave
+    none)."""
+    share = per_rank_batch(cfg.batch_size, world)
+    sampler = sampler or ResumableSampler(n_records, cfg.seed, world, rank)
+    if resume is not None:
+        epoch, batches = resume
+        sampler.resume_at(epoch, batches * share)
+    if len(sampler) < share:
+        raise UserError(f"{n_records} training record(s) give each of {world} rank(s) "
+                        f"{len(sampler)}, fewer than its share of data.batch_size="
+                        f"{cfg.batch_size} ({share}); lower the batch or add data")
+    return sampler
+
+
 class DocumentDataModule(L.LightningDataModule):
     """Caption/image, editing or story Documents (``data.documents``) for either family; batches
     are lists of Documents.
@@ -386,9 +411,7 @@ class DocumentDataModule(L.LightningDataModule):
         return [source[i] for i in kept[:n]]
 
     def _ranks(self) -> tuple[int, int]:
-        """(world size, global rank) of the Trainer this datamodule serves; (1, 0) alone."""
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return trainer_ranks(self)
 
     def _loader(self, dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
         # Its own generator: creating an iterator draws worker seeds from it, not from the
@@ -414,18 +437,9 @@ class DocumentDataModule(L.LightningDataModule):
         if self.streaming:
             return self._stream_loader(self.train_set)
         world, rank = self._ranks()
-        if self.train_sampler is None:
-            self.train_sampler = ResumableSampler(len(self.train_set), self.cfg.seed, world, rank)
-        share = per_rank_batch(self.cfg.batch_size, world)
-        if self._resume is not None:  # a checkpoint's position (resume_at)
-            epoch, batches = self._resume
-            self.train_sampler.resume_at(epoch, batches * share)
-            self._resume = None
-        if len(self.train_sampler) < share:  # drop_last would leave no batch at all
-            raise UserError(f"{len(self.train_set)} training record(s) give each of {world} "
-                            f"rank(s) {len(self.train_sampler)}, fewer than its share of "
-                            f"data.batch_size={self.cfg.batch_size} ({share}); lower the "
-                            "batch or add data")
+        self.train_sampler = positioned_sampler(self.train_sampler, len(self.train_set),
+                                                self.cfg, world, rank, self._resume)
+        self._resume = None
         return self._loader(self.train_set, self.train_sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

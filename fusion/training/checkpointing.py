@@ -143,3 +143,48 @@ def find_resume_checkpoint(checkpoint_dir) -> tuple[Path | None, int]:
         return None, 0
     step, _, path = max(found)  # highest step; last.ckpt wins a tie (it holds the end state)
     return path, step
+
+
+def fit_resuming(trainer, module, datamodule, checkpoint_dir, resume: Path | None,
+                 resume_step: int = 0) -> None:
+    """``trainer.fit`` from ``resume`` (:func:`find_resume_checkpoint`'s pick; None: a fresh
+    start), reading it with ``weights_only=True``. SIGTERM and the first Ctrl-C stop after the
+    step in progress with a checkpoint (:func:`graceful_sigint`, FusionCheckpoint), and the
+    process ends with a message saying how to go on. Both training stages start this way."""
+    stop_signal = graceful_sigint(trainer)
+    if resume:
+        log.info("resuming from %s (step %d)", resume, resume_step)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
+                    weights_only=True)
+    except SIGTERMException:
+        raise SystemExit(f"stopped by {stop_signal.name} at step {trainer.global_step}; the "
+                         f"checkpoints in {checkpoint_dir} hold it: run the same command "
+                         "again to resume") from None
+
+
+def save_rng_state(checkpoint: dict) -> None:
+    """The global RNGs into ``checkpoint``, so that a resumed run draws what the uninterrupted
+    one would have (they drive what takes no generator: dropout, a VAE's posterior sample).
+    Every rank's CPU state, gathered to rank 0, which writes the checkpoint: the ranks'
+    streams differ (their batches differ). A collective: every rank calls it, as Lightning's
+    checkpoint dump does."""
+    from fusion.distributed import all_ranks
+
+    checkpoint["torch_rng"] = {"cpu": torch.get_rng_state(),
+                               "cpu_per_rank": all_ranks(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        checkpoint["torch_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+
+def restore_rng_state(checkpoint: dict, world_size: int, rank: int) -> None:
+    """:func:`save_rng_state`'s states back: this rank's own, or rank 0's for every rank when
+    the checkpoint was saved by another number of ranks."""
+    rng = checkpoint.get("torch_rng") or {}
+    per_rank = rng.get("cpu_per_rank") or []
+    if len(per_rank) == world_size:
+        torch.set_rng_state(per_rank[rank])
+    elif "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -23,9 +23,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fusion.config import OptimConfig
-from fusion.distributed import all_ranks, rank_seed_parts
+from fusion.distributed import rank_seed_parts
 from fusion.errors import UserError
 from fusion.models.packing import PreparedBatch
+from fusion.training.checkpointing import restore_rng_state, save_rng_state
 from fusion.training.encode_cache import EncodeCache
 
 
@@ -149,7 +150,7 @@ class CosineClock:
     def elapsed(self) -> float:
         if self._agreed is not None:
             return self._agreed
-        return 0.0 if self._start is None else time.monotonic() - self._start
+        return self._spent if self._start is None else time.monotonic() - self._start
 
     def _spent_shares(self) -> list[float]:
         """How much of each budget that is set is spent (1 = all)."""
@@ -249,26 +250,12 @@ class FusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cosine_clock"] = self.clock.state_dict()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
-        # The global RNG drives only what takes no generator (dropout); saved so that a resumed
-        # run draws what the uninterrupted one would have.
-        # Every rank's state: their streams differ (their batches differ in shape). Only rank 0
-        # writes the checkpoint, so the states are gathered to it.
-        checkpoint["torch_rng"] = {"cpu": torch.get_rng_state(),
-                                   "cpu_per_rank": all_ranks(torch.get_rng_state())}
-        if torch.cuda.is_available():
-            checkpoint["torch_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
-        rng = checkpoint.get("torch_rng") or {}
-        per_rank = rng.get("cpu_per_rank") or []
-        if len(per_rank) == self.trainer.world_size:
-            torch.set_rng_state(per_rank[self.trainer.global_rank])
-        elif "cpu" in rng:  # saved by another number of ranks: rank 0's stream for all
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_state(checkpoint, self.trainer.world_size, self.trainer.global_rank)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode_cache(pixels)

@@ -17,6 +17,7 @@ discriminator on, ``trainer.max_steps`` covers 2 steps per batch. The schedule a
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,7 @@ from fusion.config import DataConfig
 from fusion.data.images import save_grid, to_tensor, to_uint8
 from fusion.image.losses import AutoencoderLoss, image_metrics
 from fusion.image.schemas import AutoencoderLossConfig, TokenizerOptimConfig
+from fusion.training.checkpointing import restore_rng_state, save_rng_state
 from fusion.training.fusion_module import CosineClock  # one schedule for both stages
 
 log = logging.getLogger(__name__)
@@ -40,36 +42,54 @@ class ImageDataset(Dataset):
     """A record source (``source[i].image``: uint8 (H, W, 3)) -> float (3, H, W) in [-1, 1].
 
     ``crop``: a random ``crop``×``crop`` window at offsets that are multiples of ``align``
-    (the autoencoder's factor, so a crop's latent grid lines up with the full image's).
+    (the autoencoder's factor, so a crop's latent grid lines up with the full image's). Read
+    by a :class:`~fusion.data.datamodule.NumberedBatches` key ``(epoch, batch, index)``, the
+    window is drawn from a generator seeded by ``seed`` and that key: it depends on where the
+    image is in the run, not on which loader worker reads it, so a resumed run crops what the
+    uninterrupted one would have. Read by a plain index, it draws from torch's global RNG.
     """
 
-    def __init__(self, source, crop: int | None = None, align: int = 1):
-        self.source, self.crop, self.align = source, crop, align
+    def __init__(self, source, crop: int | None = None, align: int = 1, seed: int = 0):
+        self.source, self.crop, self.align, self.seed = source, crop, align, seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = to_tensor(self.source[i].image)
+    def __getitem__(self, key: int | tuple) -> torch.Tensor:
+        keyed = isinstance(key, tuple)
+        image = to_tensor(self.source[key[-1] if keyed else key].image)
         if not self.crop:
             return image
         h, w = image.shape[-2:]
         if self.crop > min(h, w) or self.crop % self.align:
             raise ValueError(f"train_crop={self.crop} must be <= the image size {h}x{w} and a "
                              f"multiple of the downsampling factor {self.align}")
-        y = int(torch.randint(0, (h - self.crop) // self.align + 1, ())) * self.align
-        x = int(torch.randint(0, (w - self.crop) // self.align + 1, ())) * self.align
+        if keyed:
+            rng = random.Random("/".join(map(str, ("crop", self.seed, *key))))
+            y, x = (rng.randrange((n - self.crop) // self.align + 1) for n in (h, w))
+        else:
+            y, x = (int(torch.randint(0, (n - self.crop) // self.align + 1, ())) for n in (h, w))
+        y, x = y * self.align, x * self.align
         return image[:, y:y + self.crop, x:x + self.crop]
 
 
 class ImageDataModule(L.LightningDataModule):
-    """The images of ``build_caption_sources(cfg)`` (captions unused): batches (B, 3, H, W)."""
+    """The images of ``build_caption_sources(cfg)`` (captions unused): batches (B, 3, H, W).
+
+    The data are split over data-parallel ranks here, as in
+    :class:`~fusion.data.datamodule.DocumentDataModule` (the Trainer runs with
+    ``splits_data_itself``): training draws from a
+    :class:`~fusion.data.datamodule.ResumableSampler`, so a checkpoint's data position
+    (fusion.training.callbacks.DataPosition) resumes on the batches that come next, and
+    validation gives each rank its own slice of the held-out images."""
 
     def __init__(self, cfg: DataConfig, train_crop: int | None = None, crop_align: int = 1):
         super().__init__()
         self.cfg = cfg
         self.train_crop, self.crop_align = train_crop, crop_align  # training batches only
         self.train_source = self.val_source = None
+        self.train_sampler = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) not yet applied
 
     def setup(self, stage: str | None = None) -> None:
         from fusion.data.datamodule import build_caption_sources
@@ -77,23 +97,42 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_source is None:
             self.train_source, self.val_source = build_caption_sources(self.cfg)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        from fusion.data.datamodule import per_rank_batch
+    def resume_at(self, epoch: int, batches: int, streams: list | None = None) -> None:
+        """Start training after ``batches`` batches of ``epoch`` (DataPosition's record)."""
+        self._resume = (epoch, batches)
 
-        # data.batch_size is the global batch; Lightning gives each rank its share of the data
-        # (a DistributedSampler under DDP), and each rank loads its share of the batch.
-        world = self.trainer.world_size if getattr(self, "trainer", None) else 1
-        return DataLoader(dataset, batch_size=per_rank_batch(self.cfg.batch_size, world),
-                          shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.cfg.num_workers,
-                          persistent_workers=self.cfg.num_workers > 0)
+    def _loader(self, dataset: Dataset, **batching) -> DataLoader:
+        # Its own generator: worker seeds are not drawn from the global RNG, which the
+        # checkpoints carry (fusion.training.checkpointing.save_rng_state).
+        return DataLoader(dataset, num_workers=self.cfg.num_workers,
+                          persistent_workers=self.cfg.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.cfg.seed), **batching)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.train_source, self.train_crop, self.crop_align),
-                            shuffle=True)
+        from fusion.data.datamodule import (
+            NumberedBatches,
+            per_rank_batch,
+            positioned_sampler,
+            trainer_ranks,
+        )
+
+        world, rank = trainer_ranks(self)
+        self.train_sampler = positioned_sampler(self.train_sampler, len(self.train_source),
+                                                self.cfg, world, rank, self._resume)
+        self._resume = None
+        dataset = ImageDataset(self.train_source, self.train_crop, self.crop_align,
+                               self.cfg.seed)
+        share = per_rank_batch(self.cfg.batch_size, world)  # data.batch_size is the global one
+        return self._loader(dataset, batch_sampler=NumberedBatches(self.train_sampler, share,
+                                                                   drop_last=True))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.val_source), shuffle=False)  # full images
+        from fusion.data.datamodule import RankSlice, per_rank_batch, trainer_ranks
+
+        world, rank = trainer_ranks(self)
+        return self._loader(ImageDataset(self.val_source),  # full images
+                            batch_size=per_rank_batch(self.cfg.batch_size, world),
+                            sampler=RankSlice(len(self.val_source), world, rank))
 
     def image_batches(self, split: str, n: int, batch_size: int = 64):
         """The first ``n`` images of a split, in order, as (B, 3, H, W) batches."""
@@ -226,12 +265,16 @@ class AutoencoderModule(L.LightningModule):
                              step=self.global_step)
         return path
 
-    # ---- checkpoints: the batch counter travels with them --------------------------------
+    # ---- checkpoints: what a resumed run needs to go on as the uninterrupted one ----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batches_done"] = self.batches_done
+        checkpoint["cosine_clock"] = self.clock.state_dict()
+        save_rng_state(checkpoint)  # the posterior samples and the crops' global draws
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches_done = int(checkpoint.get("batches_done", 0))
+        self.clock.load_state_dict(checkpoint.get("cosine_clock", {}))
+        restore_rng_state(checkpoint, self.trainer.world_size, self.trainer.global_rank)
 
 
 # --------------------------------------------------------------------------------------------
