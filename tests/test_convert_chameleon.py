@@ -194,6 +194,35 @@ def test_the_converted_folder_loads_and_samples(converted):
     assert text_allowed[pipe.tokenizer.encode("a red circle")].all()
 
 
+def test_chameleons_markers_are_retired_so_cm3_and_decoding_get_ids_of_their_own(hf_chameleon,
+                                                                               converted):
+    from fusion import FusionPipeline
+
+    vocab = json.loads((hf_chameleon / "config.json").read_text())["vocabulary_map"]
+    ckpt = HFCheckpoint(hf_chameleon)
+    layout = chameleon_layout(ckpt)
+    tok = layout.tokenizer
+    names = ("<s>", "</s>", "<racm3:break>", "<eoss>")
+    theirs = [vocab[name] for name in names]
+    assert [tok.id_of(f"<retired:{name}>") for name in names] == theirs  # renamed, same ids
+    assert tok.pad_id == vocab["<pad>"]  # Chameleon's own <pad>: nothing to retire
+    # fusion's <bos> <eos> <boi> <eoi> take the retired tokens' rows; CM3's <eoss> no longer
+    # shares Chameleon's end of an image: an id of its own, a fresh (mean) row
+    ours = [tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id]
+    assert [layout.row_source[i] for i in ours] == theirs
+    assert tok.eoss_id not in theirs and layout.row_source[tok.eoss_id] == -1
+    # each retired id ties with its replacement in every logit, so it is never generated
+    model = chameleon_model(ckpt, layout).eval()
+    ids = [tok.bos_id, *tok.encode("a red circle")]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), layout_from_segments([[(0, "text", len(ids))]]))
+    assert torch.equal(logits[..., theirs], logits[..., ours])
+    pipe = FusionPipeline.from_pretrained(converted)
+    allowed = pipe.sampler._text_allowed(pipe.model.vocab_size)
+    assert not allowed[theirs].any() and allowed[tok.eos_id]
+    assert set(theirs) <= set(pipe.tokenizer.never_generated_ids())
+
+
 def fine_tune(converted: Path, out: Path, experiment: str, *extra: str) -> dict:
     """A recipe at tiny scale on the CPU: the converted tiny model's shape, 32-px ShapesWorld,
     a few steps."""
@@ -215,16 +244,21 @@ def fine_tune(converted: Path, out: Path, experiment: str, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment, lora", [("chameleon_pretrained", False),
-                                              ("edit_chameleon_pretrained", False),
-                                              ("edit_chameleon_pretrained", True)])
-def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, experiment, lora):
+@pytest.mark.parametrize("experiment, lora, cm3", [("chameleon_pretrained", False, False),
+                                                   ("chameleon_pretrained", False, True),
+                                                   ("edit_chameleon_pretrained", False, False),
+                                                   ("edit_chameleon_pretrained", True, False)])
+def test_fine_tune_recipes_run_from_a_converted_model(converted, tmp_path, experiment, lora,
+                                                      cm3):
     from safetensors.torch import load_file
 
     from fusion import FusionPipeline
 
     extra = ["lora.rank=4", "optim.lr=1e-3"] if lora else []
+    if cm3:  # CM3 on every document: its <eoss> is fusion's own, not Chameleon's <eoi>
+        extra += ["model.loss.cm3=true", "model.loss.cm3_rate=1.0"]
     meta = fine_tune(converted, tmp_path / "run", experiment, *extra)
+    assert meta["model"]["loss"]["cm3"] is cm3
     assert meta["steps"] == 4 and meta["init_from"] == str(converted)
     assert meta["documents"] == ("edit" if experiment.startswith("edit") else "caption")
     FusionPipeline.from_pretrained(tmp_path / "run" / "model")  # loads (strictly)

@@ -20,8 +20,11 @@ What moves where (docs/pretrained.md):
 * Special tokens. Chameleon's image span is ``<racm3:break> codes <eoss>`` and a document
   starts with its ``bos_token_id``; fusion's ``<boi>``/``<eoi>``/``<bos>``/``<eos>`` get those
   tokens' rows, so the converted model computes what Chameleon computes on the same document.
-  fusion's special tokens the tokenizer lacks are appended after its vocabulary with the mean
-  row (``fusion.convert.llama.gather_rows``).
+  Those four Chameleon tokens are renamed ``<retired:...>`` (:func:`retire_aliased_tokens`):
+  CM3's ``<eoss>`` gets an id of its own instead of Chameleon's end of an image, and the
+  retired ids, which tie with their replacements, are never generated. fusion's other special
+  tokens are appended after the vocabulary with the mean row
+  (``fusion.convert.llama.gather_rows``).
 * The VQ-GAN. The Hugging Face folder holds the encoder and codebook only (``model.vqmodel``):
   converted alone, the image tokenizer encodes like Chameleon's but its decoder is untrained.
   Meta's original release (and Anole's) ships the whole taming-transformers VQ-GAN; pass it
@@ -34,10 +37,12 @@ V = fusion's vocabulary = text_vocab + K.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from fusion.convert.llama import (
     CheckpointError,
@@ -85,7 +90,13 @@ def chameleon_layout(ckpt: HFCheckpoint) -> ChameleonLayout:
     vq = cfg.get("vq_config") or {}
     if not (ckpt.folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{where}: no tokenizer.json")
-    tokenizer = TextTokenizer.from_file(ckpt.folder / "tokenizer.json")
+    own = Tokenizer.from_file(str(ckpt.folder / "tokenizer.json"))
+    # Chameleon's own tokens keep their ids; the ones fusion appends take these ids' rows.
+    aliases = {BOS: cfg.get("bos_token_id"), EOS: cfg.get("eos_token_id"),
+               PAD: cfg.get("pad_token_id"), BOI: own.token_to_id(BOI_TOKEN),
+               EOI: own.token_to_id(EOI_TOKEN)}
+    own = retire_aliased_tokens(own, aliases)
+    tokenizer = TextTokenizer(Tokenizer.from_str(own.to_str()))  # + fusion's special tokens
     codes = tokenizer.chameleon_image_tokens()
     n_codes = int(vq.get("num_embeddings", 0))
     if not codes:
@@ -93,18 +104,14 @@ def chameleon_layout(ckpt: HFCheckpoint) -> ChameleonLayout:
     elif sorted(codes.values()) != list(range(n_codes)):
         problems.append(f"{where}: {len(codes)} IMGIMG tokens do not name the codes "
                         f"0..{n_codes - 1} of vq_config.num_embeddings={n_codes}")
-    for name in (BOI_TOKEN, EOI_TOKEN):
-        if tokenizer.id_of(name) is None:
+    for fusion_name, name in ((BOI, BOI_TOKEN), (EOI, EOI_TOKEN)):
+        if aliases[fusion_name] is None:
             problems.append(f"{where}: the vocabulary has no {name} (Chameleon's image span)")
     if problems:
         raise CheckpointError("cannot convert this checkpoint:\n  - " + "\n  - ".join(problems))
 
     n_rows = int(cfg["vocab_size"])
-    # Chameleon's own tokens keep their ids; the ones fusion appended alias Chameleon's.
-    aliases = {BOS: cfg.get("bos_token_id"), EOS: cfg.get("eos_token_id"),
-               PAD: cfg.get("pad_token_id"), BOI: tokenizer.id_of(BOI_TOKEN),
-               EOI: tokenizer.id_of(EOI_TOKEN)}
-    appended = added_special_ids(ckpt.folder, tokenizer)  # not Chameleon's own tokens
+    appended = added_special_ids(ckpt.folder, tokenizer, own)  # not Chameleon's own tokens
     source = text_row_sources(tokenizer, n_rows, appended, aliases)
     img2bpe = {code: bpe for bpe, code in codes.items()}
     source += [img2bpe[c] for c in range(n_codes)]
@@ -120,6 +127,32 @@ def chameleon_layout(ckpt: HFCheckpoint) -> ChameleonLayout:
     model_cfg = ChameleonModelConfig(arch=arch)
     return ChameleonLayout(model_cfg, tokenizer, codes, source, resolution,
                            (resolution // factor) ** 2)
+
+
+def retire_aliased_tokens(own: Tokenizer, aliases: dict[str, int | None]) -> Tokenizer:
+    """Chameleon's tokenizer with each token whose part (and row) one of fusion's special
+    tokens takes renamed ``<retired:NAME>``, every id unchanged: ``<s>``, ``</s>``,
+    ``<racm3:break>`` and ``<eoss>`` (fusion's ``<pad>`` is Chameleon's own). The rename
+    frees ``<eoss>``, Chameleon's end of an image, for fusion's end of a CM3 span, which then
+    gets an id of its own; and it marks the retired ids never generated
+    (:meth:`TextTokenizer.never_generated_ids`), since each ties with its replacement in
+    every logit. The post-processor, which names ``<s>`` and which fusion never applies
+    (fusion places its own ``<bos>``), is dropped."""
+    spec = json.loads(own.to_str())
+    renamed = {}
+    for fusion_name, i in aliases.items():
+        name = own.id_to_token(i) if isinstance(i, int) else None
+        if name is not None and name != fusion_name:
+            renamed[name] = f"<retired:{name}>"
+    for token in spec.get("added_tokens") or []:
+        token["content"] = renamed.get(token["content"], token["content"])
+    vocab = (spec.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        for name, new in renamed.items():
+            if name in vocab:
+                vocab[new] = vocab.pop(name)
+    spec["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def chameleon_backbone(cfg: dict) -> tuple[str, dict]:

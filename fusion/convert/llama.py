@@ -307,12 +307,13 @@ def text_row_sources(tokenizer: TextTokenizer, n_rows: int, fresh: Iterable[int]
 
 
 # ---- the text tokenizer ---------------------------------------------------------------------
-def added_special_ids(folder: Path, tokenizer: TextTokenizer) -> list[int]:
-    """Ids of fusion's special tokens that the folder's own ``tokenizer.json`` lacks (appended
-    by :class:`TextTokenizer`), whose rows start fresh."""
+def added_special_ids(folder: Path, tokenizer: TextTokenizer, own=None) -> list[int]:
+    """Ids of fusion's special tokens that the folder's own ``tokenizer.json`` (or ``own``, a
+    ``tokenizers.Tokenizer`` read from it) lacks (appended by :class:`TextTokenizer`), whose
+    rows start fresh."""
     from tokenizers import Tokenizer
 
-    own = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    own = own or Tokenizer.from_file(str(folder / "tokenizer.json"))
     return [tokenizer.token_id(t) for t in SPECIAL_TOKENS if own.token_to_id(t) is None]
 
 

@@ -44,6 +44,9 @@ def sentinel(i: int) -> str:
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, EOSS) + tuple(
     sentinel(i) for i in range(NUM_SENTINELS))
 CHAMELEON_IMAGE_TOKEN = re.compile(r"^IMGIMG([A-J]+)Z$")
+# A converted checkpoint's special token whose part one of fusion's own tokens took (its row
+# included), renamed by fusion.convert.chameleon: ``<s>`` -> ``<retired:<s>>``.
+RETIRED_TOKEN = re.compile(r"^<retired:.+>$")
 BYTE_ALPHABET = 256  # byte-level BPE: every byte is a token before any merge
 
 
@@ -139,6 +142,16 @@ class TextTokenizer:
             if match:
                 out[i] = int("".join(str(ord(c) - ord("A")) for c in match.group(1)))
         return out
+
+    def never_generated_ids(self) -> list[int]:
+        """Text ids a model reading this tokenizer never generates: Chameleon's in-vocabulary
+        image tokens (:meth:`chameleon_image_tokens`) and the retired tokens of a converted
+        checkpoint (``<retired:...>``). A retired token shares its row with the fusion token
+        that replaced it, so the two would tie in every logit; greedy decoding would pick the
+        lower id, the retired one, which ends nothing."""
+        retired = [i for name, i in self._tok.get_vocab(with_added_tokens=True).items()
+                   if RETIRED_TOKEN.match(name)]
+        return sorted([*self.chameleon_image_tokens(), *retired])
 
     def id_of(self, token: str) -> int | None:
         """Any token's id (None when the vocabulary lacks it)."""

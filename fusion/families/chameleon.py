@@ -22,7 +22,7 @@ def build(model_cfg, tokenizer, image_tokenizer, image_size: int):
                          + (f" with levels {list(quantizer['levels'])}"
                             if quantizer.get("kind") == "fsq" else ""))
     model = Chameleon(cfg.arch, tokenizer.vocab_size, image_tokenizer.codebook_size, h * w,
-                      code_grid=(h, w), unused_text_ids=list(tokenizer.chameleon_image_tokens()))
+                      code_grid=(h, w), unused_text_ids=tokenizer.never_generated_ids())
     row_length(cfg.loss.pack_len, model.max_seq_len)  # a bad pack_len fails before training
     cm3 = CM3Tokens(tuple(tokenizer.sentinel_ids()), tokenizer.eoss_id)
     return model, ChameleonLoss(cfg.loss, SpecialIds.from_tokenizer(tokenizer), cm3)
