@@ -5,6 +5,7 @@ the recipe you will train.
     python scripts/check_data.py /path/to/folder [--edits] [--experiment transfusion_tiny]
         [--truncate] [--size 64] [--max-bad-share 0.1] [--no-length-check]
     python scripts/check_data.py --shards '/data/cc/{00000..00099}.tar' [--caption-key txt]
+        [--edits]
 """
 
 import argparse
@@ -34,11 +35,13 @@ def check_shards(args) -> int:
     from fusion.data.shards import check_shard, expand_shards
 
     good, bad, too_long, total = 0, 0, [], 0
-    limit = None if args.no_length_check else text_limit(args.experiment, 1, args.truncate)
+    limit = None if args.no_length_check else text_limit(args.experiment,
+                                                         2 if args.edits else 1, args.truncate)
     tokenizer = None if limit is None else TextTokenizer.from_file(resolve_path(
         compose("train", [f"experiment={args.experiment}"]).data.text_tokenizer))
     for path in expand_shards(args.shards):
-        captions, problems = check_shard(path, args.caption_key, args.size, args.resize)
+        captions, problems = check_shard(path, args.caption_key, args.size, args.resize,
+                                         kind="edit" if args.edits else "caption")
         n_bad = sum(len(v) for v in problems.values())
         note = "; ".join(f"{len(v)} {kind} (first: {v[0]})" for kind, v in problems.items())
         print(f"{path}: {len(captions)} good, {n_bad} bad" + (f": {note}" if note else ""))
@@ -50,7 +53,7 @@ def check_shards(args) -> int:
     print(f"{args.shards}: {good} good sample(s), {bad} skipped")
     if limit is not None:
         verb = "cut to fit" if limit.truncate else "skipped"
-        print(f"{len(too_long)} caption(s) longer than the {limit.max_tokens} text tokens of "
+        print(f"{len(too_long)} {'instruction' if args.edits else 'caption'}(s) longer than the {limit.max_tokens} text tokens of "
               f"{args.experiment}'s rows would be {verb}"
               + (f" (first: {', '.join(too_long[:3])})" if too_long else ""))
     if total == 0 or bad / total > args.max_bad_share:
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", help="a users' folder")
     parser.add_argument("--shards", help="tar shards instead: a glob or a brace pattern")
     parser.add_argument("--caption-key", default="txt", help="shards: txt or json.<field>")
-    parser.add_argument("--edits", action="store_true", help="check edits.jsonl triplets")
+    parser.add_argument("--edits", action="store_true",
+                        help="edit triplets: a folder's edits.jsonl, or shards of triplets")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--resize", default="center_crop")
     parser.add_argument("--max-bad-share", type=float, default=0.1)

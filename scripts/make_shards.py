@@ -8,7 +8,8 @@ folder or from ShapesWorld.
 A folder's image files go in as they are (not re-encoded), each with its caption as
 `<key>.txt`; edit triplets as `<key>.source.<ext>`, `<key>.target.<ext>` and the instruction as
 `<key>.txt`. ShapesWorld scenes are PNGs with `<key>.txt` and a `<key>.json` holding the caption
-and the full description. Then: `python scripts/train.py data=shards 'data.shards=/data/mine/*.tar'`.
+and the full description. Then: `python scripts/train.py data=shards 'data.shards=/data/mine/*.tar'`
+(add `data.documents=edit` for triplets).
 """
 
 import argparse

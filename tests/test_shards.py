@@ -189,6 +189,67 @@ def test_a_users_folder_becomes_shards_that_check_data_reads(tmp_path, capsys):
     assert check(["--shards", str(tmp_path / "caps" / "*.tar"), "--no-length-check"]) == 0
     out = capsys.readouterr().out
     assert "00002.tar: 1 good, 0 bad" in out and "9 good sample(s), 0 skipped" in out
+    assert check(["--shards", str(tmp_path / "edits" / "*.tar"), "--edits"]) == 0
+    out = capsys.readouterr().out
+    assert "3 good sample(s), 0 skipped" in out and "0 instruction(s) longer" in out
+    # caption shards read as triplets: every sample lacks its source and target
+    assert check(["--shards", str(tmp_path / "caps" / "*.tar"), "--edits",
+                  "--no-length-check"]) == 1
+    out = capsys.readouterr().out
+    assert "4 missing source or target image" in out and "REFUSED: 9 of 9 samples" in out
+
+
+def _edit_folder_and_shards(tmp_path: Path, n: int = 8) -> tuple[Path, list[str]]:
+    from fusion.data.export import export_shapes
+
+    folder = tmp_path / "folder"
+    export_shapes(folder, 0, num_edits=n, size=32, show_progress=False)
+    counts = write_shards(tmp_path / "edits", 3, folder=folder, edits=True, show_progress=False)
+    assert counts["samples"] == n
+    return folder, sorted(str(p) for p in (tmp_path / "edits").glob("*.tar"))
+
+
+def test_edit_triplet_shards_stream_the_folders_triplets(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from fusion.config import DataConfig
+    from fusion.data.datamodule import DocumentDataModule
+    from fusion.data.shards import check_shard
+    from fusion.data.sources import EditFolder
+
+    folder, paths = _edit_folder_and_shards(tmp_path)  # 8 triplets: shards of 3, 3 and 2
+    cfg = DataConfig(source="shards", shards=paths, documents="edit", image_size=32,
+                     batch_size=2, num_workers=0)
+    dm = DocumentDataModule(OmegaConf.structured(cfg), tokenizer)
+    dm.setup()
+    streamed = dm.train_set.first_records(100) + dm.val_set.first_records(100)
+    assert [len(streamed), len(dm.val_set.first_records(100))] == [8, 2]  # the last held out
+    for got, want in zip(streamed, EditFolder(folder, size=32), strict=True):
+        assert got.instruction == want.instruction  # pixels and text come through unchanged
+        assert (got.source == want.source).all() and (got.target == want.target).all()
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch) == 2 and all(d.is_edit for d in batch)
+    source, text, target = batch[0].segments
+    assert source.is_condition and not target.is_condition
+    assert tokenizer.decode(text.ids) in {r.instruction for r in streamed}
+    # the training grids' held-out examples come from the stream
+    assert [r.key for r in dm.held_out(2)] == [r.key for r in streamed[6:]]
+    # a triplet without its target, or without an instruction, is skipped and named
+    _tar(tmp_path / "bad.tar", {"x.source.png": _png(), "x.txt": b"make it red",
+                                "y.source.png": _png(), "y.target.png": _png()})
+    assert check_shard(str(tmp_path / "bad.tar"), kind="edit") == (
+        [], {"missing source or target image": ["x"], "missing instruction": ["y"]})
+
+
+def test_a_stream_of_the_wrong_kind_is_refused_naming_it(shards, tokenizer):
+    from omegaconf import OmegaConf
+
+    from fusion.config import DataConfig
+    from fusion.data.datamodule import DocumentDataModule
+
+    cfg = DataConfig(source="shards", shards=shards, documents="story", image_size=32)
+    with pytest.raises(UserError, match="data.documents=story needs data.source=shapes"):
+        DocumentDataModule(OmegaConf.structured(cfg), tokenizer).setup()
 
 
 def test_the_datamodule_streams_batches_that_say_where_they_stand(shards, tokenizer):
@@ -275,6 +336,31 @@ def test_a_run_on_shards_killed_with_sigkill_resumes_on_the_same_curve(tmp_path,
     assert "resuming from" in done.stdout
     a, b = _losses(straight), _losses(resumed)
     assert sorted(a) == list(range(9)) == sorted(b) and a == b
+
+
+@pytest.mark.slow
+def test_an_editing_run_trains_on_triplet_shards(tmp_path):
+    """scripts/train.py data=shards data.documents=edit: an editing fine-tune streams its
+    triplets, and its grids show the held-out shard's edits."""
+    import json
+    import subprocess
+    import sys
+
+    from test_resume import ROOT
+
+    _, paths = _edit_folder_and_shards(tmp_path, n=24)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "experiment=edit_transfusion_tiny", "debug=default",
+         "data=shards", f"data.shards=[{','.join(paths)}]", "data.documents=edit",
+         "data.image_size=32", "logger=csv", "trainer.val_check_interval=2",
+         "trainer.check_val_every_n_epoch=null", f"output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "model" / "config.json").read_text())["documents"] == "edit"
+    assert list((out / "samples").glob("*.png"))
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "val/loss" in logged and "train/diffusion_loss" in logged
 
 
 def test_a_text_tokenizer_trains_on_the_captions_of_shards(shards, tmp_path, caplog):

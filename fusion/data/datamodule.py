@@ -15,6 +15,7 @@ from fusion.data.documents import (
     EditDocuments,
     StoryDocuments,
     StreamCaptionDocument,
+    StreamEditDocument,
     TextLimit,
     collate_documents,
 )
@@ -336,14 +337,18 @@ class DocumentDataModule(L.LightningDataModule):
 
     def _setup_streams(self) -> None:
         cfg = self.cfg
-        if cfg.documents != "caption":
-            raise UserError(f"data.source=shards holds image-caption samples; data.documents="
-                            f"{cfg.documents} needs data.source=shapes or folder")
+        if cfg.documents not in ("caption", "edit"):
+            raise UserError(f"data.source=shards holds image-caption samples or edit "
+                            f"triplets; data.documents={cfg.documents} needs data.source=shapes "
+                            "or folder")
         train, val = shard_split(cfg)
-        make = StreamCaptionDocument(self.tokenizer, self._limit(1), cfg.image_first_ratio,
-                                     cfg.seed)
+        if cfg.documents == "edit":
+            make = StreamEditDocument(self.tokenizer, self._limit(2))
+        else:
+            make = StreamCaptionDocument(self.tokenizer, self._limit(1), cfg.image_first_ratio,
+                                         cfg.seed)
         kw = dict(make_document=make, size=cfg.image_size, resize=cfg.resize,
-                  caption_key=cfg.caption_key, seed=cfg.seed,
+                  caption_key=cfg.caption_key, seed=cfg.seed, kind=cfg.documents,
                   shards_per_block=cfg.shards_per_block, max_bad_share=cfg.max_bad_share)
         self.train_set = ShardStream(train, train=True, where="training shards", **kw)
         self.val_set = ShardStream(val, train=False, where="validation shards", **kw)
@@ -407,6 +412,8 @@ class DocumentDataModule(L.LightningDataModule):
     def held_out(self, n: int) -> list:
         """The first ``n`` records of the validation source (fixed examples for grids)."""
         self.setup()
+        if self.streaming:
+            return self.val_set.first_records(n)
         source, kept = self.val_set.source, self.val_set.indices
         return [source[i] for i in kept[:n]]
 

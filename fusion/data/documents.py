@@ -333,6 +333,12 @@ class CaptionDocuments(_Documents):
                                 self.limit)
 
 
+def _overflows(tokenizer: TextTokenizer, text: str, limit: TextLimit | None) -> bool:
+    """Whether ``text`` is longer than ``limit`` allows, when the limit does not truncate."""
+    return (limit is not None and not limit.truncate
+            and len(tokenizer.encode(text)) > limit.max_tokens)
+
+
 class StreamCaptionDocument:
     """A streamed (image, caption) record -> its Document, or None when its text does not fit
     ``limit`` (a stream cannot check every record when it opens; it skips and counts the
@@ -351,13 +357,26 @@ class StreamCaptionDocument:
                        < self.image_first_ratio)
         text = (rec.description or rec.caption) if image_first else rec.caption
         limit = self.limit
-        if limit is not None and not limit.truncate and len(
-                self.tokenizer.encode(text)) > limit.max_tokens:
+        if _overflows(self.tokenizer, text, limit):
             return None
         if rec.encoded is not None:  # a pre-encoded dataset: the tokenizer's output as it is
             return caption_document(self.tokenizer, torch.from_numpy(rec.encoded), text,
                                     image_first, limit, pre_encoded=True)
         return caption_document(self.tokenizer, to_tensor(rec.image), text, image_first, limit)
+
+
+class StreamEditDocument:
+    """A streamed edit triplet (fusion.data.sources.EditRecord) -> its Document, or None when
+    its instruction does not fit ``limit`` (as :class:`StreamCaptionDocument`)."""
+
+    def __init__(self, tokenizer: TextTokenizer, limit: TextLimit | None):
+        self.tokenizer, self.limit = tokenizer, limit
+
+    def __call__(self, rec: EditRecord) -> Document | None:
+        if _overflows(self.tokenizer, rec.instruction, self.limit):
+            return None
+        return edit_document(self.tokenizer, to_tensor(rec.source), rec.instruction,
+                             to_tensor(rec.target), self.limit)
 
 
 class EditDocuments(_Documents):

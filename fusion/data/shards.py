@@ -1,8 +1,10 @@
-"""Streamed image-caption shards: tar files in the layout img2dataset and webdataset write.
+"""Streamed shards: tar files in the layout img2dataset and webdataset write.
 
 A shard is a tar file. A sample is the set of its members that share a key: an image
 (``<key>.jpg``, ``.png``, ``.webp`` ...) and a caption, either ``<key>.txt`` or a field of
 ``<key>.json`` (``data.caption_key``: ``txt``, or ``json.<field>``, e.g. ``json.caption``).
+An edit triplet has ``<key>.source.<ext>`` and ``<key>.target.<ext>`` instead of the image,
+and its instruction where the caption would be.
 Shards are named by a list, a glob or a brace pattern (``/data/cc/{00000..00099}.tar``).
 
 Reading uses webdataset's tar iterators (members grouped by key, its brace expansion). The
@@ -37,6 +39,7 @@ webdataset's pipelines neither split evenly nor say where a stream stood when it
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
 import json
@@ -53,7 +56,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fusion.data.images import fit, to_rgb
-from fusion.data.sources import BadDataError, CaptionRecord
+from fusion.data.sources import BadDataError, CaptionRecord, EditRecord
 from fusion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,24 +175,53 @@ def read_samples(path: str, extensions: Sequence[str] | None = None) -> Iterator
         raise EOFError("the file ends before the archive does")
 
 
-def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], size: int,
-                          resize: str) -> tuple[CaptionRecord | None, str | None]:
-    """(the record, None) or (None, the kind of problem) for one undecoded sample."""
-    key = f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}"
-    encoded_ext = next((e for e in ENCODED_EXTENSIONS if e in sample), None)
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image_ext is None and encoded_ext is None:
-        return None, "missing image"
+def _sample_key(sample: dict) -> str:
+    return f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}"
+
+
+def _read_text(sample: dict, caption_key: tuple[str, str | None]
+               ) -> tuple[str | None, str | None]:
+    """(the text of the sample's caption member, None) or (None, the kind of problem)."""
     ext, field = caption_key
     raw = sample.get(ext)
     if raw is None:
         return None, "missing caption"
     try:
-        caption = json.loads(raw).get(field) if field else raw.decode("utf-8")
+        text = json.loads(raw).get(field) if field else raw.decode("utf-8")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None, "unreadable caption"
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(text, str) or not text.strip():
         return None, "missing caption"
+    return text.strip(), None
+
+
+def _decode_image(raw: bytes, size: int, resize: str) -> np.ndarray | None:
+    """An image file's bytes -> (size, size, 3) uint8 by the ``resize`` policy; None when the
+    bytes are not an image PIL can decode."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            return np.asarray(fit(to_rgb(img), size, resize))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _image_member(sample: dict, prefix: str = "") -> str | None:
+    return next((prefix + e for e in IMAGE_EXTENSIONS if prefix + e in sample), None)
+
+
+def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], size: int,
+                          resize: str) -> tuple[CaptionRecord | None, str | None]:
+    """(the record, None) or (None, the kind of problem) for one undecoded sample."""
+    key = _sample_key(sample)
+    encoded_ext = next((e for e in ENCODED_EXTENSIONS if e in sample), None)
+    image_ext = _image_member(sample)
+    if image_ext is None and encoded_ext is None:
+        return None, "missing image"
+    caption, problem = _read_text(sample, caption_key)
+    if problem is not None:
+        return None, problem
+    ext, field = caption_key
     description = None
     if "json" in sample and ext != "json":
         try:
@@ -197,21 +229,46 @@ def decode_caption_sample(sample: dict, caption_key: tuple[str, str | None], siz
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             description = None
     elif field:
-        description = json.loads(raw).get("description")
+        description = json.loads(sample[ext]).get("description")
     if encoded_ext is not None:  # a pre-encoded dataset (scripts/encode_dataset.py)
         try:
             encoded = np.load(io.BytesIO(sample[encoded_ext]), allow_pickle=False)
         except (ValueError, OSError, EOFError):
             return None, "unreadable encoded image"
-        return CaptionRecord(None, caption.strip(), key=key, description=description,
+        return CaptionRecord(None, caption, key=key, description=description,
                              encoded=encoded), None
-    try:
-        with Image.open(io.BytesIO(sample[image_ext])) as img:
-            img.load()
-            array = np.asarray(fit(to_rgb(img), size, resize))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    array = _decode_image(sample[image_ext], size, resize)
+    if array is None:
         return None, "undecodable image"
-    return CaptionRecord(array, caption.strip(), key=key, description=description), None
+    return CaptionRecord(array, caption, key=key, description=description), None
+
+
+def decode_edit_sample(sample: dict, caption_key: tuple[str, str | None], size: int,
+                       resize: str) -> tuple[EditRecord | None, str | None]:
+    """An edit triplet (``<key>.source.<ext>``, ``<key>.target.<ext>``, the instruction as the
+    caption member, what scripts/make_shards.py --edits writes): (the record, None) or (None,
+    the kind of problem)."""
+    members = [_image_member(sample, f"{side}.") for side in ("source", "target")]
+    if None in members:
+        return None, "missing source or target image"
+    instruction, problem = _read_text(sample, caption_key)
+    if problem is not None:
+        return None, problem.replace("caption", "instruction")
+    source, target = (_decode_image(sample[m], size, resize) for m in members)
+    if source is None or target is None:
+        return None, "undecodable image"
+    return EditRecord(source, instruction, target, key=_sample_key(sample)), None
+
+
+# What a shard's samples hold (data.documents): its decoder
+SAMPLE_DECODERS: dict[str, Callable] = {"caption": decode_caption_sample,
+                                        "edit": decode_edit_sample}
+
+
+def sample_decoder(kind: str) -> Callable:
+    if kind not in SAMPLE_DECODERS:
+        raise UserError(f"shards hold {tuple(SAMPLE_DECODERS)} samples; not {kind!r}")
+    return SAMPLE_DECODERS[kind]
 
 
 class _BadCounter:
@@ -250,14 +307,17 @@ class ShardStream(IterableDataset):
     ``(document, StreamPosition after it)``; batch with :func:`collate_positioned`.
 
     ``make_document(record) -> Document | None`` turns a decoded record into a Document (None:
-    its text does not fit the row; counted as bad)."""
+    its text does not fit the row; counted as bad). ``kind``: what the samples hold,
+    ``caption`` (an image and its caption) or ``edit`` (a triplet: source and target images
+    and the instruction in the caption member)."""
 
     def __init__(self, shards: Sequence[str], make_document: Callable, size: int,
                  resize: str = "center_crop", caption_key: str = "txt", seed: int = 0,
                  shards_per_block: int = 1, max_bad_share: float = 0.1,
-                 train: bool = True, where: str = "shards"):
+                 train: bool = True, where: str = "shards", kind: str = "caption"):
         if shards_per_block < 1:
             raise UserError(f"data.shards_per_block must be 1 or more, got {shards_per_block}")
+        self.decode = sample_decoder(kind)
         fit(Image.new("RGB", (2, 2)), 2, resize)  # validates the policy name early
         self.shards, self.make_document = list(shards), make_document
         self.size, self.resize, self.seed = size, resize, seed
@@ -336,6 +396,23 @@ class ShardStream(IterableDataset):
                 return
             epoch += 1
 
+    def first_records(self, n: int) -> list:
+        """The first ``n`` good records of one reader going through every shard in order,
+        decoded (fixed examples, e.g. the held-out edits of a training run's grids)."""
+        out = []
+        for sample, _, _ in self._one_reader().samples(0, 1):
+            record, _ = self.decode(sample, self.caption_key, self.size, self.resize)
+            if record is not None:
+                out.append(record)
+            if len(out) == n:
+                break
+        return out
+
+    def _one_reader(self) -> ShardStream:
+        alone = copy.copy(self)
+        alone.world, alone.rank, alone.train = 1, 0, False
+        return alone
+
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -343,8 +420,7 @@ class ShardStream(IterableDataset):
         start = self._resume.get(worker)
         for sample, position, counter in self.samples(worker, num_workers, start):
             counter.read += 1
-            record, problem = decode_caption_sample(sample, self.caption_key, self.size,
-                                                    self.resize)
+            record, problem = self.decode(sample, self.caption_key, self.size, self.resize)
             document = self.make_document(record) if record is not None else None
             if record is not None and document is None:
                 problem = "text longer than a document holds"
@@ -383,18 +459,20 @@ def shard_captions(paths: Sequence[str], caption_key: str = "txt") -> Iterator[s
 
 
 def check_shard(path: str, caption_key: str = "txt", size: int = 64,
-                resize: str = "center_crop") -> tuple[list[str], dict[str, list[str]]]:
-    """Read and decode one whole shard: (the good samples' captions, {problem: keys})."""
-    key = parse_caption_key(caption_key)
+                resize: str = "center_crop",
+                kind: str = "caption") -> tuple[list[str], dict[str, list[str]]]:
+    """Read and decode one whole shard of ``kind`` samples (caption | edit): (the good
+    samples' captions or instructions, {problem: keys})."""
+    key, decode = parse_caption_key(caption_key), sample_decoder(kind)
     captions: list[str] = []
     problems: dict[str, list[str]] = defaultdict(list)
     try:
         for sample in read_samples(path):
-            record, problem = decode_caption_sample(sample, key, size, resize)
+            record, problem = decode(sample, key, size, resize)
             if record is None:
                 problems[problem].append(str(sample.get("__key__")))
             else:
-                captions.append(record.caption)
+                captions.append(getattr(record, "caption", None) or record.instruction)
     except EOFError:
         problems["truncated shard"].append(path)
     except (tarfile.TarError, OSError) as err:
