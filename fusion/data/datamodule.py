@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator
 
@@ -20,7 +21,14 @@ from fusion.data.documents import (
     collate_documents,
 )
 from fusion.data.shapes import EDIT_KINDS
-from fusion.data.shards import ShardStream, StreamPosition, collate_positioned, expand_shards
+from fusion.data.shards import (
+    CARRIED,
+    CARRIED_UNFINISHED,
+    ShardStream,
+    StreamPosition,
+    collate_positioned,
+    expand_shards,
+)
 from fusion.data.sources import (
     CaptionFolder,
     EditFolder,
@@ -31,6 +39,8 @@ from fusion.data.sources import (
 from fusion.data.text import TextTokenizer
 from fusion.distributed import rank_seed_parts
 from fusion.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "folder", "shards")
 DOCUMENTS = ("caption", "edit", "story")
@@ -363,27 +373,48 @@ class DocumentDataModule(L.LightningDataModule):
         fusion.training.callbacks.DataPosition), before any loader exists. Streams: every
         loader worker of this rank starts at its recorded position (``streams``: one dict a
         rank, worker -> position, plus the ``readers`` layout and the ``next`` worker);
-        returns this rank's dict. A stream resumes only with the ranks and loader workers it
-        was saved with: the split of shards over readers depends on both."""
+        returns this rank's dict. Saved by another layout of readers (other ranks or
+        ``data.num_workers``), the stream carries the unfinished blocks over
+        (ShardStream.carry_over); the returned dict then holds ``carry_from``, the positions
+        the carried blocks come from, which later checkpoints keep until every reader is
+        past them."""
         if not self.streaming:
             self._resume = (epoch, batches)
             return None
-        from fusion.data.shards import StreamPosition
-
         world, rank = self._ranks()
         layout = [world, max(1, self.cfg.num_workers)]
-        saved = streams[0].get("readers") if streams and streams[0] else None
+        first = streams[0] if streams and streams[0] else {}
+        saved = first.get("readers")
         if saved is None and batches == 0:
             return None  # saved before a batch was trained: the stream starts at its start
-        if saved != layout or len(streams) != world:
-            raise UserError(f"the checkpoint's shard positions are of "
-                            f"{saved[0] if saved else '?'} rank(s) x "
-                            f"{saved[1] if saved else '?'} loader worker(s); this run has "
-                            f"{layout[0]} x {layout[1]}. A stream resumes only with the same "
-                            "trainer.devices (and nodes) and data.num_workers")
-        mine = streams[rank]
-        self.train_set.resume_from({int(k): StreamPosition(*v) for k, v in mine.items()
-                                    if k.isdigit()}, next_reader=int(mine["next"]))
+        if saved is None:
+            raise UserError("the checkpoint holds no shard positions for its streamed data")
+        positions = [StreamPosition(*v) for s in streams for k, v in s.items() if k.isdigit()]
+        carry_from = first.get("carry_from")
+        past_carried = (len(positions) == saved[0] * saved[1]
+                        and all(p.epoch != CARRIED for p in positions))
+        if carry_from and past_carried:
+            carry_from = None  # every reader has finished its carried blocks
+        if saved == layout and len(streams) == world:
+            if carry_from:  # blocks carried over by an earlier change of layout still run
+                self.train_set.carry_over(carry_from)
+            mine = dict(streams[rank])
+            self.train_set.resume_from({int(k): StreamPosition(*v) for k, v in mine.items()
+                                        if k.isdigit()}, next_reader=int(mine["next"]))
+        else:
+            if carry_from:  # a reader still in them: its place in them depends on the layout
+                raise UserError(CARRIED_UNFINISHED)
+            log.warning("the checkpoint's shard positions are of %d rank(s) x %d loader "
+                        "worker(s); this run has %d x %d: the unfinished blocks are carried "
+                        "over, so no sample is repeated or skipped, in a new order",
+                        saved[0], saved[1], *layout)
+            carry_from = [{k: v for k, v in s.items() if k.isdigit() or k == "readers"}
+                          for s in streams]
+            self.train_set.carry_over(carry_from)
+            mine = {"readers": layout, "next": 0}
+        mine.pop("carry_from", None)
+        if carry_from and rank == 0:  # one copy, in rank 0's part of the checkpoint
+            mine["carry_from"] = carry_from
         return mine
 
     def _stream_loader(self, stream: ShardStream) -> DataLoader:

@@ -29,7 +29,9 @@ webdataset's pipelines neither split evenly nor say where a stream stood when it
   position without reading them, re-reads that one block, and skips the samples it had
   already given; the workers' turns continue where they stopped. The resumed run sees the
   batches the uninterrupted one would have seen, in the same order (no sample repeated or
-  skipped), and a resume costs at most one block of reading per worker.
+  skipped), and a resume costs at most one block of reading per worker. Saved by another
+  layout of readers, the unfinished blocks are carried over to the new readers
+  (:meth:`ShardStream.carry_over`): nothing repeated or skipped, in another order.
 * **Bad input** is skipped and counted, with one warning line for each kind of problem the
   first time it appears in a reader: an undecodable image, a missing image or caption, a
   truncated shard (the samples before the break are kept), an unreadable shard. When more
@@ -120,6 +122,27 @@ class StreamPosition:
 
     def as_list(self) -> list[int]:
         return [self.worker, self.epoch, self.block, self.index]
+
+
+CARRIED = -1  # StreamPosition.epoch while a reader goes through blocks carried over (below)
+CARRIED_UNFINISHED = ("the checkpoint was saved while its readers were still finishing blocks "
+                      "carried over from an earlier change of trainer.devices or "
+                      "data.num_workers; resume it with the layout it was saved with until "
+                      "every reader has moved on (a later checkpoint), then change it")
+
+
+@dataclass(frozen=True)
+class CarriedBlock:
+    """A block left unfinished by a run with another layout of readers: block ``block`` of
+    reader ``reader`` of ``readers`` in ``epoch``, from its sample ``skip`` on (the ones
+    before were trained on). Its shards and its shuffle are the old reader's, so it yields
+    exactly the samples that reader had not given yet."""
+
+    epoch: int
+    reader: int
+    readers: int
+    block: int
+    skip: int = 0
 
 
 class PositionedBatch(list):
@@ -327,6 +350,8 @@ class ShardStream(IterableDataset):
         self.world, self.rank = 1, 0
         self._resume: dict[int, StreamPosition] = {}
         self._rotation = 0  # worker w plays reader role (w + rotation) % workers
+        self._carried: list[CarriedBlock] = []  # all readers', dealt in turn (carry_over)
+        self._after_carried = 0  # the epoch every reader starts once its carried blocks end
 
     def place(self, world: int, rank: int, num_workers: int) -> None:
         """This process's rank among ``world``. Training: every reader (rank x worker) needs
@@ -351,6 +376,39 @@ class ShardStream(IterableDataset):
         run's order."""
         self._resume, self._rotation = dict(positions), next_reader
 
+    def carry_over(self, saved: list[dict]) -> None:
+        """Resume from positions saved by a run with another layout of readers (other ranks
+        or loader workers): ``saved`` holds one dict a rank, worker -> position, plus
+        ``readers``, as DataPosition records them. What every old reader had not given yet
+        in the epochs it had started (the rest of its block, from the sample it stood at, and
+        its later blocks) is carried over: each block keeps its old reader's shards and
+        shuffle, and the blocks are dealt in turn to this run's readers. Once a reader's
+        carried blocks end, it starts the epoch after the last one any old reader had begun,
+        split the new way. So no sample is repeated or skipped, in the epochs begun and
+        after; only the order within those epochs differs from the interrupted run's."""
+        ranks, workers = saved[0]["readers"]
+        readers = ranks * workers
+        if len(saved) != ranks:
+            raise ValueError(f"positions of {len(saved)} rank(s) saved for {ranks}")
+        where = {u: StreamPosition(u % workers, 0, 0, 0) for u in range(readers)}
+        for rank, mine in enumerate(saved):
+            for key, value in mine.items():
+                if key.isdigit():
+                    where[rank * workers + int(key)] = StreamPosition(*value)
+        if any(p.epoch == CARRIED for p in where.values()):
+            raise UserError(CARRIED_UNFINISHED)
+        first, last = min(p.epoch for p in where.values()), max(p.epoch for p in where.values())
+        carried = []
+        for epoch in range(first, last + 1):
+            for u, p in where.items():
+                if p.epoch > epoch:
+                    continue
+                start, skip = (p.block, p.index) if p.epoch == epoch else (0, 0)
+                for b in range(start, len(self._blocks(epoch, u, readers))):
+                    carried.append(CarriedBlock(epoch, u, readers, b, skip if b == start else 0))
+        self._carried, self._after_carried = carried, last + 1
+        self._resume, self._rotation = {}, 0
+
     def shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
         if self.train:
@@ -371,22 +429,42 @@ class ShardStream(IterableDataset):
                 counter.add(kind, f"{path} ({type(err).__name__}: {err})")
         return samples
 
+    def _blocks(self, epoch: int, reader: int, readers: int) -> list[list[str]]:
+        """Reader ``reader``'s shards of ``epoch`` in its blocks of ``shards_per_block``."""
+        shards = self.reader_shards(epoch, reader, readers)
+        return [shards[i:i + self.shards_per_block]
+                for i in range(0, len(shards), self.shards_per_block)]
+
+    def _block_samples(self, epoch: int, reader: int, readers: int, block: int,
+                       counter: _BadCounter) -> list[dict]:
+        """A block's samples, undecoded, in the order its reader gives them: shuffled by
+        (seed, epoch, reader, block) when training."""
+        samples = self._block(self._blocks(epoch, reader, readers)[block], counter)
+        if self.train:
+            random.Random(f"block/{self.seed}/{epoch}/{reader}/{block}").shuffle(samples)
+        return samples
+
     def samples(self, worker: int, num_workers: int,
                 start: StreamPosition | None = None) -> Iterator[tuple]:
         """(undecoded sample, the position after it, the reader's bad-sample counter) of one
-        reader from ``start`` on (endless when training)."""
+        reader from ``start`` on (endless when training): first its share of the carried
+        blocks (:meth:`carry_over`), then its share of every epoch."""
         readers, reader = self.world * num_workers, self.rank * num_workers + worker
-        epoch = start.epoch if start else 0
-        first_block, first_index = (start.block, start.index) if start else (0, 0)
         counter = _BadCounter(self.where, self.max_bad_share)
+        carried = self._carried[reader::readers]
+        if carried and (start is None or start.epoch == CARRIED):
+            first, at = (start.block, start.index) if start else (0, 0)
+            for k in range(first, len(carried)):
+                c = carried[k]
+                block = self._block_samples(c.epoch, c.reader, c.readers, c.block, counter)
+                for i in range(max(c.skip, at if k == first else 0), len(block)):
+                    yield block[i], StreamPosition(worker, CARRIED, k, i + 1), counter
+            start = None
+        epoch = start.epoch if start else (self._after_carried if self._carried else 0)
+        first_block, first_index = (start.block, start.index) if start else (0, 0)
         while True:
-            shards = self.reader_shards(epoch, reader, readers)
-            blocks = [shards[i:i + self.shards_per_block]
-                      for i in range(0, len(shards), self.shards_per_block)]
-            for b in range(first_block, len(blocks)):
-                block = self._block(blocks[b], counter)
-                if self.train:
-                    random.Random(f"block/{self.seed}/{epoch}/{reader}/{b}").shuffle(block)
+            for b in range(first_block, len(self._blocks(epoch, reader, readers))):
+                block = self._block_samples(epoch, reader, readers, b, counter)
                 for i in range(first_index, len(block)):
                     yield block[i], StreamPosition(worker, epoch, b, i + 1), counter
                 first_index = 0

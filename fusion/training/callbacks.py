@@ -75,7 +75,8 @@ class DataPosition(L.Callback):
     worker's position on every rank (the ``stream_position`` of the last batch it gave,
     fusion.data.shards) and whose batch comes next, gathered to rank 0, since rank 0 writes
     the checkpoint. On resume the datamodule is positioned as soon as the checkpoint is read
-    (:meth:`DocumentDataModule.resume_at <fusion.data.datamodule.DocumentDataModule.resume_at>`):
+    (:meth:`DocumentDataModule.resume_at <fusion.data.datamodule.DocumentDataModule.resume_at>`,
+    which also takes a stream saved by another layout of ranks and loader workers):
     Lightning creates the training iterator before ``on_train_start``, and loader workers
     fetch their first batches as soon as it exists."""
 
@@ -84,6 +85,7 @@ class DataPosition(L.Callback):
         self.stream: dict[int, list[int]] = {}  # worker -> [worker, epoch, block, index]
         self.readers: list[int] = []  # [ranks, loader workers] of a streamed run
         self.last_worker = 0  # the reader role of the last batch trained
+        self.carry_from: list | None = None  # rank 0: where carried-over blocks come from
         self._trainer = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -109,6 +111,8 @@ class DataPosition(L.Callback):
         if self.stream:
             mine["readers"] = self.readers  # [ranks, workers]: the split the positions are of
             mine["next"] = (self.last_worker + 1) % self.readers[1]  # whose batch comes next
+        if self.carry_from:  # a resume with another layout (DocumentDataModule.resume_at)
+            mine["carry_from"] = self.carry_from
         # every rank saves a checkpoint's state (Lightning's dump_checkpoint), so all gather
         return {"epoch": self.epoch, "batches": self.batches, "stream": all_ranks(mine)}
 
@@ -123,6 +127,7 @@ class DataPosition(L.Callback):
             self.stream = {int(k): list(v) for k, v in mine.items() if k.isdigit()}
             self.readers = list(mine["readers"])
             self.last_worker = (int(mine["next"]) - 1) % self.readers[1]
+            self.carry_from = mine.get("carry_from")
 
 
 class StepTimer(L.Callback):
