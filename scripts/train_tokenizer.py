@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> None:
     import lightning as L
     import torch
 
+    from fusion.distributed import leave_process_group
     from fusion.eval.reconstruction import evaluate_reconstruction
     from fusion.image.vae import measure_latent_scaling as measure
     from fusion.training.checkpointing import find_resume_checkpoint, fit_resuming
@@ -70,6 +71,7 @@ def main(cfg: DictConfig) -> None:
         fit_resuming(trainer, module, data, out / "checkpoints", resume, resume_step)
     cpu_seconds = time.process_time() - cpu_start  # this process's; all threads
     train_seconds = module.clock.elapsed()  # with a resumed run's earlier time (its checkpoint)
+    leave_process_group()  # the ranks' last collective is done (fusion.distributed)
     if not trainer.is_global_zero:  # one process measures and writes the artifact (DDP)
         return
 

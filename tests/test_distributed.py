@@ -263,6 +263,22 @@ def test_two_processes_sample_interleaved_documents_as_one_does(model_folder, tm
     assert "1 prompt(s) cannot be split over 2 processes" in bad.stderr
 
 
+@pytest.mark.slow
+def test_stage_one_trains_with_two_processes(tmp_path):
+    """scripts/train_tokenizer.py under DDP: each rank its own share of the images (the
+    resumable sampler's split), one artifact written by rank 0."""
+    import json
+
+    out = tmp_path / "run"
+    _train(out, *DDP, "trainer.precision=32-true", f"tokenizer.artifact_dir={out / 'art'}",
+           base=["scripts/train_tokenizer.py", "debug=default", "logger=csv",
+                 "data.image_size=32", "tokenizer.autoencoder.block_out_channels=[16,32,32]",
+                 "tokenizer.autoencoder.norm_num_groups=8", "tokenizer.eval_images=8",
+                 "tokenizer.scaling_images=8", "tokenizer.image_log_every=0"])
+    info = json.loads((out / "art" / "config.json").read_text())["info"]
+    assert info["train_steps"] == 4 and info["heldout"]["images"] == 8
+
+
 _GROUP_SCRIPT = """
 import sys
 import torch.distributed as dist
