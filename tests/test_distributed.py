@@ -54,6 +54,23 @@ def test_a_resumed_rank_skips_only_its_own_batches():
     assert list(a) == whole[4:]
 
 
+def test_a_run_resumed_on_another_number_of_ranks_goes_on_at_the_same_global_place():
+    """3 global batches of 8 trained on 2 ranks (4 each); resumed on 4 ranks (2 each), the
+    rest of the epoch is what the 2 ranks had left, batch by batch."""
+    def rest(world):
+        out = []
+        for rank in range(world):
+            sampler = ResumableSampler(48, seed=2, num_replicas=world, rank=rank)
+            sampler.set_epoch(1)
+            sampler.resume_at(1, 3 * 8 // world)
+            out.append(list(sampler))
+        share = 8 // world  # batch k of the job: every rank's k-th share together
+        return [sorted(sum((r[k * share:(k + 1) * share] for r in out), []))
+                for k in range(len(out[0]) // share)]
+
+    assert rest(2) == rest(4) and len(rest(2)) == 3
+
+
 def test_validation_records_are_each_seen_once_over_the_ranks():
     shares = [list(RankSlice(7, 3, r)) for r in range(3)]
     assert sorted(sum(shares, [])) == list(range(7))
