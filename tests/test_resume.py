@@ -162,6 +162,24 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, caplo
     assert find_resume_checkpoint(tmp_path) == (tmp_path / "step0000004.ckpt", 4)
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_training(tmp_path):
+    from fusion.errors import UserError
+    from fusion.training.checkpointing import check_resumable
+
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    torch.save({"global_step": 3, "state_dict": ours.state_dict()}, tmp_path / "same.ckpt")
+    check_resumable(tmp_path / "same.ckpt", ours, tmp_path)  # the same model: resumes
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
+    torch.save({"global_step": 3, "state_dict": wider.state_dict()}, tmp_path / "other.ckpt")
+    with pytest.raises(UserError) as err:
+        check_resumable(tmp_path / "other.ckpt", ours, tmp_path)
+    assert "3 weight(s) differ, e.g. 0.bias: (16,) there, (8,) here" in str(err.value)
+    assert "give another output_dir" in str(err.value)
+    deeper = torch.nn.Sequential(*ours, torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match=r"2.weight: absent there, \(2, 2\) here"):
+        check_resumable(tmp_path / "same.ckpt", deeper, tmp_path)
+
+
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none") == (None, 0)
     assert find_resume_checkpoint(tmp_path) == (None, 0)

@@ -151,9 +151,10 @@ def fit_resuming(trainer, module, datamodule, checkpoint_dir, resume: Path | Non
     start), reading it with ``weights_only=True``. SIGTERM and the first Ctrl-C stop after the
     step in progress with a checkpoint (:func:`graceful_sigint`, FusionCheckpoint), and the
     process ends with a message saying how to go on. Both training stages start this way."""
-    stop_signal = graceful_sigint(trainer)
     if resume:
+        check_resumable(resume, module, checkpoint_dir)
         log.info("resuming from %s (step %d)", resume, resume_step)
+    stop_signal = graceful_sigint(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                     weights_only=True)
@@ -161,6 +162,28 @@ def fit_resuming(trainer, module, datamodule, checkpoint_dir, resume: Path | Non
         raise SystemExit(f"stopped by {stop_signal.name} at step {trainer.global_step}; the "
                          f"checkpoints in {checkpoint_dir} hold it: run the same command "
                          "again to resume") from None
+
+
+def check_resumable(path: Path, module: torch.nn.Module, checkpoint_dir) -> None:
+    """Refuse, before training starts, to resume from a checkpoint of another model (an
+    output_dir reused with a changed config): every weight's name and shape must match the
+    module's. The checkpoint is read memory-mapped, so its tensors are not loaded. A sharded
+    checkpoint (a folder) is checked by its own loader."""
+    if Path(path).is_dir():
+        return
+    from fusion.errors import UserError
+
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    mine = module.state_dict()
+    differ = [f"{k}: {tuple(saved[k].shape) if k in saved else 'absent'} there, "
+              f"{tuple(mine[k].shape) if k in mine else 'absent'} here"
+              for k in sorted(set(saved) | set(mine))
+              if k not in saved or k not in mine or saved[k].shape != mine[k].shape]
+    if differ:
+        raise UserError(f"{checkpoint_dir} holds the checkpoints of another model ({len(differ)} "
+                        f"weight(s) differ, e.g. {'; '.join(differ[:3])}): run the config it "
+                        "was trained with to resume it, or give another output_dir (or remove "
+                        "that folder) to start over")
 
 
 def save_rng_state(checkpoint: dict) -> None:
