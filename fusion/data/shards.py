@@ -352,6 +352,7 @@ class ShardStream(IterableDataset):
         self._rotation = 0  # worker w plays reader role (w + rotation) % workers
         self._carried: list[CarriedBlock] = []  # all readers', dealt in turn (carry_over)
         self._after_carried = 0  # the epoch every reader starts once its carried blocks end
+        self._order: tuple[int, list[str]] | None = None  # (epoch, its shard order)
 
     def place(self, world: int, rank: int, num_workers: int) -> None:
         """This process's rank among ``world``. Training: every reader (rank x worker) needs
@@ -410,10 +411,13 @@ class ShardStream(IterableDataset):
         self._resume, self._rotation = {}, 0
 
     def shard_order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
-        if self.train:
-            random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
-        return order
+        # kept for the epoch in hand: every block asks for it
+        if self._order is None or self._order[0] != epoch:
+            order = list(self.shards)
+            if self.train:
+                random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return list(self._order[1])
 
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[str]:
         return self.shard_order(epoch)[reader::readers]
@@ -488,7 +492,7 @@ class ShardStream(IterableDataset):
 
     def _one_reader(self) -> ShardStream:
         alone = copy.copy(self)
-        alone.world, alone.rank, alone.train = 1, 0, False
+        alone.world, alone.rank, alone.train, alone._order = 1, 0, False, None
         return alone
 
     def __iter__(self):
