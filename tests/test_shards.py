@@ -107,7 +107,8 @@ def _read(stream: ShardStream, worker: int, workers: int, n: int | None = None,
     return keys, position
 
 
-def test_a_stream_resumes_with_another_layout_repeating_and_skipping_nothing(shards):
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_a_stream_resumes_with_another_layout_repeating_and_skipping_nothing(shards, per_block):
     from fusion.data.shards import CARRIED
 
     everything = [f"{i:09d}" for i in range(23)]
@@ -116,7 +117,7 @@ def test_a_stream_resumes_with_another_layout_repeating_and_skipping_nothing(sha
     taken = {(0, 0): 3, (0, 1): 9, (1, 0): 0, (1, 1): 5}
     consumed, saved = [], [{"readers": [2, 2]}, {"readers": [2, 2]}]
     for (rank, worker), n in taken.items():
-        old = _stream(shards, seed=5)
+        old = _stream(shards, seed=5, shards_per_block=per_block)
         old.place(2, rank, 2)
         keys, position = _read(old, worker, 2, n) if n else ([], None)
         consumed += keys
@@ -126,7 +127,7 @@ def test_a_stream_resumes_with_another_layout_repeating_and_skipping_nothing(sha
     assert begun >= 2
 
     def resumed(workers=3):
-        stream = _stream(shards, seed=5)
+        stream = _stream(shards, seed=5, shards_per_block=per_block)
         stream.place(1, 0, workers)
         stream.carry_over(saved)
         return stream
@@ -147,7 +148,7 @@ def test_a_stream_resumes_with_another_layout_repeating_and_skipping_nothing(sha
     # but not with yet another layout: where a reader stands in its carried blocks depends on it
     again = [{"readers": [1, 3], "0": at.as_list()}]
     with pytest.raises(UserError, match="still finishing blocks carried over"):
-        _stream(shards, seed=5).carry_over(again)
+        _stream(shards, seed=5, shards_per_block=per_block).carry_over(again)
 
 
 def test_the_datamodule_resumes_a_stream_saved_by_another_layout(shards, tokenizer, caplog):
